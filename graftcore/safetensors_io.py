@@ -1,0 +1,319 @@
+"""Reading and writing safetensors files without loading them.
+
+A safetensors file is `u64 little-endian header length N`, `N bytes of JSON`, then the raw tensor bytes.
+The JSON maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to
+the end of the header) plus an optional `__metadata__` string map.
+
+- `read_header` validates everything the format requires and says what is wrong in which file.
+- `ShardReader` memory-maps a file and hands out zero-copy torch views of element ranges.
+- `ShardWriter` plans a header up front, takes the data appended in order, and renames `NAME.partial`
+  to `NAME` only once every byte is written and fsynced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import CheckpointError, OutputError
+
+MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
+
+# safetensors dtype code -> (bytes per element, torch dtype or None when torch has none)
+DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
+    "BOOL": (1, torch.bool),
+    "U8": (1, torch.uint8),
+    "I8": (1, torch.int8),
+    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
+    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
+    "I16": (2, torch.int16),
+    "U16": (2, getattr(torch, "uint16", None)),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "I32": (4, torch.int32),
+    "U32": (4, getattr(torch, "uint32", None)),
+    "F32": (4, torch.float32),
+    "I64": (8, torch.int64),
+    "U64": (8, getattr(torch, "uint64", None)),
+    "F64": (8, torch.float64),
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
+TORCH_TO_CODE = {t: code for code, (_, t) in DTYPES.items() if t is not None}
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype][0]
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    t = DTYPES[dtype][1]
+    if t is None:
+        raise CheckpointError(f"dtype {dtype} has no torch equivalent in this torch version")
+    return t
+
+
+def numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie: `file` is the shard's name inside its checkpoint."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    data_start: int  # 8 + header length
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str]
+    header_bytes: bytes  # the raw JSON, for fingerprints
+
+
+def read_header(path: str | os.PathLike, file_name: str | None = None) -> ShardHeader:
+    """Parse and validate the header of one safetensors file, reading only the header.
+
+    Example:
+        >>> h = read_header("model.safetensors")          # doctest: +SKIP
+        >>> h.tensors["lm_head.weight"].shape             # doctest: +SKIP
+        (32000, 4096)
+    """
+    path = Path(path)
+    name = file_name or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_header(raw, size, path, name)
+
+
+def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) -> ShardHeader:
+    """Validate header JSON `raw` of a file of `file_size` bytes (None: size unknown, remote)."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    spans = []
+    for tname, entry in doc.items():
+        where = f"{path}: tensor {tname!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        expected = numel(shape) * itemsize(dtype)
+        if offsets[1] - offsets[0] != expected:
+            raise CheckpointError(
+                f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}"
+            )
+        spans.append((offsets[0], offsets[1], tname, dtype, tuple(shape)))
+    spans.sort()
+    cursor = 0
+    tensors = {}
+    for begin, end, tname, dtype, shape in spans:
+        if begin != cursor:
+            kind = "overlaps the previous tensor" if begin < cursor else f"leaves a hole of {begin - cursor} bytes"
+            raise CheckpointError(f"{path}: tensor {tname!r} at data offset {begin} {kind}")
+        cursor = end
+        tensors[tname] = TensorInfo(tname, dtype, shape, file_name, data_start + begin, data_start + end)
+    if file_size is not None and data_start + cursor != file_size:
+        last = spans[-1][2] if spans else "(none)"
+        if data_start + cursor > file_size:
+            raise CheckpointError(
+                f"{path}: tensor {last!r} ends at byte {data_start + cursor}, past the end of the "
+                f"{file_size}-byte file (truncated download?)"
+            )
+        raise CheckpointError(f"{path}: {file_size - data_start - cursor} bytes after the last tensor {last!r}")
+    return ShardHeader(path, data_start, tensors, metadata, raw)
+
+
+class ShardReader:
+    """A read-only memory map of one file with zero-copy tensor views.
+
+    Example:
+        >>> r = ShardReader("model.safetensors")                      # doctest: +SKIP
+        >>> r.view(info, 0, 1024)      # first 1024 elements, no copy  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ) if size else None
+
+    def view(self, info: TensorInfo, first: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [first, stop) of `info` as a flat tensor sharing the mapped pages."""
+        stop = info.numel if stop is None else stop
+        size = itemsize(info.dtype)
+        dtype = DTYPES[info.dtype][1] or torch.uint8
+        count = (stop - first) * (size if DTYPES[info.dtype][1] is None else 1)
+        if count == 0:
+            return torch.empty(0, dtype=dtype)
+        with warnings.catch_warnings():  # the map is read-only on purpose; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._map, dtype=dtype, count=count, offset=info.start + first * size)
+
+    def bytes(self, start: int, stop: int) -> memoryview:
+        """Raw bytes [start, stop) of the file, zero-copy."""
+        return memoryview(self._map)[start:stop] if self._map is not None else memoryview(b"")
+
+    def will_need(self, start: int, length: int) -> None:
+        """Ask the kernel to start reading [start, start+length) now (asynchronous readahead)."""
+        if length > 0:
+            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive somewhere; the GC unmaps it later
+                pass
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def plan_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    """The header bytes (length prefix included) for tensors laid out back to back in `entries` order.
+
+    The JSON is padded with spaces to a multiple of 8 bytes, as the reference library does, so the data
+    section starts 8-byte aligned.
+    """
+    doc: dict = {}
+    if metadata:
+        doc["__metadata__"] = metadata
+    cursor = 0
+    for name, dtype, shape in entries:
+        n = numel(shape) * itemsize(dtype)
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + n]}
+        cursor += n
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one safetensors file by appending tensor bytes in header order.
+
+    The file is `NAME.partial` until `finish()` has checked the byte count, fsynced and renamed it, so a
+    file under its final name is always complete. The sha256 of the whole file is computed on the way.
+
+    Example:
+        >>> w = ShardWriter(out / "model.safetensors", [("w", "BF16", (2, 3))], {"format": "pt"})  # doctest: +SKIP
+        >>> w.append(torch.zeros(6, dtype=torch.bfloat16)); w.finish()                           # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        header = plan_header(entries, metadata)
+        self.size = len(header) + sum(numel(s) * itemsize(d) for _, d, s in entries)
+        self._sha = hashlib.sha256(header)
+        try:
+            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise OutputError(f"{self.partial}: cannot create ({e.strerror or e})") from None
+        self._written = 0
+        self._write(header)
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self._fd, view, self._written)
+            self._written += n
+            view = view[n:]
+
+    def append(self, data) -> None:
+        """Append raw bytes (anything with the buffer protocol, or a CPU tensor)."""
+        if isinstance(data, torch.Tensor):
+            data = tensor_bytes(data)
+        if self._written + memoryview(data).nbytes > self.size:
+            raise OutputError(f"{self.partial}: more data than the planned {self.size} bytes")
+        self._sha.update(data)
+        self._write(data)
+
+    def finish(self) -> str:
+        """Check the size, fsync, rename to the final name; returns the file's sha256."""
+        if self._written != self.size:
+            raise OutputError(f"{self.partial}: {self._written} bytes written, {self.size} planned")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close and delete the partial file (after an error or an interrupt)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.partial.unlink(missing_ok=True)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (works for bfloat16, which numpy lacks)."""
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
