@@ -262,7 +262,7 @@ class ShardWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         header = plan_header(entries, metadata)
-        self.size = len(header) + sum(numel(s) * itemsize(d) for _, d, s in entries)
+        self.size = planned_file_size(entries, metadata)
         self._sha = hashlib.sha256(header)
         try:
             self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -317,3 +317,8 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def planned_file_size(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
+    """The size in bytes of the file ShardWriter writes for `entries`."""
+    return len(plan_header(entries, metadata)) + sum(numel(s) * itemsize(d) for _, d, s in entries)

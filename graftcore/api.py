@@ -1,0 +1,130 @@
+"""The Python API: `graft(...)` resolves the inputs, plans, and runs the engine.
+
+Example:
+    >>> import graftcore
+    >>> report = graftcore.graft(base="Llama-3.1-8B", tuned="my-sft", instruct="Llama-3.1-8B-Instruct",
+    ...                          output="Llama-3.1-8B-Instruct-shadow")      # doctest: +SKIP
+    >>> print(report.summary())                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .engine import CpuCompute, Report, execute
+from .errors import GraftError, OutputError
+from .options import MergeOptions
+from .output import OutputFolder
+from .plan import Plan, build_plan
+from .safetensors_io import planned_file_size
+from .sources import Checkpoint, open_checkpoint
+
+
+def graft(
+    *,
+    instruct: str | os.PathLike,
+    tuned: str | os.PathLike,
+    output: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    alpha: float = 1.0,
+    device: str = "auto",
+    log: Callable[[str], None] | None = None,
+    **options,
+) -> Report:
+    """Write `instruct + alpha * (tuned - base)` for every tensor into the folder `output`.
+
+    Args:
+        instruct, tuned, base: local folders, `.safetensors` files or hub ids `org/name[@revision]`.
+        output: the folder to write (a shard layout, index and non-weight files like Instruct's).
+        alpha: scale of the grafted update.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        log: called with one-line notices (device fallback, resume); silent by default.
+        **options: any other MergeOptions field (include, exclude, targets, dtype, max_shard_size,
+            overwrite, allow_nonfinite, dry_run, quiet, token, cache_dir, low_disk, chunk_size).
+
+    Returns:
+        A Report (counts of grafted and copied tensors, bytes, seconds); with dry_run=True nothing is
+        written and `report.plan` holds the plan.
+
+    Raises:
+        GraftError (or a subclass) for bad input, naming the file and tensor.
+    """
+    opts = MergeOptions(alpha=alpha, device=device, **options)
+    log = log or (lambda _msg: None)
+    hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk}
+    checkpoints = {"instruct": open_checkpoint(instruct, **hub), "tuned": open_checkpoint(tuned, **hub)}
+    if base is None:
+        raise GraftError("--base is required: the update is tuned - base")
+    checkpoints["base"] = open_checkpoint(base, **hub)
+    plan = build_plan(checkpoints["instruct"], checkpoints["tuned"], checkpoints["base"], opts)
+    return run_plan(plan, checkpoints, Path(output), opts, log)
+
+
+def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log) -> Report:
+    """Execute `plan` into `output` (or only describe it, for dry_run)."""
+    compute = select_compute(opts, log)
+    if opts.dry_run:
+        report = Report(output, compute.name, ignored=plan.ignored, notes=plan.notes)
+        report.plan = plan
+        return report
+    check_output_is_not_an_input(output, checkpoints)
+    folder = OutputFolder(output, job_fingerprint(checkpoints, opts))
+    sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
+    kept = folder.prepare(sizes, opts.overwrite)
+    if kept:
+        log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
+    report = execute(plan, checkpoints, output, folder, opts, compute, kept)
+    instruct = checkpoints["instruct"]
+    index = None
+    if plan.write_index:
+        weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
+        index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
+    extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
+    folder.finalize(index, extras, manifest(checkpoints, opts, report))
+    report.plan = plan
+    return report
+
+
+def select_compute(opts: MergeOptions, log):
+    device = opts.device
+    if device == "auto":
+        device = "cpu"  # the CUDA path is chosen here once it exists
+    if device != "cpu":
+        raise GraftError(f"--device {opts.device}: only the CPU path is available in this version")
+    return CpuCompute(opts.chunk_size)
+
+
+def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
+    out = output.resolve()
+    for role, ck in checkpoints.items():
+        roots = [ck.root] if ck.root is not None else [p.parent for p in ck.local_files.values()]
+        if any(r is not None and Path(r).resolve() == out for r in roots):
+            raise OutputError(f"{output}: is the {role} input's folder; choose another --output")
+
+
+def job_fingerprint(checkpoints: dict[str, Checkpoint], opts: MergeOptions) -> str:
+    """Same inputs and same bit-changing options -> same fingerprint (a rerun resumes)."""
+    doc = {"inputs": {r: c.fingerprint for r, c in sorted(checkpoints.items())}, "options": opts.bits_key()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> dict:
+    options = {k: v for k, v in asdict(opts).items() if k not in ("token", "dry_run", "quiet", "overwrite")}
+    return {
+        "graftcore_version": __version__,
+        "formula": "instruct + alpha * (tuned - base), float32 math, one rounding",
+        "inputs": {
+            role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint}
+            for role, ck in checkpoints.items()
+        },
+        "options": options,
+        "counts": {"grafted": report.grafted, "grafted_rows": report.grafted_rows, "lora": report.lora, "copied": report.copied},
+        "ignored": report.ignored,
+        "notes": report.notes,
+    }

@@ -1,0 +1,273 @@
+"""Execute a Plan: stream every output shard chunk by chunk from memory-mapped inputs into a ShardWriter.
+
+    for each output shard:                 ShardWriter(NAME.partial), header planned up front
+        for each TensorOp, each chunk:      mmap views of I, T, B  ->  compute into a pooled buffer
+                                            -> writer thread: append (pwrite) + sha256
+        finish: fsync, rename to NAME, record in graftcore.progress.json
+
+Peak anonymous memory is a few chunks (scratch + the buffer pool), whatever the tensor or model size.
+The inputs are read ahead with posix_fadvise(WILLNEED) on all three files at once, because three
+concurrent streams read 3x faster than one on the disks we measured (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NonFiniteError
+from .plan import Action, Plan, TensorOp
+from .safetensors_io import ShardReader, ShardWriter, TensorInfo, itemsize, torch_dtype
+from .sources import Checkpoint
+
+READ_AHEAD = 64 << 20  # bytes advised ahead of the current position in each input file
+COPY_BLOCK = 8 << 20  # bytes per write when a tensor is copied unchanged
+POOL = 4  # output buffers in flight between the compute thread and the writer thread
+
+
+@dataclass
+class Report:
+    """What a merge did: returned by `graftcore.graft`."""
+
+    output: Path
+    device: str
+    grafted: int = 0
+    grafted_rows: int = 0
+    lora: int = 0
+    copied: int = 0
+    shards_written: int = 0
+    shards_kept: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plan: object = None  # the Plan that was executed (or only described, for a dry run)
+
+    def summary(self) -> str:
+        rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        parts = [f"{self.grafted} grafted"]
+        if self.grafted_rows:
+            parts.append(f"{self.grafted_rows} grafted on shared rows")
+        if self.lora:
+            parts.append(f"{self.lora} LoRA-merged")
+        parts.append(f"{self.copied} copied")
+        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
+        return (
+            f"{self.output}: {', '.join(parts)} tensors; {self.shards_written + self.shards_kept} shard(s){kept}, "
+            f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
+        )
+
+
+class Readers:
+    """Open memory maps of the input shards, opened on first use and closed after their last use."""
+
+    def __init__(self, checkpoints: dict[str, Checkpoint], plan: Plan):
+        self.checkpoints = checkpoints
+        self.open: dict[tuple[str, str], ShardReader] = {}
+        self.advised: dict[tuple[str, str], int] = {}
+        self.last_use: dict[tuple[str, str], int] = {}
+        for k, op in enumerate(plan.ops):
+            for key in self.keys(op):
+                self.last_use[key] = k
+
+    @staticmethod
+    def keys(op: TensorOp):
+        for role, info in (("instruct", op.instruct), ("tuned", op.tuned), ("base", op.base)):
+            if info is not None and op.action is not Action.COPY or role == "instruct":
+                yield role, info.file
+
+    def get(self, role: str, info: TensorInfo) -> ShardReader:
+        key = (role, info.file)
+        if key not in self.open:
+            self.open[key] = ShardReader(self.checkpoints[role].shard_path(info.file))
+            self.advised[key] = 0
+        return self.open[key]
+
+    def read_ahead(self, role: str, info: TensorInfo, byte_pos: int) -> None:
+        """Keep about READ_AHEAD bytes of the file ahead of `byte_pos` under way."""
+        key = (role, info.file)
+        reader = self.get(role, info)
+        end = self.advised[key]
+        if byte_pos > end or byte_pos < end - 2 * READ_AHEAD:  # first read, or a jump: start afresh
+            end = byte_pos
+        if byte_pos + READ_AHEAD // 2 > end:
+            reader.will_need(end, byte_pos + READ_AHEAD - end)
+            self.advised[key] = byte_pos + READ_AHEAD
+
+    def done_with(self, k: int, op: TensorOp) -> None:
+        for key in self.keys(op):
+            if self.last_use.get(key) == k and key in self.open:
+                self.open.pop(key).close()
+                self.checkpoints[key[0]].release(key[1])
+
+    def close(self) -> None:
+        for r in self.open.values():
+            r.close()
+        self.open.clear()
+
+
+class WriterThread:
+    """Appends buffers to ShardWriters in order, off the compute thread (pwrite and sha256 release the GIL)."""
+
+    def __init__(self, depth: int):
+        self.jobs: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="graftcore-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            writer, data, done = job
+            try:
+                if self.error is None:
+                    writer.append(data)
+            except BaseException as e:  # reported to the compute thread at its next put/drain
+                self.error = e
+            finally:
+                done()
+                self.jobs.task_done()
+        self.jobs.task_done()
+
+    def put(self, writer: ShardWriter, data, done: Callable[[], None]) -> None:
+        self._check()
+        self.jobs.put((writer, data, done))
+
+    def drain(self) -> None:
+        self.jobs.join()
+        self._check()
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
+class CpuCompute:
+    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk)."""
+
+    name = "cpu"
+
+    def __init__(self, chunk: int):
+        from .kernels import CpuScratch
+
+        self.chunk = chunk
+        self.scratch = CpuScratch(chunk)
+
+    def graft(self, out: torch.Tensor, i: torch.Tensor, t: torch.Tensor, b: torch.Tensor, alpha: float) -> int:
+        from .kernels import graft_cpu
+
+        return graft_cpu(out, i, t, b, alpha, self.scratch)
+
+    def convert(self, out: torch.Tensor, src: torch.Tensor) -> None:
+        out.copy_(src)
+
+
+def execute(
+    plan: Plan,
+    checkpoints: dict[str, Checkpoint],
+    output,
+    folder,
+    opts,
+    compute,
+    skip: set[str],
+) -> Report:
+    """Write every shard of `plan` not in `skip` into the OutputFolder `folder`; returns the Report."""
+    report = Report(Path(output), compute.name)
+    t0 = time.perf_counter()
+    readers = Readers(checkpoints, plan)
+    writer_thread = WriterThread(POOL)
+    pool: queue.Queue = queue.Queue()
+    for _ in range(POOL):
+        pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8))
+    todo = sum(sum(op.out_nbytes for op in s.ops) for s in plan.shards if s.file not in skip)
+    bar = tqdm(total=todo, unit="B", unit_scale=True, desc="graft", disable=True if opts.quiet else None, leave=False)
+    k = -1
+    try:
+        for shard in plan.shards:
+            if shard.file in skip:
+                report.shards_kept += 1
+                for op in shard.ops:
+                    k += 1
+                    readers.done_with(k, op)
+                continue
+            writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
+            try:
+                for op in shard.ops:
+                    k += 1
+                    stream_op(op, readers, writer, writer_thread, pool, compute, opts, bar)
+                    readers.done_with(k, op)
+                writer_thread.drain()
+                sha = writer.finish()
+            except BaseException:
+                writer_thread.jobs.join()  # let in-flight buffers go before the partial file is deleted
+                writer.abort()
+                raise
+            folder.shard_done(shard.file, writer.size, sha)
+            report.shards_written += 1
+            report.bytes_written += writer.size
+    finally:
+        writer_thread.stop()
+        readers.close()
+        bar.close()
+    for op in plan.ops:
+        report.grafted += op.action is Action.GRAFT
+        report.grafted_rows += op.action is Action.GRAFT_ROWS
+        report.lora += op.action is Action.LORA
+        report.copied += op.action is Action.COPY
+    report.ignored = list(plan.ignored)
+    report.notes = list(plan.notes)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar) -> None:
+    """Append the output bytes of one tensor to `writer`, chunk by chunk."""
+    i = op.instruct
+    ireader = readers.get("instruct", i)
+    if op.action is Action.COPY and op.out_dtype == i.dtype:
+        for lo in range(i.start, i.end, COPY_BLOCK):
+            hi = min(i.end, lo + COPY_BLOCK)
+            readers.read_ahead("instruct", i, lo)
+            data = ireader.bytes(lo, hi)
+            wt.put(writer, data, data.release)  # releasing lets the map close after the last use
+            bar.update(hi - lo)
+        return
+    out_dtype = torch_dtype(op.out_dtype)
+    size = itemsize(op.out_dtype)
+    grafted = op.grafted_numel
+    iview = ireader.view(i)
+    if grafted:
+        treader, breader = readers.get("tuned", op.tuned), readers.get("base", op.base)
+        tview, bview = treader.view(op.tuned), breader.view(op.base)
+    for lo in range(0, op.numel, compute.chunk):
+        hi = min(op.numel, lo + compute.chunk)
+        buf = pool.get()
+        out = buf[: (hi - lo) * size].view(out_dtype)
+        readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
+        if lo < grafted:
+            g = min(hi, grafted)
+            readers.read_ahead("tuned", op.tuned, op.tuned.start + lo * itemsize(op.tuned.dtype))
+            readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
+            bad = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha)
+            if bad and not opts.allow_nonfinite:
+                pool.put(buf)
+                raise NonFiniteError(
+                    f"{op.tuned.file} - {op.base.file}: tensor {op.name!r}: {bad} element(s) of tuned - base are "
+                    f"NaN/Inf (pass --allow-nonfinite to keep them)"
+                )
+            if g < hi:
+                compute.convert(out[g - lo :], iview[g:hi])
+        else:
+            compute.convert(out, iview[lo:hi])
+        wt.put(writer, out, lambda b=buf: pool.put(b))
+        bar.update((hi - lo) * size)

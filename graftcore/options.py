@@ -1,0 +1,86 @@
+"""Merge options, declared once: the CLI turns each field into a flag, the API takes them as keywords."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from .errors import GraftError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass
+class MergeOptions:
+    alpha: float = field(default=1.0, metadata={"help": "scale of the grafted update: W_I + alpha * (W_T - W_B)"})
+    include: list[str] = field(
+        default_factory=list, metadata={"help": "graft only tensors whose name matches REGEX (repeatable)", "metavar": "REGEX"}
+    )
+    exclude: list[str] = field(
+        default_factory=list, metadata={"help": "copy tensors whose name matches REGEX from Instruct (repeatable)", "metavar": "REGEX"}
+    )
+    targets: str = field(
+        default="all",
+        metadata={"help": "all: every tensor the inputs share; projections: only q/k/v/o/gate/up/down_proj", "choices": ("all", "projections")},
+    )
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "output dtype of floating tensors (auto: Instruct's)", "choices": ("auto", "bfloat16", "float16", "float32")},
+    )
+    max_shard_size: str | None = field(
+        default=None, metadata={"help": "re-shard the output into files of at most SIZE (e.g. 5GB); default: Instruct's layout", "metavar": "SIZE"}
+    )
+    token: str | None = field(default=None, metadata={"help": "Hugging Face token (default: $HF_TOKEN or the saved login)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "hub cache folder (default: $HF_HUB_CACHE)"})
+    low_disk: bool = field(default=False, metadata={"help": "hub inputs: keep only the input shards still needed on disk"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the weights of a non-empty output folder"})
+    allow_nonfinite: bool = field(default=False, metadata={"help": "keep NaN/Inf that appear in tuned - base instead of failing"})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan and write nothing"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+    chunk_size: int = field(default=1 << 18, metadata={"help": "elements per compute chunk (tuning and tests)", "hidden": True})
+
+    def __post_init__(self):
+        for pattern in [*self.include, *self.exclude]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise GraftError(f"--include/--exclude: bad regular expression {pattern!r} ({e})") from None
+        if self.chunk_size < 1:
+            raise GraftError("--chunk-size must be positive")
+        if self.max_shard_size is not None:
+            parse_size(self.max_shard_size)
+
+    def selects(self, name: str) -> bool:
+        """Whether tensor `name` is to be grafted (as opposed to copied from Instruct)."""
+        if self.targets == "projections" and not re.search(rf"(^|\.)({'|'.join(PROJECTIONS)})(\.|$)", name):
+            return False
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+    def bits_key(self) -> dict:
+        """The options that change output bytes: part of the resume fingerprint."""
+        return {
+            "alpha": self.alpha,
+            "include": self.include,
+            "exclude": self.exclude,
+            "targets": self.targets,
+            "dtype": self.dtype,
+            "max_shard_size": self.max_shard_size,
+        }
+
+
+def option_fields():
+    return fields(MergeOptions)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000; '500MiB' -> 524_288_000."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or m.group(2) not in SIZE_UNITS:
+        raise GraftError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])

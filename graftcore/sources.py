@@ -1,0 +1,187 @@
+"""REF -> Checkpoint: which safetensors files make up an input, and where each tensor lies in them.
+
+A REF is an existing local path (a folder, or one `.safetensors` file) or a hub repo id `org/name[@rev]`.
+Only headers are read here; tensor data is mapped later by the engine, file by file, through
+`Checkpoint.shard_path`, which is where a hub checkpoint downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError
+from .safetensors_io import ShardHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# files that are weights (never copied to the output as "non-weight files")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
+WEIGHT_INDEX = re.compile(r".*\.(safetensors|bin|pt|pth)\.index\.json$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one input, as headers describe them.
+
+    Attributes:
+        ref: the REF as the user wrote it.
+        tensors: name -> TensorInfo, in file order within each shard, shards in index order.
+        shard_files: the shard names (relative to the checkpoint root), in order.
+        shard_metadata: each shard's `__metadata__`.
+        has_index: whether the input came with `model.safetensors.index.json`.
+        revision: the resolved commit of a hub input (None for local ones).
+        fingerprint: changes whenever a header, a file size or a file's mtime changes.
+    """
+
+    ref: str
+    root: Path | None
+    tensors: dict[str, TensorInfo]
+    shard_files: list[str]
+    shard_metadata: dict[str, dict[str, str]]
+    has_index: bool
+    fingerprint: str
+    revision: str | None = None
+    local_files: dict[str, Path] = field(default_factory=dict)
+
+    def shard_path(self, file: str) -> Path:
+        """The local path of shard `file` (a hub checkpoint downloads it here)."""
+        return self.local_files[file]
+
+    def release(self, file: str) -> None:
+        """The engine is done with shard `file` (a low-disk hub checkpoint deletes it)."""
+
+    def extra_files(self) -> list[str]:
+        """Non-weight files (config, tokenizer, chat template...) relative to the root, to copy to the output."""
+        if self.root is None:
+            return []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if f.startswith(".") or f.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(f) or f == "graftcore.json":
+                    continue
+                found.append(str((Path(dirpath) / f).relative_to(self.root)))
+        return found
+
+    def extra_file_path(self, name: str) -> Path:
+        assert self.root is not None
+        return self.root / name
+
+
+def is_local_ref(ref: str) -> bool:
+    return os.path.exists(ref) or not HUB_ID.match(ref) or ref.startswith((".", "/", "~"))
+
+
+def open_checkpoint(ref: str | os.PathLike, **hub_options) -> Checkpoint:
+    """Resolve a REF to a Checkpoint, reading headers only.
+
+    Example:
+        >>> ck = open_checkpoint("path/to/Llama-3.1-8B-Instruct")   # doctest: +SKIP
+        >>> ck.tensors["model.embed_tokens.weight"].shape            # doctest: +SKIP
+        (128256, 4096)
+    """
+    ref = str(ref)
+    if is_local_ref(ref):
+        return open_local(Path(ref).expanduser())
+    from .hub import open_hub_checkpoint
+
+    return open_hub_checkpoint(ref, **hub_options)
+
+
+def open_local(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if not path.name.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: not a .safetensors file{pickle_hint(path)}")
+        return checkpoint_from_headers(str(path), None, [read_header(path)], has_index=False, files={path.name: path})
+    index = path / INDEX_NAME
+    if index.is_file():
+        return open_indexed_folder(path, index)
+    single = path / SINGLE_NAME
+    shards = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise CheckpointError(
+                f"{path}: holds only pickled weights ({', '.join(pickles[:3])}); graftcore reads safetensors "
+                f"and never unpickles. Convert first: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
+            )
+        raise CheckpointError(f"{path}: no .safetensors files and no {INDEX_NAME}")
+    headers = [read_header(p) for p in shards]
+    return checkpoint_from_headers(str(path), path, headers, has_index=False, files={p.name: p for p in shards})
+
+
+def open_indexed_folder(path: Path, index: Path) -> Checkpoint:
+    weight_map = read_index(index)
+    files = list(dict.fromkeys(weight_map.values()))
+    for f in files:
+        if not (path / f).is_file():
+            some = next(n for n, v in weight_map.items() if v == f)
+            raise CheckpointError(f"{index}: tensor {some!r} is mapped to {f}, which does not exist")
+    headers = [read_header(path / f, f) for f in files]
+    for name, f in weight_map.items():
+        if name not in headers[files.index(f)].tensors:
+            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {f}, but that file does not hold it")
+    return checkpoint_from_headers(str(path), path, headers, has_index=True, files={f: path / f for f in files})
+
+
+def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
+    """The `weight_map` of a `model.safetensors.index.json`, validated."""
+    try:
+        doc = json.loads(text if text is not None else Path(index).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: cannot read the index ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: no valid 'weight_map' object")
+    for name, f in weight_map.items():
+        if "/" in f or "\\" in f or f.startswith("."):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {f!r}, which is not a file name in the folder")
+    return weight_map
+
+
+def checkpoint_from_headers(
+    ref: str, root: Path | None, headers: list[ShardHeader], has_index: bool, files: dict[str, Path]
+) -> Checkpoint:
+    """`headers[k]` is the header of the k-th entry of `files` (shard name -> local path)."""
+    tensors: dict[str, TensorInfo] = {}
+    for h in headers:
+        for name, info in h.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{h.path}: tensor {name!r} also appears in {tensors[name].file}")
+            tensors[name] = info
+    return Checkpoint(
+        ref=ref,
+        root=root,
+        tensors=tensors,
+        shard_files=list(files),
+        shard_metadata={f: h.metadata for f, h in zip(files, headers)},
+        has_index=has_index,
+        fingerprint=local_fingerprint(headers),
+        local_files=files,
+    )
+
+
+def local_fingerprint(headers: list[ShardHeader]) -> str:
+    """Identity of local inputs for resume: headers, sizes and mtimes (cheap; no data is hashed)."""
+    h = hashlib.sha256()
+    for hd in headers:
+        st = hd.path.stat()
+        h.update(f"{hd.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        h.update(hd.header_bytes)
+    return h.hexdigest()
+
+
+def pickle_hint(path: Path) -> str:
+    if path.name.endswith(PICKLE_SUFFIXES):
+        return " (pickled weights: graftcore never unpickles; convert to safetensors with transformers' save_pretrained)"
+    return ""
