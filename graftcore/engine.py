@@ -261,9 +261,10 @@ def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThr
             bad = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha)
             if bad and not opts.allow_nonfinite:
                 pool.put(buf)
+                tuned_at = readers.checkpoints["tuned"].locate(op.tuned.file)
                 raise NonFiniteError(
-                    f"{op.tuned.file} - {op.base.file}: tensor {op.name!r}: {bad} element(s) of tuned - base are "
-                    f"NaN/Inf (pass --allow-nonfinite to keep them)"
+                    f"{tuned_at}: tensor {op.name!r}: {bad} element(s) of tuned - base are NaN/Inf "
+                    f"(base: {readers.checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
                 )
             if g < hi:
                 compute.convert(out[g - lo :], iview[g:hi])

@@ -119,7 +119,7 @@ def build_plan(instruct: Checkpoint, tuned: Checkpoint, base: Checkpoint, opts: 
     base_t = strip_wrappers(base, instruct.tensors, "base", notes)
     ops = {}
     for name, i in instruct.tensors.items():
-        ops[name] = plan_tensor(name, i, tuned_t.get(name), base_t.get(name), opts, tuned.ref, base.ref)
+        ops[name] = plan_tensor(name, i, tuned_t.get(name), base_t.get(name), opts, instruct, tuned, base)
     ignored = [
         f"{n}  (in {' and '.join(r for r, t in (('base', base_t), ('tuned', tuned_t)) if n in t)})"
         for n in dict.fromkeys([*base_t, *tuned_t])
@@ -128,7 +128,7 @@ def build_plan(instruct: Checkpoint, tuned: Checkpoint, base: Checkpoint, opts: 
     return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes)
 
 
-def plan_tensor(name, i: TensorInfo, t: TensorInfo | None, b: TensorInfo | None, opts, tuned_ref, base_ref) -> TensorOp:
+def plan_tensor(name, i: TensorInfo, t: TensorInfo | None, b: TensorInfo | None, opts, instruct, tuned, base) -> TensorOp:
     out_dtype = output_dtype(i, opts)
     if not opts.selects(name):
         return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected")
@@ -137,20 +137,22 @@ def plan_tensor(name, i: TensorInfo, t: TensorInfo | None, b: TensorInfo | None,
     if t is None and b is None:
         return TensorOp(name, Action.COPY, out_dtype, i, reason="in Instruct only")
     if t is None or b is None:
-        has, lacks = (("base", "tuned"), ("tuned", "base"))[t is not None]
-        where = (b or t).file
+        (has, has_ck, info), (lacks, lacks_ck) = (("base", base, b), ("tuned", tuned)) if t is None else (("tuned", tuned, t), ("base", base))
         raise MismatchError(
-            f"{where}: tensor {name!r} is in {has} ({(base_ref, tuned_ref)[t is not None]}) but not in {lacks} "
-            f"({(tuned_ref, base_ref)[t is not None]}); --exclude it to copy Instruct's"
+            f"{has_ck.locate(info.file)}: tensor {name!r} is in {has} but not in {lacks} ({lacks_ck.ref}); "
+            f"--exclude it to copy Instruct's"
         )
-    for role, x, ref in (("instruct", i, None), ("tuned", t, tuned_ref), ("base", b, base_ref)):
+    for role, x, ck in (("instruct", i, instruct), ("tuned", t, tuned), ("base", b, base)):
         if x.dtype not in FLOAT_DTYPES:
             raise MismatchError(
-                f"{x.file}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16 or F32 "
+                f"{ck.locate(x.file)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16 or F32 "
                 f"(--exclude it to copy Instruct's)"
             )
     if t.shape != b.shape:
-        raise MismatchError(f"{t.file}: tensor {name!r} is {list(t.shape)} in tuned but {list(b.shape)} in base ({b.file})")
+        raise MismatchError(
+            f"{tuned.locate(t.file)}: tensor {name!r} is {list(t.shape)} in tuned but {list(b.shape)} in base "
+            f"({base.locate(b.file)})"
+        )
     if i.shape == t.shape:
         return TensorOp(name, Action.GRAFT, out_dtype, i, t, b)
     if len(i.shape) == len(t.shape) >= 1 and i.shape[1:] == t.shape[1:] and i.shape[0] > t.shape[0]:
@@ -159,7 +161,10 @@ def plan_tensor(name, i: TensorInfo, t: TensorInfo | None, b: TensorInfo | None,
             name, Action.GRAFT_ROWS, out_dtype, i, t, b, rows=t.shape[0],
             reason=f"Instruct has {extra} more rows than base/tuned; rows {t.shape[0]}.. copied from Instruct",
         )
-    raise MismatchError(f"{i.file}: tensor {name!r} is {list(i.shape)} in Instruct but {list(t.shape)} in base and tuned ({t.file})")
+    raise MismatchError(
+        f"{instruct.locate(i.file)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(t.shape)} in base "
+        f"and tuned ({tuned.locate(t.file)})"
+    )
 
 
 def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:
@@ -169,17 +174,14 @@ def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:
 
 
 def strip_wrappers(ck: Checkpoint, reference: dict, role: str, notes: list[str]) -> dict[str, TensorInfo]:
-    """Drop training-wrapper prefixes (`module.`, `_orig_mod.`) when that makes more names match Instruct's."""
-    tensors = ck.tensors
-    while tensors:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in tensors)), None)
-        if prefix is None:
-            break
-        stripped = {n[len(prefix):]: info for n, info in tensors.items()}
-        if sum(n in reference for n in stripped) <= sum(n in reference for n in tensors):
-            break
-        notes.append(f"stripped the {prefix!r} prefix from the {role} checkpoint's tensor names")
-        tensors = stripped
+    """Drop training-wrapper prefixes (`module.`, `_orig_mod.`, nested) when that makes more names match Instruct's."""
+    tensors, stripped = ck.tensors, []
+    while tensors and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in tensors)), None)):
+        tensors = {n[len(prefix):]: info for n, info in tensors.items()}
+        stripped.append(prefix)
+    if not stripped or sum(n in reference for n in tensors) <= sum(n in reference for n in ck.tensors):
+        return ck.tensors
+    notes.append(f"stripped the prefix {''.join(stripped)!r} from the {role} checkpoint's tensor names")
     return tensors
 
 

@@ -54,6 +54,12 @@ class Checkpoint:
         """The local path of shard `file` (a hub checkpoint downloads it here)."""
         return self.local_files[file]
 
+    def locate(self, file: str) -> str:
+        """Where shard `file` is, for messages: a path, or `org/name@rev/file` on the hub."""
+        if self.root is None and file in self.local_files:
+            return str(self.local_files[file])
+        return f"{self.ref.rstrip('/')}/{file}"
+
     def release(self, file: str) -> None:
         """The engine is done with shard `file` (a low-disk hub checkpoint deletes it)."""
 
