@@ -49,6 +49,7 @@ class Report:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan: object = None  # the Plan that was executed (or only described, for a dry run)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_writer, write, fsync
 
     def summary(self) -> str:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
@@ -119,6 +120,7 @@ class WriterThread:
     def __init__(self, depth: int):
         self.jobs: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
+        self.busy = 0.0  # seconds spent writing and hashing
         self.thread = threading.Thread(target=self._run, name="graftcore-writer", daemon=True)
         self.thread.start()
 
@@ -127,7 +129,9 @@ class WriterThread:
             writer, data, done = job
             try:
                 if self.error is None:
+                    t0 = time.perf_counter()
                     writer.append(data)
+                    self.busy += time.perf_counter() - t0
             except BaseException as e:  # reported to the compute thread at its next put/drain
                 self.error = e
             finally:
@@ -153,7 +157,11 @@ class WriterThread:
 
 
 class CpuCompute:
-    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk)."""
+    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
+
+    Torch runs single-threaded while merging: the writer thread (pwrite + sha256) needs a core, and with
+    OpenMP threads spin-waiting beside it a 2-core machine ran 2x slower than with one compute thread.
+    """
 
     name = "cpu"
 
@@ -162,6 +170,14 @@ class CpuCompute:
 
         self.chunk = chunk
         self.scratch = CpuScratch(chunk)
+
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
 
     def graft(self, out: torch.Tensor, i: torch.Tensor, t: torch.Tensor, b: torch.Tensor, alpha: float) -> int:
         from .kernels import graft_cpu
@@ -191,34 +207,41 @@ def execute(
         pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8))
     todo = sum(sum(op.out_nbytes for op in s.ops) for s in plan.shards if s.file not in skip)
     bar = tqdm(total=todo, unit="B", unit_scale=True, desc="graft", disable=True if opts.quiet else None, leave=False)
-    k = -1
-    try:
-        for shard in plan.shards:
-            if shard.file in skip:
-                report.shards_kept += 1
-                for op in shard.ops:
-                    k += 1
-                    readers.done_with(k, op)
-                continue
-            writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
-            try:
-                for op in shard.ops:
-                    k += 1
-                    stream_op(op, readers, writer, writer_thread, pool, compute, opts, bar)
-                    readers.done_with(k, op)
-                writer_thread.drain()
-                sha = writer.finish()
-            except BaseException:
-                writer_thread.jobs.join()  # let in-flight buffers go before the partial file is deleted
-                writer.abort()
-                raise
-            folder.shard_done(shard.file, writer.size, sha)
-            report.shards_written += 1
-            report.bytes_written += writer.size
-    finally:
-        writer_thread.stop()
-        readers.close()
-        bar.close()
+    clock = report.timings = {"compute": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
+    with compute:
+        k = -1
+        try:
+            for shard in plan.shards:
+                if shard.file in skip:
+                    report.shards_kept += 1
+                    for op in shard.ops:
+                        k += 1
+                        readers.done_with(k, op)
+                    continue
+                writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
+                try:
+                    for op in shard.ops:
+                        k += 1
+                        stream_op(op, readers, writer, writer_thread, pool, compute, opts, bar, clock)
+                        readers.done_with(k, op)
+                    t_drain = time.perf_counter()
+                    writer_thread.drain()
+                    t_fsync = time.perf_counter()
+                    sha = writer.finish()
+                    clock["wait_writer"] += t_fsync - t_drain
+                    clock["fsync"] += time.perf_counter() - t_fsync
+                except BaseException:
+                    writer_thread.jobs.join()  # let in-flight buffers go before the partial file is deleted
+                    writer.abort()
+                    raise
+                folder.shard_done(shard.file, writer.size, sha)
+                report.shards_written += 1
+                report.bytes_written += writer.size
+        finally:
+            writer_thread.stop()
+            readers.close()
+            bar.close()
+            clock["write"] = writer_thread.busy
     for op in plan.ops:
         report.grafted += op.action is Action.GRAFT
         report.grafted_rows += op.action is Action.GRAFT_ROWS
@@ -230,8 +253,8 @@ def execute(
     return report
 
 
-def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar) -> None:
-    """Append the output bytes of one tensor to `writer`, chunk by chunk."""
+def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
+    """Append the output bytes of one tensor to `writer`, chunk by chunk; `clock` accumulates seconds."""
     i = op.instruct
     ireader = readers.get("instruct", i)
     if op.action is Action.COPY and op.out_dtype == i.dtype:
@@ -251,7 +274,9 @@ def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThr
         tview, bview = treader.view(op.tuned), breader.view(op.base)
     for lo in range(0, op.numel, compute.chunk):
         hi = min(op.numel, lo + compute.chunk)
+        t0 = time.perf_counter()
         buf = pool.get()
+        t1 = time.perf_counter()
         out = buf[: (hi - lo) * size].view(out_dtype)
         readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
         if lo < grafted:
@@ -270,5 +295,8 @@ def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThr
                 compute.convert(out[g - lo :], iview[g:hi])
         else:
             compute.convert(out, iview[lo:hi])
+        t2 = time.perf_counter()
+        clock["wait_writer"] += t1 - t0
+        clock["compute"] += t2 - t1
         wt.put(writer, out, lambda b=buf: pool.put(b))
         bar.update((hi - lo) * size)
