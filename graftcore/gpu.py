@@ -52,10 +52,11 @@ class StreamCompute:
 
     deferred = True  # NaN/Inf counts are read once per shard, not per tensor (each read syncs the device)
 
-    def __init__(self, device: str | torch.device, chunk: int = GPU_CHUNK):
-        from .kernels.triton_graft import launch_graft
-
-        self.launch = launch_graft
+    def __init__(self, device: str | torch.device, chunk: int = GPU_CHUNK, launch=None):
+        """`launch` is `graftcore.kernels.triton_graft.launch_graft` (tests pass an interpreted copy)."""
+        if launch is None:
+            from .kernels.triton_graft import launch_graft as launch
+        self.launch = launch
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda and self.device.index is None:
