@@ -69,7 +69,8 @@ def assert_same_bits(got, want):
     """Equal bits everywhere, except that NaN only has to meet NaN."""
     assert got.dtype == want.dtype and got.shape == want.shape
     nan_got, nan_want = got.isnan(), want.isnan()
-    assert torch.equal(nan_got, nan_want), f"NaN at {nan_got.nonzero().flatten()[:8]} vs {nan_want.nonzero().flatten()[:8]}"
+    where = lambda m: m.nonzero().flatten()[:8].tolist()  # noqa: E731
+    assert torch.equal(nan_got, nan_want), f"NaN at {where(nan_got)} vs {where(nan_want)}"
     ok = (got.view(INT_VIEW[got.dtype]) == want.view(INT_VIEW[want.dtype])) | nan_got
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
