@@ -164,7 +164,10 @@ def run_row(row: Row, cold: bool, inputs: list[Path], series: Series, checks: di
         shutil.rmtree(row.out, ignore_errors=True)
         if row.floor:  # dd needs its folder; the merge tools make theirs
             row.out.mkdir(parents=True)
-    evict(inputs) if cold else prewarm(inputs)
+    if cold:
+        evict(inputs)
+    else:
+        prewarm(inputs)
     run: Run = measure(row.cmd)
     if run.rc != 0:
         log(f"{row.name}: exit code {run.rc}\n{run.tail}")
@@ -173,7 +176,7 @@ def run_row(row: Row, cold: bool, inputs: list[Path], series: Series, checks: di
     series.add(run, flush)
     log(f"{row.name}: {run.seconds:.2f} s (+{flush:.2f} s flush), RssAnon {gb(run.peak_anon)}, RSS {gb(run.peak_rss)}")
     if row.check is not None and row.name not in checks:
-        ok, note = row.check(row.out)
+        _, note = row.check(row.out)
         checks[row.name] = note
         log(f"{row.name}: bit-identical to the float32 reference: {note}")
     if row.out is not None:
@@ -223,6 +226,9 @@ def main() -> None:
     rows = [row for build in ROW_BUILDERS for row in build(trio, work)]
     if args.only:
         keys = set(args.only.split(","))
+        known = {"floor", "graftcore", "graftcore-cuda", "naive", "mergekit", "mergekit-fast", "mergekit-fp32"} | {r.key for r in rows}
+        if keys - known:
+            sys.exit(f"bench_merge: unknown --only key(s) {sorted(keys - known)}; known: {', '.join(sorted(known))}")
         rows = [r for r in rows if r.key in keys]
     inputs = [p for role in ROLES for p in shard_files(trio, role)]
     total = {r: trio["roles"][r]["bytes"] for r in ROLES}

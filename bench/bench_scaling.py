@@ -26,7 +26,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least squares y = a + b x; returns (a, b). With one point: the line through the origin."""
     if len(xs) < 2:
         return 0.0, ys[0] / xs[0]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
 

@@ -342,7 +342,7 @@ def main() -> None:
     stamp = make_trio(args.out, spec, args.seed, args.dtype, args.tuned_dtype, args.noise, shard_bytes, args.force)
     params = sum(numel(s) for _, s in tensor_shapes(spec))
     print(f"{args.preset}: {params / 1e6:.1f}M parameters per checkpoint, {len(tensor_shapes(spec))} tensors")
-    for role, r in stamp["roles"].items():
+    for r in stamp["roles"].values():
         print(f"  {r['dir']}: {r['bytes'] / 1e6:.1f} MB {r['dtype']} in {len(r['files'])} file(s)")
 
 
