@@ -313,6 +313,24 @@ def test_gpt2_fan_in_fan_out(gpt2, tmp_path):
     check_merge(tmp_path / "out2", instruct, dora, want, peft_onto=base, base_dir=base, logits=False, cls=cls)
 
 
+def test_bench_adapter_generator(llama, tmp_path):
+    """bench/make_lora_adapter.py writes an adapter PEFT loads and graftcore merges identically."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_lora_adapter", Path(__file__).parents[1] / "bench" / "make_lora_adapter.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    base, instruct = llama
+    assert gen.main([str(instruct), "--out", str(tmp_path / "adapter"), "--rank", "8", "--seed", "3"]) == 0
+    first = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    gen.main([str(instruct), "--out", str(tmp_path / "again"), "--rank", "8", "--seed", "3"])
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == first  # deterministic
+    report = graftcore.graft(tuned=tmp_path / "adapter", instruct=instruct, output=tmp_path / "out", quiet=True)
+    assert report.lora == 2 * len(PROJ)
+    want = lora_reference(load_folder(instruct), tmp_path / "adapter", lambda m: 16)
+    check_merge(tmp_path / "out", instruct, tmp_path / "adapter", want, peft_onto=instruct)
+
+
 # ---------------------------------------------------------------- bad adapters: exit 2, one line, nothing finished
 
 
