@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -76,12 +77,18 @@ def graft_adapter(adapter, instruct, base, output: Path, opts: MergeOptions, hub
     if base is not None:
         checkpoints["base"] = open_checkpoint(base, **hub)
     plan = build_lora_plan(checkpoints["instruct"], ad, checkpoints.get("base"), opts)
-    return run_plan(plan, checkpoints, output, opts, log)
-
-
-def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log) -> Report:
-    """Execute `plan` into `output` (or only describe it, for dry_run)."""
     compute = select_compute(opts, log)
+    if not hasattr(compute, "lora"):  # the GPU compute has no LoRA kernel yet
+        from .kernels import CHUNK
+
+        log(f"LoRA merges run on the CPU in this version (--device {opts.device} has no LoRA path yet)")
+        compute = CpuCompute(opts.chunk_size or CHUNK)
+    return run_plan(plan, checkpoints, output, opts, log, compute)
+
+
+def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None) -> Report:
+    """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device)."""
+    compute = compute or select_compute(opts, log)
     if opts.dry_run:
         report = Report(output, compute.name, ignored=plan.ignored, notes=plan.notes)
         report.plan = plan
@@ -105,12 +112,42 @@ def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts:
 
 
 def select_compute(opts: MergeOptions, log):
+    """CpuCompute or the GPU StreamCompute for `--device`; auto takes CUDA when CUDA and Triton are there."""
+    from .kernels import CHUNK
+
+    import torch
+
     device = opts.device
     if device == "auto":
-        device = "cpu"  # the CUDA path is chosen here once it exists
-    if device != "cpu":
-        raise GraftError(f"--device {opts.device}: only the CPU path is available in this version")
-    return CpuCompute(opts.chunk_size)
+        why = cuda_unavailable(None)
+        if why and torch.version.cuda:  # a CUDA build of torch: the user expected the GPU, so say why not
+            log(f"{why}: merging on the CPU (bit-identical, slower)")
+        device = "cpu" if why else "cuda"
+    if device == "cpu":
+        return CpuCompute(opts.chunk_size or CHUNK)
+    if re.fullmatch(r"cuda(:\d+)?", device) is None:
+        raise GraftError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    why = cuda_unavailable(device)
+    if why:
+        raise GraftError(f"--device {device}: {why}")
+    from .gpu import GPU_CHUNK, StreamCompute
+
+    return StreamCompute(device, opts.chunk_size or GPU_CHUNK)
+
+
+def cuda_unavailable(device: str | None) -> str | None:
+    """Why `device` (None: any CUDA device) cannot run the Triton kernel, or None if it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if device and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} CUDA device(s)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install triton)"
+    return None
 
 
 def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint]) -> None:

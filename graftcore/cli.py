@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in ("include", "exclude"):
             merge.add_argument(flag, action="append", default=[], metavar=meta.get("metavar"), help=help_text)
         else:
-            kind = {"float": float, "int": int}.get(str(f.type), str)
+            kind = meta.get("type") or {"float": float, "int": int}.get(str(f.type), str)
             merge.add_argument(
                 flag, type=kind, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text
             )

@@ -49,6 +49,7 @@ class Report:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan: object = None  # the Plan that was executed (or only described, for a dry run)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_writer, write, fsync
 
     def summary(self) -> str:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
@@ -119,15 +120,20 @@ class WriterThread:
     def __init__(self, depth: int):
         self.jobs: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
+        self.busy = 0.0  # seconds spent writing and hashing
         self.thread = threading.Thread(target=self._run, name="graftcore-writer", daemon=True)
         self.thread.start()
 
     def _run(self):
         while (job := self.jobs.get()) is not None:
-            writer, data, done = job
+            writer, data, ready, done = job
             try:
                 if self.error is None:
+                    t0 = time.perf_counter()
+                    if ready is not None:
+                        ready.synchronize()  # a GPU chunk: its copy back to the host has finished
                     writer.append(data)
+                    self.busy += time.perf_counter() - t0
             except BaseException as e:  # reported to the compute thread at its next put/drain
                 self.error = e
             finally:
@@ -135,9 +141,10 @@ class WriterThread:
                 self.jobs.task_done()
         self.jobs.task_done()
 
-    def put(self, writer: ShardWriter, data, done: Callable[[], None]) -> None:
+    def put(self, writer: ShardWriter, data, done: Callable[[], None], ready=None) -> None:
+        """Queue `data` for `writer`; `done()` runs after it is written; `ready` is an event to wait for first."""
         self._check()
-        self.jobs.put((writer, data, done))
+        self.jobs.put((writer, data, ready, done))
 
     def drain(self) -> None:
         self.jobs.join()
@@ -153,25 +160,49 @@ class WriterThread:
 
 
 class CpuCompute:
-    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk)."""
+    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
+
+    Torch runs single-threaded while merging: the writer thread (pwrite + sha256) needs a core, and with
+    OpenMP threads spin-waiting beside it a 2-core machine ran 2x slower than with one compute thread.
+    """
 
     name = "cpu"
+    pin_output = False
+    deferred = False  # NaN/Inf counts are known as soon as a chunk is computed
 
     def __init__(self, chunk: int):
         from .kernels import CpuScratch
 
         self.chunk = chunk
         self.scratch = CpuScratch(chunk)
+        self.counts: dict[str, int] = {}
 
-    def graft(self, out: torch.Tensor, i: torch.Tensor, t: torch.Tensor, b: torch.Tensor, alpha: float) -> int:
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
+
+    def graft(self, out: torch.Tensor, i: torch.Tensor, t: torch.Tensor, b: torch.Tensor, alpha: float, name: str):
+        """`out = I + alpha * (T - B)` now; returns None (nothing to wait for)."""
         from .kernels import graft_cpu
 
-        return graft_cpu(out, i, t, b, alpha, self.scratch)
+        bad = graft_cpu(out, i, t, b, alpha, self.scratch)
+        if bad:
+            self.counts[name] = self.counts.get(name, 0) + bad
+        return None
 
-    def convert(self, out: torch.Tensor, src: torch.Tensor) -> None:
+    def convert(self, out: torch.Tensor, src: torch.Tensor):
         out.copy_(src)
+        return None
 
-    def lora(self, out, i, update, r0: int, r1: int, alpha: float, c0: int = 0, c1: int | None = None, base=None) -> None:
+    def nonfinite(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+    def lora(self, out, i, update, r0: int, r1: int, alpha: float, c0: int = 0, c1: int | None = None, base=None):
         """`out = I + alpha * s * (left @ right)[r0:r1, c0:c1]` (or its DoRA form, given Base's block); `update`
         is a lora.LoadedUpdate; out, i and base hold the block's elements."""
         from .kernels.lora import dora_cpu, lora_cpu
@@ -184,6 +215,7 @@ class CpuCompute:
             axis = update.update.dora_axis
             scale = update.dora_scale[r0:r1] if axis == "rows" else update.dora_scale[c0:c1]
             dora_cpu(out, i, base, left, right, update.scale, scale, axis, alpha, self.scratch)
+        return None  # nothing to wait for
 
 
 def execute(
@@ -202,37 +234,47 @@ def execute(
     writer_thread = WriterThread(POOL)
     pool: queue.Queue = queue.Queue()
     for _ in range(POOL):
-        pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8))
+        pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
     todo = sum(sum(op.out_nbytes for op in s.ops) for s in plan.shards if s.file not in skip)
     bar = tqdm(total=todo, unit="B", unit_scale=True, desc="graft", disable=True if opts.quiet else None, leave=False)
-    k = -1
-    try:
-        for shard in plan.shards:
-            if shard.file in skip:
-                report.shards_kept += 1
-                for op in shard.ops:
-                    k += 1
-                    readers.done_with(k, op)
-                continue
-            writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
-            try:
-                for op in shard.ops:
-                    k += 1
-                    stream_op(op, readers, writer, writer_thread, pool, compute, opts, bar)
-                    readers.done_with(k, op)
-                writer_thread.drain()
-                sha = writer.finish()
-            except BaseException:
-                writer_thread.jobs.join()  # let in-flight buffers go before the partial file is deleted
-                writer.abort()
-                raise
-            folder.shard_done(shard.file, writer.size, sha)
-            report.shards_written += 1
-            report.bytes_written += writer.size
-    finally:
-        writer_thread.stop()
-        readers.close()
-        bar.close()
+    clock = report.timings = {"compute": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
+    with compute:
+        k = -1
+        try:
+            for shard in plan.shards:
+                if shard.file in skip:
+                    report.shards_kept += 1
+                    for op in shard.ops:
+                        k += 1
+                        readers.done_with(k, op)
+                    continue
+                writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
+                try:
+                    for op in shard.ops:
+                        k += 1
+                        stream_op(op, readers, writer, writer_thread, pool, compute, opts, bar, clock)
+                        if not compute.deferred:
+                            check_finite(compute, shard, readers.checkpoints, opts)
+                        readers.done_with(k, op)
+                    check_finite(compute, shard, readers.checkpoints, opts)  # one device sync per shard
+                    t_drain = time.perf_counter()
+                    writer_thread.drain()
+                    t_fsync = time.perf_counter()
+                    sha = writer.finish()
+                    clock["wait_writer"] += t_fsync - t_drain
+                    clock["fsync"] += time.perf_counter() - t_fsync
+                except BaseException:
+                    writer_thread.jobs.join()  # let in-flight buffers go before the partial file is deleted
+                    writer.abort()
+                    raise
+                folder.shard_done(shard.file, writer.size, sha)
+                report.shards_written += 1
+                report.bytes_written += writer.size
+        finally:
+            writer_thread.stop()
+            readers.close()
+            bar.close()
+            clock["write"] = writer_thread.busy
     for op in plan.ops:
         report.grafted += op.action is Action.GRAFT
         report.grafted_rows += op.action is Action.GRAFT_ROWS
@@ -244,10 +286,10 @@ def execute(
     return report
 
 
-def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar) -> None:
-    """Append the output bytes of one tensor to `writer`, chunk by chunk."""
+def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
+    """Append the output bytes of one tensor to `writer`, chunk by chunk; `clock` accumulates seconds."""
     if op.action is Action.LORA:
-        return stream_lora(op, readers, writer, wt, pool, compute, opts, bar)
+        return stream_lora(op, readers, writer, wt, pool, compute, opts, bar, clock)
     i = op.instruct
     ireader = readers.get("instruct", i)
     if op.action is Action.COPY and op.out_dtype == i.dtype:
@@ -267,30 +309,40 @@ def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThr
         tview, bview = treader.view(op.tuned), breader.view(op.base)
     for lo in range(0, op.numel, compute.chunk):
         hi = min(op.numel, lo + compute.chunk)
+        t0 = time.perf_counter()
         buf = pool.get()
+        t1 = time.perf_counter()
         out = buf[: (hi - lo) * size].view(out_dtype)
         readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
         if lo < grafted:
             g = min(hi, grafted)
             readers.read_ahead("tuned", op.tuned, op.tuned.start + lo * itemsize(op.tuned.dtype))
             readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
-            bad = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha)
-            if bad and not opts.allow_nonfinite:
-                pool.put(buf)
-                tuned_at = readers.checkpoints["tuned"].locate(op.tuned.file)
-                raise NonFiniteError(
-                    f"{tuned_at}: tensor {op.name!r}: {bad} element(s) of tuned - base are NaN/Inf "
-                    f"(base: {readers.checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
-                )
+            ready = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha, op.name)
             if g < hi:
                 compute.convert(out[g - lo :], iview[g:hi])
         else:
-            compute.convert(out, iview[lo:hi])
-        wt.put(writer, out, lambda b=buf: pool.put(b))
+            ready = compute.convert(out, iview[lo:hi])
+        t2 = time.perf_counter()
+        clock["wait_writer"] += t1 - t0
+        clock["compute"] += t2 - t1
+        wt.put(writer, out, lambda b=buf: pool.put(b), ready)
         bar.update((hi - lo) * size)
 
 
-def stream_lora(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar) -> None:
+def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> None:
+    """Raise NonFiniteError for the first tensor of `shard` whose T - B held NaN/Inf (unless allowed)."""
+    counts = compute.nonfinite()
+    if not counts or opts.allow_nonfinite:
+        return
+    op = next(op for op in shard.ops if op.name in counts)
+    raise NonFiniteError(
+        f"{checkpoints['tuned'].locate(op.tuned.file)}: tensor {op.name!r}: {counts[op.name]} element(s) of "
+        f"tuned - base are NaN/Inf (base: {checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
+    )
+
+
+def stream_lora(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
     """Append `I + alpha * s * left @ right` for one tensor, over blocks of whole output rows (see lora.py).
 
     A block holds about `compute.chunk` elements: rows_per_block = chunk // cols, or one row cut into column
@@ -314,16 +366,20 @@ def stream_lora(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterT
         for c0 in range(0, cols, col_step):
             c1 = min(cols, c0 + col_step)
             lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
+            t0 = time.perf_counter()
             buf = pool.get()
+            t1 = time.perf_counter()
             out = buf[: (hi - lo) * size].view(out_dtype)
             readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
             if r0 >= u.rows:  # Instruct's extra vocabulary rows: copied
-                compute.convert(out, iview[lo:hi])
+                ready = compute.convert(out, iview[lo:hi])
             elif bview is not None:
                 readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
-                compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1, base=bview[lo:hi])
+                ready = compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1, base=bview[lo:hi])
             else:
-                compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1)
-            wt.put(writer, out, lambda b=buf: pool.put(b))
+                ready = compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1)
+            clock["wait_writer"] += t1 - t0
+            clock["compute"] += time.perf_counter() - t1
+            wt.put(writer, out, lambda b=buf: pool.put(b), ready)
             bar.update((hi - lo) * size)
         r0 = r1

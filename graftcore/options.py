@@ -39,7 +39,9 @@ class MergeOptions:
     allow_nonfinite: bool = field(default=False, metadata={"help": "keep NaN/Inf that appear in tuned - base instead of failing"})
     dry_run: bool = field(default=False, metadata={"help": "print the plan and write nothing"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-    chunk_size: int = field(default=1 << 18, metadata={"help": "elements per compute chunk (tuning and tests)", "hidden": True})
+    chunk_size: int | None = field(
+        default=None, metadata={"help": "elements per compute chunk (default: 256K on CPU, 4M on GPU)", "hidden": True, "type": int}
+    )
 
     def __post_init__(self):
         for pattern in [*self.include, *self.exclude]:
@@ -47,7 +49,7 @@ class MergeOptions:
                 re.compile(pattern)
             except re.error as e:
                 raise GraftError(f"--include/--exclude: bad regular expression {pattern!r} ({e})") from None
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise GraftError("--chunk-size must be positive")
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size)

@@ -58,12 +58,13 @@ class OutputFolder:
     def prepare(self, shard_sizes: dict[str, int], overwrite: bool) -> set[str]:
         """Claim the folder; return the shards already finished by an earlier run of the same job.
 
-        Refuses a non-empty folder that holds something else, unless `overwrite`.
+        Refuses a non-empty folder that holds something else, unless `overwrite`, which also starts afresh
+        instead of resuming.
         """
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.path}: exists and is not a folder")
         self.path.mkdir(parents=True, exist_ok=True)
-        earlier = self._earlier_record()
+        earlier = None if overwrite else self._earlier_record()
         if earlier is not None:
             for file, rec in earlier.items():
                 if file in shard_sizes and rec.get("size") == shard_sizes[file] and self._verify(file, rec):

@@ -56,16 +56,14 @@ def dora_cpu(
     """
     rows, cols = left.shape[0], right.shape[1]
     acc = scratch.delta[: rows * cols].view(rows, cols)
-    b = scratch.other[: rows * cols].view(rows, cols)
-    b.copy_(base.reshape(rows, cols))
+    b = base.reshape(rows, cols)
     acc.copy_(b)
     acc.addmm_(left, right, alpha=scale)  # the tuned weight before normalisation
     acc.mul_(dora_scale.view(-1, 1) if axis == "rows" else dora_scale.view(1, -1))
-    acc.sub_(b)
+    acc.sub_(b)  # mixed dtypes promote to float32: widening is exact, no second buffer needed
     if alpha != 1.0:
         acc.mul_(alpha)
-    b.copy_(instruct.reshape(rows, cols))
-    acc.add_(b)
+    acc.add_(instruct.reshape(rows, cols))
     out.view(rows, cols).copy_(acc)
 
 
