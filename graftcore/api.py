@@ -20,6 +20,7 @@ from typing import Callable
 from . import __version__
 from .engine import CpuCompute, Report, execute
 from .errors import GraftError, OutputError
+from .lora import build_lora_plan, is_adapter, open_adapter
 from .options import MergeOptions
 from .output import OutputFolder
 from .plan import Plan, build_plan
@@ -59,12 +60,30 @@ def graft(
     opts = MergeOptions(alpha=alpha, device=device, **options)
     log = log or (lambda _msg: None)
     hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk}
-    checkpoints = {"instruct": open_checkpoint(instruct, **hub), "tuned": open_checkpoint(tuned, **hub)}
+    if is_adapter(tuned):
+        return graft_adapter(tuned, instruct, base, Path(output), opts, hub, log)
     if base is None:
-        raise GraftError("--base is required: the update is tuned - base")
+        raise GraftError(f"--base is required: the update is tuned - base ({tuned} is not a PEFT adapter folder)")
+    checkpoints = {"instruct": open_checkpoint(instruct, **hub), "tuned": open_checkpoint(tuned, **hub)}
     checkpoints["base"] = open_checkpoint(base, **hub)
     plan = build_plan(checkpoints["instruct"], checkpoints["tuned"], checkpoints["base"], opts)
     return run_plan(plan, checkpoints, Path(output), opts, log)
+
+
+def graft_adapter(adapter, instruct, base, output: Path, opts: MergeOptions, hub: dict, log) -> Report:
+    """`tuned` is a PEFT LoRA adapter: W_I + alpha * s * (B @ A); Base only for modules_to_save and DoRA."""
+    ad = open_adapter(adapter)
+    checkpoints = {"instruct": open_checkpoint(instruct, **hub), "tuned": ad.checkpoint}
+    if base is not None:
+        checkpoints["base"] = open_checkpoint(base, **hub)
+    plan = build_lora_plan(checkpoints["instruct"], ad, checkpoints.get("base"), opts)
+    compute = select_compute(opts, log)
+    if not hasattr(compute, "lora"):  # the GPU compute has no LoRA kernel yet
+        from .kernels import CHUNK
+
+        log(f"LoRA merges run on the CPU in this version (--device {opts.device} has no LoRA path yet)")
+        compute = CpuCompute(opts.chunk_size or CHUNK)
+    return run_plan(plan, checkpoints, output, opts, log, compute)
 
 
 def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None) -> Report:
@@ -149,7 +168,8 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
     options = {k: v for k, v in asdict(opts).items() if k not in ("token", "dry_run", "quiet", "overwrite")}
     return {
         "graftcore_version": __version__,
-        "formula": "instruct + alpha * (tuned - base), float32 math, one rounding",
+        "formula": "instruct + alpha * (tuned - base), float32 math, one rounding"
+        + ("; LoRA tensors: instruct + alpha * lora_alpha/r * (lora_B @ lora_A)" if report.lora else ""),
         "inputs": {
             role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint}
             for role, ck in checkpoints.items()

@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="W_out = W_instruct + alpha * (W_tuned - W_base), tensor by tensor. REF is a folder, a "
         ".safetensors file, or a hub repo id org/name[@revision].",
     )
-    merge.add_argument("--base", metavar="REF", help="the Base model the tuned model was fine-tuned from")
-    merge.add_argument("--tuned", metavar="REF", required=True, help="the fine-tuned Base model")
+    merge.add_argument(
+        "--base", metavar="REF", help="the Base model the tuned model was fine-tuned from (a LoRA adapter needs it only for modules_to_save or DoRA)"
+    )
+    merge.add_argument(
+        "--tuned", metavar="REF", required=True, help="the fine-tuned Base model, or a PEFT LoRA adapter folder trained on Base"
+    )
     merge.add_argument("--instruct", metavar="REF", required=True, help="the Instruct model to graft onto")
     merge.add_argument("--output", metavar="DIR", required=True, help="the folder to write")
     for f in option_fields():

@@ -202,6 +202,21 @@ class CpuCompute:
         counts, self.counts = self.counts, {}
         return counts
 
+    def lora(self, out, i, update, r0: int, r1: int, alpha: float, c0: int = 0, c1: int | None = None, base=None):
+        """`out = I + alpha * s * (left @ right)[r0:r1, c0:c1]` (or its DoRA form, given Base's block); `update`
+        is a lora.LoadedUpdate; out, i and base hold the block's elements."""
+        from .kernels.lora import dora_cpu, lora_cpu
+
+        c1 = update.right.shape[1] if c1 is None else c1
+        left, right = update.left[r0:r1], update.right[:, c0:c1]
+        if update.dora_scale is None:
+            lora_cpu(out, i, left, right, alpha * update.scale, self.scratch)
+        else:
+            axis = update.update.dora_axis
+            scale = update.dora_scale[r0:r1] if axis == "rows" else update.dora_scale[c0:c1]
+            dora_cpu(out, i, base, left, right, update.scale, scale, axis, alpha, self.scratch)
+        return None  # nothing to wait for
+
 
 def execute(
     plan: Plan,
@@ -273,6 +288,8 @@ def execute(
 
 def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
     """Append the output bytes of one tensor to `writer`, chunk by chunk; `clock` accumulates seconds."""
+    if op.action is Action.LORA:
+        return stream_lora(op, readers, writer, wt, pool, compute, opts, bar, clock)
     i = op.instruct
     ireader = readers.get("instruct", i)
     if op.action is Action.COPY and op.out_dtype == i.dtype:
@@ -323,3 +340,46 @@ def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> No
         f"{checkpoints['tuned'].locate(op.tuned.file)}: tensor {op.name!r}: {counts[op.name]} element(s) of "
         f"tuned - base are NaN/Inf (base: {checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
     )
+
+
+def stream_lora(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
+    """Append `I + alpha * s * left @ right` for one tensor, over blocks of whole output rows (see lora.py).
+
+    A block holds about `compute.chunk` elements: rows_per_block = chunk // cols, or one row cut into column
+    ranges when a row alone is longer. The factors are read whole in float32 (rank r is small); for DoRA,
+    Base is read twice: once for the weight norms, once for the merge.
+    """
+    from .lora import dora_scale
+
+    i, u = op.instruct, op.update
+    loaded = u.load(lambda info: readers.get("tuned", info).view(info), opts.allow_nonfinite)
+    rows, cols = i.shape[0], i.numel // max(1, i.shape[0])
+    per_block, col_step = max(1, compute.chunk // cols), min(cols, compute.chunk)
+    iview = readers.get("instruct", i).view(i)
+    bview = readers.get("base", op.base).view(op.base) if op.base is not None else None
+    if u.magnitude is not None:
+        loaded.dora_scale = dora_scale(loaded, lambda r0, r1: bview[r0 * cols : r1 * cols].view(r1 - r0, cols), per_block, opts.allow_nonfinite)
+    out_dtype, size = torch_dtype(op.out_dtype), itemsize(op.out_dtype)
+    r0 = 0
+    while r0 < rows:
+        r1 = min(rows, r0 + per_block, u.rows if r0 < u.rows else rows)  # a block never straddles u.rows
+        for c0 in range(0, cols, col_step):
+            c1 = min(cols, c0 + col_step)
+            lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
+            t0 = time.perf_counter()
+            buf = pool.get()
+            t1 = time.perf_counter()
+            out = buf[: (hi - lo) * size].view(out_dtype)
+            readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
+            if r0 >= u.rows:  # Instruct's extra vocabulary rows: copied
+                ready = compute.convert(out, iview[lo:hi])
+            elif bview is not None:
+                readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
+                ready = compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1, base=bview[lo:hi])
+            else:
+                ready = compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1)
+            clock["wait_writer"] += t1 - t0
+            clock["compute"] += time.perf_counter() - t1
+            wt.put(writer, out, lambda b=buf: pool.put(b), ready)
+            bar.update((hi - lo) * size)
+        r0 = r1

@@ -1,0 +1,490 @@
+"""PEFT LoRA adapter -> one low-rank update per Instruct tensor (DESIGN.md §2, issue 5).
+
+Shadow-FT trains LoRA on Base and merges it straight into Instruct; Base itself is not needed:
+
+    W_out = W_instruct + alpha * s * (B @ A)        s = lora_alpha / r   (lora_alpha / sqrt(r) with rsLoRA)
+
+A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors`, whose tensors are named
+(PEFT 0.21, checked against `peft.utils.save_and_load.get_peft_model_state_dict`):
+
+    base_model.model.<module>.lora_A.weight          [r, in]        Linear (and Conv1D with fan_in_fan_out)
+    base_model.model.<module>.lora_B.weight          [out, r]
+    base_model.model.<module>.lora_B.bias            [out]          lora_bias=True: bias += s * lora_B.bias
+    base_model.model.<module>.lora_embedding_A       [r, vocab]     Embedding: delta = (B @ A).T
+    base_model.model.<module>.lora_embedding_B       [dim, r]
+    base_model.model.<module>.lora_magnitude_vector  [out] or [dim] DoRA
+    base_model.model.<name>                          full tensors: modules_to_save, trained biases
+                                                     (`<module>.base_layer.bias`), and the frozen copy of a
+                                                     targeted embedding (`<module>.base_layer.weight`)
+
+Every update is written as `left @ right` over the rows of the Instruct tensor as stored, so the engine
+computes it chunk by chunk over output rows whatever the layer type:
+
+    Linear          W [out, in]   left = B    [out, r]    right = A     [r, in]
+    fan_in_fan_out  W [in, out]   left = A.T  [in, r]     right = B.T   [r, out]
+    Embedding       W [vocab, d]  left = A.T  [vocab, r]  right = B.T   [r, d]
+    lora_B.bias     b [out]       left = b    [out, 1]    right = [[1]]
+
+Full tensors trained on Base (modules_to_save, biases) are grafted like a full fine-tune,
+I + alpha * (T - B), and so need --base; so does DoRA, whose merged weight depends on Base's norms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import AdapterError, CheckpointError, MismatchError, NonFiniteError
+from .options import MergeOptions
+from .safetensors_io import FLOAT_DTYPES, TensorInfo
+from .sources import Checkpoint, open_local
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PEFT_PREFIX = "base_model.model."
+# key suffix -> (layer kind, part)
+PARTS = {
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_B.bias": ("linear", "bias"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": (None, "m"),
+    ".lora_magnitude_vector.weight": (None, "m"),  # the in-memory name; PEFT strips `.weight` when saving
+}
+# config options whose adapters cannot be merged as W + s * B @ A (or DoRA), so we refuse rather than guess
+UNSUPPORTED = {
+    "use_bdlora": "BD-LoRA",
+    "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
+    "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "use_qalora": "QALoRA",
+    "megatron_config": "Megatron parallel layers",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+    "trainable_token_indices": "trainable_token_indices",
+}
+# init_lora_weights values that rewrite the base weights, so the adapter only fits that rewritten model
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# modules whose vocabulary may have grown in Instruct: the update covers the leading rows only
+VOCAB_MODULES = ("lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings")
+
+
+def is_adapter(ref) -> bool:
+    """Whether REF is a local PEFT adapter folder (decided from file names alone, before opening anything)."""
+    path = Path(str(ref)).expanduser()
+    return path.is_dir() and any((path / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of `adapter_config.json` that decide which module gets which update."""
+
+    path: Path
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    target_modules: list | str | None = None
+    exclude_modules: list | str | None = None
+    layers_to_transform: list | int | None = None
+    layers_pattern: list | str | None = None
+    modules_to_save: list | None = None
+    use_dora: bool = False
+
+    def rank_and_alpha(self, module: str) -> tuple[int, float]:
+        """PEFT's LoraModel._create_and_replace: the first pattern key matching the module, else the default."""
+        r = self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return r, alpha
+
+    def scale(self, module: str) -> float:
+        r, alpha = self.rank_and_alpha(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def targets(self, module: str) -> bool:
+        """PEFT's check_target_module_exists, for the options a saved LoRA config can hold."""
+        if self.exclude_modules:
+            ex = self.exclude_modules
+            if re.fullmatch(ex, module) if isinstance(ex, str) else module in ex or any(module.endswith("." + k) for k in ex):
+                return False
+        if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.modules_to_save):
+            return False
+        t = self.target_modules
+        if isinstance(t, str):
+            return t.lower() == "all-linear" or re.fullmatch(t, module) is not None
+        if not t:
+            return False
+        if module in t:
+            return True
+        if not any(module.endswith("." + k) for k in t):
+            return False
+        wanted = self.layers_to_transform
+        if wanted is None or (isinstance(wanted, list) and not wanted):
+            return True
+        if not self.layers_pattern:
+            # the first numbered segment is the layer index (not e.g. an MoE expert index further on)
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            m = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+        if m is None:
+            return False
+        return int(m["idx"]) == wanted if isinstance(wanted, int) else int(m["idx"]) in wanted
+
+
+def pattern_key(patterns: dict, module: str) -> str:
+    """peft.utils.other.get_pattern_key: the first key K (in file order) with `(.*\\.)?(K)$` matching the module."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+def read_config(path: Path) -> AdapterConfig:
+    """Parse and check `adapter_config.json`; refuse adapter kinds that are not plain LoRA or DoRA."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: cannot read the adapter config ({e})") from None
+    if not isinstance(doc, dict):
+        raise AdapterError(f"{path}: not a JSON object")
+    kind = doc.get("peft_type", "LORA")
+    if str(kind).upper() != "LORA":
+        raise AdapterError(f"{path}: peft_type is {kind!r}; graftcore merges LoRA adapters only")
+    for key, what in UNSUPPORTED.items():
+        if doc.get(key):
+            raise AdapterError(f"{path}: {key} is set ({what}); graftcore merges plain LoRA and DoRA adapters only")
+    init = doc.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(
+            f"{path}: init_lora_weights={init!r} rewrites the base weights, so the adapter does not fit the original "
+            f"model; convert it first with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    if isinstance(init, str) and init.lower() == "mica":
+        raise AdapterError(f"{path}: init_lora_weights='mica' is a LoRA variant graftcore does not merge")
+    r, alpha = doc.get("r", 8), doc.get("lora_alpha", 8)
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"{path}: r must be a positive integer and lora_alpha a number (got r={r!r}, lora_alpha={alpha!r})")
+    patterns = {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        value = doc.get(name) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+            raise AdapterError(f"{path}: {name} must map module patterns to numbers")
+        patterns[name] = value
+    regexes = [*patterns["rank_pattern"], *patterns["alpha_pattern"]]
+    regexes += [doc[k] for k in ("target_modules", "exclude_modules") if isinstance(doc.get(k), str)]
+    for regex in regexes:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise AdapterError(f"{path}: {regex!r} is not a valid regular expression ({e})") from None
+    try:
+        return AdapterConfig(
+            path=path,
+            r=r,
+            lora_alpha=alpha,
+            use_rslora=bool(doc.get("use_rslora", False)),
+            fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
+            target_modules=doc.get("target_modules"),
+            exclude_modules=doc.get("exclude_modules"),
+            layers_to_transform=doc.get("layers_to_transform"),
+            layers_pattern=doc.get("layers_pattern"),
+            modules_to_save=doc.get("modules_to_save"),
+            use_dora=bool(doc.get("use_dora", False)),
+            **patterns,
+        )
+    except TypeError as e:
+        raise AdapterError(f"{path}: unexpected value ({e})") from None
+
+
+@dataclass
+class Adapter:
+    """An opened adapter folder: its config and its weights as a Checkpoint (headers only)."""
+
+    root: Path
+    config: AdapterConfig
+    checkpoint: Checkpoint
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS_NAME
+
+
+def open_adapter(ref) -> Adapter:
+    """Open a local PEFT adapter folder; AdapterError when a file is missing or only pickled weights exist."""
+    root = Path(str(ref)).expanduser()
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [n for n in PICKLE_NAMES if (root / n).is_file()]
+        if pickles:
+            raise AdapterError(
+                f"{root / pickles[0]}: the adapter is stored only as pickled weights; graftcore never unpickles. "
+                f"Re-save it with PEFT: model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise AdapterError(f"{root}: no {WEIGHTS_NAME} in the adapter folder")
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{weights}: no {CONFIG_NAME} beside it, so r and lora_alpha are unknown")
+    config = read_config(config_path)
+    try:
+        ck = open_local(weights)
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from None
+    # the config changes the output as much as the weights do: a rerun with another alpha must not "resume"
+    ck.fingerprint = f"{ck.fingerprint}+{hashlib.sha256(config_path.read_bytes()).hexdigest()}"
+    ck.ref, ck.root = str(root), root  # messages then say ADAPTER_DIR/adapter_model.safetensors
+    return Adapter(root, config, ck)
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """`out[:rows] = I[:rows] + alpha * scale * left @ right`, viewing the Instruct tensor as [rows_I, cols].
+
+    The factors stay on disk until the engine calls `load`; `rows` < Instruct's rows only when Instruct's
+    vocabulary grew (its extra rows are copied).
+    """
+
+    module: str
+    kind: str  # "linear", "fan_in_fan_out", "embedding" or "bias"
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    a: TensorInfo  # lora_A.weight, lora_embedding_A, or lora_B.bias for kind "bias"
+    b: TensorInfo | None
+    rows: int
+    cols: int
+    magnitude: TensorInfo | None = None  # DoRA
+    where: str = ""  # the adapter file, for messages
+
+    @property
+    def dora_axis(self) -> str:
+        """PEFT normalises Linear weights per output row, Embedding and Conv1D weights per stored column."""
+        return "rows" if self.kind == "linear" else "cols"
+
+    def load(self, view: Callable[[TensorInfo], torch.Tensor], allow_nonfinite: bool = False) -> "LoadedUpdate":
+        """Read the factors in float32, laid out for row chunks (left [rows, r], right [r, cols], contiguous)."""
+        a = view(self.a).to(torch.float32, copy=True)  # a copy: nothing keeps the adapter's map alive
+        if self.kind == "bias":
+            left, right = a.reshape(-1, 1).contiguous(), torch.ones(1, 1)
+        else:
+            a = a.reshape(self.a.shape)
+            b = view(self.b).to(torch.float32, copy=True).reshape(self.b.shape)
+            left, right = (b, a) if self.kind == "linear" else (a.T, b.T)
+            left, right = left.contiguous(), right.contiguous()
+        magnitude = None if self.magnitude is None else view(self.magnitude).to(torch.float32, copy=True)
+        if not allow_nonfinite:
+            for t, info in ((left, self.a), (right, self.b), (magnitude, self.magnitude)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(
+                        f"{self.where}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to keep them)"
+                    )
+        return LoadedUpdate(self, left, right, magnitude)
+
+
+@dataclass
+class LoadedUpdate:
+    """A LowRankUpdate's factors in float32; for DoRA, `dora_scale` (magnitude / norm) is set by the engine."""
+
+    update: LowRankUpdate
+    left: torch.Tensor
+    right: torch.Tensor
+    magnitude: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.update.scale
+
+
+def dora_scale(
+    loaded: LoadedUpdate, base_rows: Callable[[int, int], torch.Tensor], rows_per_chunk: int, allow_nonfinite: bool = False
+) -> torch.Tensor:
+    """magnitude / ||W_base + s * delta||, the norm taken as PEFT's DoRA merge takes it (per row or per column).
+
+    One pass over Base in row chunks, float32 math, column sums of squares accumulated in float64.
+    `base_rows(r0, r1)` returns Base's rows [r0, r1) as a [r1 - r0, cols] tensor.
+    """
+    u = loaded.update
+    sumsq = torch.zeros(u.rows if u.dora_axis == "rows" else u.cols, dtype=torch.float64)
+    for r0 in range(0, u.rows, rows_per_chunk):
+        r1 = min(u.rows, r0 + rows_per_chunk)
+        w = base_rows(r0, r1).to(torch.float32)
+        w.addmm_(loaded.left[r0:r1], loaded.right, alpha=u.scale)
+        sq = w.square_()
+        if u.dora_axis == "rows":
+            sumsq[r0:r1] = sq.sum(dim=1, dtype=torch.float64)
+        else:
+            sumsq += sq.sum(dim=0, dtype=torch.float64)
+    scale = (loaded.magnitude.double() / sumsq.sqrt()).to(torch.float32)
+    if not allow_nonfinite and not bool(torch.isfinite(scale).all()):
+        raise NonFiniteError(
+            f"{u.where}: tensor {u.magnitude.name!r}: DoRA magnitude / weight norm is NaN/Inf (a zero or non-finite "
+            f"norm of base + update); pass --allow-nonfinite to keep it"
+        )
+    return scale
+
+
+def build_lora_plan(instruct: Checkpoint, adapter: Adapter, base: Checkpoint | None, opts: MergeOptions):
+    """Decide LORA / GRAFT / COPY for every Instruct tensor; AdapterError when an adapter tensor has no home.
+
+    Example:
+        >>> plan = build_lora_plan(open_checkpoint(i), open_adapter(a), None, MergeOptions())  # doctest: +SKIP
+        >>> print(plan.describe())                                                            # doctest: +SKIP
+    """
+    from .plan import Action, Plan, TensorOp, layout_shards, output_dtype, plan_tensor
+
+    cfg, where = adapter.config, str(adapter.weights)
+    modules: dict[str, dict[str, TensorInfo]] = {}
+    kinds: dict[str, str] = {}
+    full: dict[str, TensorInfo] = {}  # Instruct name -> adapter tensor
+    for key, info in adapter.checkpoint.tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        suffix = next((s for s in PARTS if name.endswith(s)), None)
+        if suffix is None:
+            if ".lora_" in name:
+                raise AdapterError(f"{where}: tensor {key!r} is a LoRA tensor graftcore does not know how to merge")
+            target = name.replace(".base_layer.", ".")
+            if target in full:
+                raise AdapterError(f"{where}: tensors {full[target].name!r} and {key!r} both target {target!r}")
+            full[target] = info
+            continue
+        module = name[: -len(suffix)]
+        kind, part = PARTS[suffix]
+        parts = modules.setdefault(module, {})
+        if part in parts:
+            raise AdapterError(f"{where}: tensors {parts[part].name!r} and {key!r} are both {part} of {module!r}")
+        parts[part] = info
+        if kind is not None:
+            if kinds.setdefault(module, kind) != kind:
+                raise AdapterError(f"{where}: module {module!r} has both Linear and Embedding LoRA tensors ({key!r})")
+
+    notes: list[str] = []
+    updates: dict[str, LowRankUpdate] = {}
+    for module, parts in modules.items():
+        updates.update(plan_module(module, parts, kinds.get(module), cfg, instruct, where))
+    for target in [t for t in full if t.endswith(".weight") and t[: -len(".weight")] in modules]:
+        # save_embedding_layers: PEFT saves a targeted embedding's frozen base weight beside its LoRA factors;
+        # it is Base's, unchanged by training, so the graft has nothing to take from it
+        notes.append(f"{where}: {full.pop(target).name!r} is the frozen base weight PEFT saves with an embedding LoRA; not used")
+    for target, info in full.items():
+        if target in updates:
+            raise AdapterError(f"{where}: tensor {info.name!r} and a LoRA update both target {target!r}")
+        if target not in instruct.tensors:
+            raise AdapterError(f"{where}: tensor {info.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have")
+    if full and base is None:
+        names = ", ".join(repr(i.name) for i in list(full.values())[:3]) + (" ..." if len(full) > 3 else "")
+        raise AdapterError(
+            f"{where}: holds {len(full)} full tensor(s) trained on Base (modules_to_save or biases: {names}); "
+            f"grafting them as instruct + alpha * (tuned - base) needs --base"
+        )
+    dora = [u for u in updates.values() if u.magnitude is not None]
+    if dora and base is None:
+        raise AdapterError(
+            f"{where}: DoRA adapter (tensor {dora[0].magnitude.name!r}): the merged weight depends on Base's weight "
+            f"norms, so it needs --base"
+        )
+
+    ops = {}
+    for name, i in instruct.tensors.items():
+        out_dtype = output_dtype(i, opts)
+        if name in updates:
+            u = updates[name]
+            if not opts.selects(name):
+                ops[name] = TensorOp(name, Action.COPY, out_dtype, i, reason="not selected (its LoRA update is skipped)")
+                continue
+            b = None
+            if u.magnitude is not None:
+                b = base.tensors.get(name)
+                if b is None or b.shape != i.shape or b.dtype not in FLOAT_DTYPES:
+                    found = "missing" if b is None else f"{b.dtype}{list(b.shape)}"
+                    raise MismatchError(
+                        f"{base.ref}: DoRA target {name!r} is {found} in base, Instruct has {i.dtype}{list(i.shape)}"
+                    )
+            reason = f"LoRA update covers rows ..{u.rows}; Instruct's {i.shape[0] - u.rows} extra rows copied" if u.rows < i.shape[0] else ""
+            ops[name] = TensorOp(name, Action.LORA, out_dtype, i, base=b, reason=reason, update=u)
+        elif name in full:
+            ops[name] = plan_tensor(name, i, full[name], base.tensors.get(name), opts, instruct, adapter.checkpoint, base)
+        else:
+            ops[name] = TensorOp(name, Action.COPY, out_dtype, i, reason="not in the adapter")
+    notes.append(f"LoRA adapter {adapter.root}: {len(updates)} low-rank update(s), {len(full)} full tensor(s)")
+    return Plan(*layout_shards(instruct, ops, opts), ignored=[], notes=notes)
+
+
+def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg: AdapterConfig, instruct: Checkpoint, where: str):
+    """The LowRankUpdate(s) of one adapted module, after checking names, ranks and shapes."""
+    first = next(iter(parts.values())).name
+    if "A" not in parts or "B" not in parts:
+        lacks = "A" if "A" not in parts else "B"
+        raise AdapterError(f"{where}: tensor {first!r} has no lora_{lacks} partner for module {module!r}")
+    if not cfg.targets(module):
+        raise AdapterError(
+            f"{where}: tensor {first!r} adapts module {module!r}, which {cfg.path.name}'s target_modules / "
+            f"layers_to_transform / exclude_modules do not select (PEFT would ignore it)"
+        )
+    a, b, m = parts["A"], parts["B"], parts.get("m")
+    target = module + ".weight"
+    i = instruct.tensors.get(target)
+    if i is None:
+        raise AdapterError(f"{where}: tensor {a.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have")
+    if i.dtype not in FLOAT_DTYPES:
+        raise AdapterError(f"{where}: tensor {a.name!r} targets {target!r}, which is {i.dtype} in Instruct, not F16/BF16/F32")
+    for x in (a, b, m, parts.get("bias")):
+        if x is not None and x.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{where}: tensor {x.name!r} is {x.dtype}; graftcore reads F16, BF16 or F32 adapters")
+    if len(a.shape) != 2 or len(b.shape) != 2 or len(i.shape) != 2:
+        raise AdapterError(
+            f"{where}: tensor {a.name!r} is {list(a.shape)} with lora_B {list(b.shape)} for {target!r} "
+            f"{list(i.shape)}; only 2-D (Linear, Conv1D, Embedding) LoRA is supported"
+        )
+    r, _ = cfg.rank_and_alpha(module)
+    if kind == "linear" and cfg.fan_in_fan_out:
+        kind = "fan_in_fan_out"
+    # what the stored Instruct weight must be: [rows, cols] with rows = left's rows, cols = right's columns
+    rows, cols = {"linear": (b.shape[0], a.shape[1]), "fan_in_fan_out": (a.shape[1], b.shape[0]), "embedding": (a.shape[1], b.shape[0])}[kind]
+    shape_text = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}"
+    if a.shape[0] != b.shape[1]:
+        raise AdapterError(f"{where}: tensor {a.name!r}: ranks differ ({shape_text})")
+    if a.shape[0] != r:
+        raise AdapterError(
+            f"{where}: tensor {a.name!r} has rank {a.shape[0]} but {cfg.path.name} gives {module!r} rank {r} "
+            f"(r / rank_pattern)"
+        )
+    grown = module.rsplit(".", 1)[-1] in VOCAB_MODULES and cols == i.shape[1] and rows < i.shape[0]
+    if (rows, cols) != tuple(i.shape) and not grown:
+        layout = {"linear": "[out, in]", "fan_in_fan_out": "[in, out] (fan_in_fan_out)", "embedding": "[vocab, dim]"}[kind]
+        raise AdapterError(
+            f"{where}: tensor {a.name!r} ({shape_text}) makes a {layout} update of {[rows, cols]}, but {target!r} "
+            f"is {list(i.shape)} in Instruct"
+        )
+    scale = cfg.scale(module)
+    if m is not None:
+        if not cfg.use_dora:
+            raise AdapterError(f"{where}: tensor {m.name!r} is a DoRA magnitude but {cfg.path.name} has no use_dora")
+        if grown:
+            raise AdapterError(f"{where}: DoRA on {target!r} whose vocabulary grew in Instruct is not supported")
+        want = rows if kind == "linear" else cols
+        if tuple(m.shape) != (want,):
+            raise AdapterError(f"{where}: tensor {m.name!r} is {list(m.shape)}; DoRA on {target!r} needs [{want}]")
+    elif cfg.use_dora:
+        raise AdapterError(f"{where}: {cfg.path.name} has use_dora but module {module!r} has no lora_magnitude_vector")
+    out = {target: LowRankUpdate(module, kind, scale, a, b, rows, cols, m, where)}
+    bias = parts.get("bias")
+    if bias is not None:
+        target_b = module + ".bias"
+        ib = instruct.tensors.get(target_b)
+        if ib is None or tuple(ib.shape) != (b.shape[0],):
+            found = "missing" if ib is None else list(ib.shape)
+            raise AdapterError(f"{where}: tensor {bias.name!r} {list(bias.shape)} targets {target_b!r}, which is {found} in Instruct")
+        out[target_b] = LowRankUpdate(module, "bias", scale, bias, None, b.shape[0], 1, None, where)
+    return out
