@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .engine import CpuCompute, Report, execute
+from .engine import CpuCompute, Readers, Report, execute
 from .errors import GraftError, OutputError
 from .lora import build_lora_plan, is_adapter, open_adapter
 from .options import MergeOptions
@@ -59,7 +59,7 @@ def graft(
     """
     opts = MergeOptions(alpha=alpha, device=device, **options)
     log = log or (lambda _msg: None)
-    hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk}
+    hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk, "quiet": opts.quiet}
     if is_adapter(tuned):
         return graft_adapter(tuned, instruct, base, Path(output), opts, hub, log)
     if base is None:
@@ -99,7 +99,10 @@ def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts:
     kept = folder.prepare(sizes, opts.overwrite)
     if kept:
         log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
+    schedule_reads(plan, checkpoints, kept, output)
     report = execute(plan, checkpoints, output, folder, opts, compute, kept)
+    for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
+        report.notes += [n for n in ck.report_notes() if n not in report.notes]
     instruct = checkpoints["instruct"]
     index = None
     if plan.write_index:
@@ -109,6 +112,19 @@ def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts:
     folder.finalize(index, extras, manifest(checkpoints, opts, report))
     report.plan = plan
     return report
+
+
+def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str], output: Path) -> None:
+    """Tell each input the order in which the engine will open its shards (hub inputs download in that order,
+    ahead of the merge; --low-disk ones into `output/.graftcore-downloads/ROLE`)."""
+    order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
+    for shard in plan.shards:
+        if shard.file not in kept:
+            for op in shard.ops:
+                for role, file in Readers.keys(op):
+                    order.setdefault(role, {})[file] = None
+    for role, ck in checkpoints.items():
+        ck.schedule(list(order[role]), output / ".graftcore-downloads" / role)
 
 
 def select_compute(opts: MergeOptions, log):

@@ -218,12 +218,10 @@ class ShardReader:
             os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a view is still alive somewhere; the GC unmaps it later
-                pass
-            self._map = None
+        """Close the file. The mapping itself is dropped, not unmapped: torch views hold the map object and
+        unmap it when the last of them dies (unmapping under a live view, e.g. one kept by a traceback,
+        would crash the process)."""
+        self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -63,6 +63,14 @@ class Checkpoint:
     def release(self, file: str) -> None:
         """The engine is done with shard `file` (a low-disk hub checkpoint deletes it)."""
 
+    def schedule(self, files: list[str], scratch: Path) -> None:
+        """The engine will open shards `files` in this order: a hub checkpoint downloads them ahead (with
+        --low-disk into the folder `scratch`, inside the output). Local checkpoints have nothing to do."""
+
+    def report_notes(self) -> list[str]:
+        """One-line notes for the Report and graftcore.json (a low-disk hub input: the disk its shards took)."""
+        return []
+
     def extra_files(self) -> list[str]:
         """Non-weight files (config, tokenizer, chat template...) relative to the root, to copy to the output."""
         if self.root is None:
@@ -71,14 +79,23 @@ class Checkpoint:
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
-                if f.startswith(".") or f.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(f) or f == "graftcore.json":
-                    continue
-                found.append(str((Path(dirpath) / f).relative_to(self.root)))
+                if is_extra_file(f):
+                    found.append(str((Path(dirpath) / f).relative_to(self.root)))
         return found
 
     def extra_file_path(self, name: str) -> Path:
         assert self.root is not None
         return self.root / name
+
+
+def is_extra_file(rel: str) -> bool:
+    """Whether the file `rel` (a path relative to a checkpoint's root) is copied to the output: not weights,
+    not hidden, not an earlier graftcore.json."""
+    parts = rel.split("/")
+    name = parts[-1]
+    return not (
+        any(p.startswith(".") for p in parts) or name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(name) or name == "graftcore.json"
+    )
 
 
 def is_local_ref(ref: str) -> bool:
@@ -134,9 +151,7 @@ def open_indexed_folder(path: Path, index: Path) -> Checkpoint:
             some = next(n for n, v in weight_map.items() if v == f)
             raise CheckpointError(f"{index}: tensor {some!r} is mapped to {f}, which does not exist")
     headers = [read_header(path / f, f) for f in files]
-    for name, f in weight_map.items():
-        if name not in headers[files.index(f)].tensors:
-            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {f}, but that file does not hold it")
+    check_index(index, weight_map, files, headers)
     return checkpoint_from_headers(str(path), path, headers, has_index=True, files={f: path / f for f in files})
 
 
@@ -155,20 +170,32 @@ def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
     return weight_map
 
 
-def checkpoint_from_headers(
-    ref: str, root: Path | None, headers: list[ShardHeader], has_index: bool, files: dict[str, Path]
-) -> Checkpoint:
-    """`headers[k]` is the header of the k-th entry of `files` (shard name -> local path)."""
+def check_index(index, weight_map: dict[str, str], files: list[str], headers: list[ShardHeader]) -> None:
+    """Every tensor the index maps to a file is in that file's header (`headers[k]` is `files[k]`'s)."""
+    for name, f in weight_map.items():
+        if name not in headers[files.index(f)].tensors:
+            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {f}, but that file does not hold it")
+
+
+def collect_tensors(headers: list[ShardHeader]) -> dict[str, TensorInfo]:
+    """name -> TensorInfo over all shards, in shard then file order; a name in two shards is an error."""
     tensors: dict[str, TensorInfo] = {}
     for h in headers:
         for name, info in h.tensors.items():
             if name in tensors:
                 raise CheckpointError(f"{h.path}: tensor {name!r} also appears in {tensors[name].file}")
             tensors[name] = info
+    return tensors
+
+
+def checkpoint_from_headers(
+    ref: str, root: Path | None, headers: list[ShardHeader], has_index: bool, files: dict[str, Path]
+) -> Checkpoint:
+    """`headers[k]` is the header of the k-th entry of `files` (shard name -> local path)."""
     return Checkpoint(
         ref=ref,
         root=root,
-        tensors=tensors,
+        tensors=collect_tensors(headers),
         shard_files=list(files),
         shard_metadata={f: h.metadata for f, h in zip(files, headers)},
         has_index=has_index,
