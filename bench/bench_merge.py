@@ -31,6 +31,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BENCH, DATA, MERGEKIT_VENV, Run, Series, append_results, check_output, evict, files_under, fsync_files, gb, log,
+    BENCH, DATA, MERGEKIT_VENV, Run, Series, append_results, check_lora_output, check_output, evict, files_under, fsync_files, gb, log,
     measure, prewarm, table,
 )
 from make_checkpoints import PRESETS, ROLES, make_trio  # noqa: E402
@@ -144,15 +145,27 @@ def mergekit_rows(trio: dict, work: Path) -> list[Row]:
 
 
 def lora_rows(trio: dict, work: Path) -> list[Row]:
-    """Hook for the LoRA comparison, to be filled in: return Rows like the ones above, e.g.
+    """Shadow-FT's default: a rank-128 LoRA adapter trained on Base, merged straight into Instruct.
 
-    - `graftcore merge --tuned ADAPTER --instruct I --output O` (check: I + scale * B @ A per target, float32);
-    - copying Instruct (`cp -r I O`), the floor of a LoRA graft (every byte of I is read and written);
-    - PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(I), ADAPTER).merge_and_unload()
-      .save_pretrained(O)` as a small script beside naive_merge.py.
-    Make the adapter beside the trio (a make_checkpoints helper), give each Row key "lora..." and its own check.
+    Rows: copying Instruct (the floor of a LoRA graft: every byte of I is read and written), graftcore with
+    the adapter, and PEFT's load + merge_and_unload + save_pretrained. The adapter is made beside the trio.
     """
-    return []
+    instruct = Path(trio["roles"]["instruct"]["dir"])
+    adapter = instruct.parent / "lora-r128"
+    if not (adapter / "adapter_model.safetensors").exists():
+        log(f"making a rank-128 adapter in {adapter}")
+        subprocess.run([sys.executable, str(BENCH / "make_lora_adapter.py"), str(instruct), "--out", str(adapter),
+                        "--rank", "128"], check=True)
+    check = lambda out: check_lora_output(out, instruct, adapter)  # noqa: E731
+    return [
+        Row("lora", "LoRA floor: copy Instruct (cp -r)", ["cp", "-r", str(instruct), str(work / "lora-copy")],
+            out=work / "lora-copy"),
+        Row("lora", "graftcore LoRA r128 (--device cpu)", [*graftcore_cmd(), "merge", "--tuned", str(adapter),
+            "--instruct", str(instruct), "--output", str(work / "lora-graftcore"), "--device", "cpu", "--quiet",
+            "--overwrite"], work / "lora-graftcore", check),
+        Row("lora-peft", "PEFT: load + merge_and_unload + save_pretrained", [sys.executable, str(BENCH / "peft_merge.py"),
+            str(instruct), str(adapter), str(work / "lora-peft")], work / "lora-peft", check),
+    ]
 
 
 ROW_BUILDERS = [floor_rows, graftcore_rows, naive_rows, mergekit_rows, lora_rows]

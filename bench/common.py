@@ -420,3 +420,41 @@ def total_of(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def check_lora_output(out: str | Path, instruct: str | Path, adapter: str | Path) -> tuple[bool, str]:
+    """Compare `out` with round(I + s * B @ A) computed in float32 per LoRA target (s = lora_alpha / r, or
+    / sqrt(r) with rsLoRA), and with Instruct's bits elsewhere. The matmul's summation order is the BLAS's,
+    so a few elements may differ by one ulp: the note gives the count and the largest difference in ulps.
+    """
+    import json
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    r, lora_alpha = config["r"], config["lora_alpha"]
+    scale = lora_alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as h:
+        factors = {k: h.get_tensor(k) for k in h.keys()}
+    out_map, in_map = _tensor_files(Path(out)), _tensor_files(Path(instruct))
+    if set(out_map) != set(in_map):
+        return False, "tensor names differ from Instruct's"
+    differ = total = worst = 0
+    for name in sorted(out_map):
+        with safe_open(out_map[name], "pt") as ho, safe_open(in_map[name], "pt") as hi:
+            got, i = ho.get_tensor(name), hi.get_tensor(name)
+        key = "base_model.model." + name.removesuffix(".weight")
+        a, b = factors.get(key + ".lora_A.weight"), factors.get(key + ".lora_B.weight")
+        want = i if a is None else (i.float() + scale * (b.float() @ a.float())).to(i.dtype)
+        total += got.numel()
+        if got.dtype.is_floating_point and got.element_size() == 2:
+            ulps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+            differ += int((ulps > 0).sum())
+            worst = max(worst, int(ulps.max()) if ulps.numel() else 0)
+        else:
+            differ += int((got != want).sum())
+    if differ == 0:
+        return True, "yes"
+    return False, f"{differ / total:.2e} of elements differ, by at most {worst} ulp (float32 matmul order)"

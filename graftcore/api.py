@@ -194,4 +194,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         "counts": {"grafted": report.grafted, "grafted_rows": report.grafted_rows, "lora": report.lora, "copied": report.copied},
         "ignored": report.ignored,
         "notes": report.notes,
+        "device": report.device,
+        "seconds": round(report.seconds, 3),
+        "timings": {k: round(v, 3) for k, v in report.timings.items()},  # compute, wait_writer, write, fsync
     }
