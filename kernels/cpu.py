@@ -1,7 +1,7 @@
 """The CPU twin of the Triton graft kernel: `out = round(I + alpha * (T - B))`, float32 math, one rounding.
 
 Whole-tensor float32 eager code makes four full-size temporaries and runs at about 1 GB/s on a 2-core
-machine; the same math on cache-sized chunks in a preallocated float32 buffer runs 10x faster. The
+machine; the same math on cache-sized chunks in two preallocated float32 buffers runs 10x faster. The
 operation order (T - B, then * alpha, then + I, each rounded to float32) is the Triton kernel's, so the bits
 agree; for alpha = 1 the multiply is skipped, which is exact.
 """
@@ -16,11 +16,12 @@ CHUNK = 1 << 18  # elements; 256K float32 = 1 MiB per scratch buffer: in L2, mea
 
 
 class CpuScratch:
-    """A float32 buffer of `chunk` elements, allocated once and reused for every chunk."""
+    """Two float32 buffers of `chunk` elements, allocated once and reused for every chunk."""
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
         self.delta = torch.empty(chunk, dtype=torch.float32)
+        self.other = torch.empty(chunk, dtype=torch.float32)
 
 
 def graft_cpu(
@@ -48,15 +49,19 @@ def graft_cpu(
     nonfinite = 0
     for lo in range(0, n, scratch.chunk):
         hi = min(n, lo + scratch.chunk)
-        d = scratch.delta[: hi - lo]
-        d.copy_(tuned[lo:hi])  # widening to float32 is exact
-        d.sub_(base[lo:hi])  # float32 math: base is widened (exactly) before subtracting
+        d, o = scratch.delta[: hi - lo], scratch.other[: hi - lo]
+        # Widen each input into float32 first: an in-place op with a bf16 operand (d.sub_(b)) gives the same
+        # bits but ran 8% slower end to end here, as torch converts through a temporary.
+        d.copy_(tuned[lo:hi])
+        o.copy_(base[lo:hi])
+        d.sub_(o)
         # A sum is NaN/Inf whenever any term is, so one reduction flags the rare chunk to count exactly.
         if not math.isfinite(d.sum().item()):
             nonfinite += int((~torch.isfinite(d)).sum())
         if alpha != 1.0:
             d.mul_(alpha)
-        d.add_(instruct[lo:hi])
+        o.copy_(instruct[lo:hi])
+        d.add_(o)
         out[lo:hi].copy_(d)  # the one rounding: float32 -> output dtype, round-to-nearest-even
     return nonfinite
 
