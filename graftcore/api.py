@@ -77,13 +77,7 @@ def graft_adapter(adapter, instruct, base, output: Path, opts: MergeOptions, hub
     if base is not None:
         checkpoints["base"] = open_checkpoint(base, **hub)
     plan = build_lora_plan(checkpoints["instruct"], ad, checkpoints.get("base"), opts)
-    compute = select_compute(opts, log)
-    if not hasattr(compute, "lora"):  # the GPU compute has no LoRA kernel yet
-        from .kernels import CHUNK
-
-        log(f"LoRA merges run on the CPU in this version (--device {opts.device} has no LoRA path yet)")
-        compute = CpuCompute(opts.chunk_size or CHUNK)
-    return run_plan(plan, checkpoints, output, opts, log, compute)
+    return run_plan(plan, checkpoints, output, opts, log)
 
 
 def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None) -> Report:

@@ -72,6 +72,7 @@ class StreamCompute:
         self.slots = [_Slot(chunk, self.device, self.cuda) for _ in range(SLOTS)]
         self.n = 0
         self.counters: dict[str, torch.Tensor] = {}  # tensor name -> int64 NaN/Inf count on the device
+        self._lora_for = self._lora = self._lora_acc = None  # LoRA: the current tensor's factors, a float32 block
 
     def __enter__(self):
         return self
@@ -127,6 +128,39 @@ class StreamCompute:
             out.copy_(result, non_blocking=True)
             slot.d2h_done = self._record(self.d2h)
         return slot.d2h_done
+
+    def lora(self, out, i, update, r0: int, r1: int, alpha: float, c0: int = 0, c1: int | None = None, base=None):
+        """`out = I + alpha * s * (left @ right)[r0:r1, c0:c1]` (or DoRA, given Base's block) on the device.
+
+        The same block kernels as the CPU path, on device buffers of its own and synchronously: a rank-128
+        merge costs its GEMM (fast here), not its copies. Returns None (`out` is complete).
+        """
+        from types import SimpleNamespace
+
+        from .kernels.lora import dora_cpu, lora_cpu
+
+        if self._lora_for is not update:  # factors go up once per tensor
+            up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+            self._lora = SimpleNamespace(left=up(update.left), right=up(update.right), dora=up(update.dora_scale))
+            self._lora_for = update
+        if self._lora_acc is None:
+            self._lora_acc = SimpleNamespace(delta=torch.empty(self.chunk, dtype=torch.float32, device=self.device))
+        f = self._lora
+        c1 = f.right.shape[1] if c1 is None else c1
+        left, right = f.left[r0:r1], f.right[:, c0:c1]
+        n = left.shape[0] * right.shape[1]
+        if n > self.chunk:  # a block larger than our buffers: one-off buffer (only with a row wider than a chunk)
+            self._lora_acc = SimpleNamespace(delta=torch.empty(n, dtype=torch.float32, device=self.device))
+        dev_i = i.to(self.device)
+        result = torch.empty(n, dtype=out.dtype, device=self.device)
+        if f.dora is None:
+            lora_cpu(result, dev_i, left, right, alpha * update.scale, self._lora_acc)
+        else:
+            axis = update.update.dora_axis
+            scale = f.dora[r0:r1] if axis == "rows" else f.dora[c0:c1]
+            dora_cpu(result, dev_i, base.to(self.device), left, right, update.scale, scale, axis, alpha, self._lora_acc)
+        out.copy_(result)
+        return None
 
     def convert(self, out: torch.Tensor, src: torch.Tensor):
         out.copy_(src)  # a copy (maybe a dtype change) needs no GPU

@@ -428,3 +428,28 @@ def test_dry_run(llama, tmp_path, cli, good_adapter):
     code, out, err = cli("merge", "--tuned", good_adapter, "--instruct", llama[1], "--output", tmp_path / "out", "--dry-run")
     assert code == 0, err
     assert "lora" in out and "4 tensors" in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
+    """The GPU path's lora() (here on a CPU device, null streams: the same code a CUDA device runs)."""
+    from graftcore.api import run_plan
+    from graftcore.gpu import StreamCompute
+    from graftcore.lora import build_lora_plan, open_adapter
+    from graftcore.options import MergeOptions
+    from graftcore.sources import open_checkpoint
+
+    base, instruct = llama
+    adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=PROJ, use_dora=dora)
+    ad, opts = open_adapter(adapter), MergeOptions(quiet=True)
+    cks = {"instruct": open_checkpoint(instruct), "tuned": ad.checkpoint, "base": open_checkpoint(base)}
+    plan = build_lora_plan(cks["instruct"], ad, cks["base"] if dora else None, opts)
+    run_plan(plan, cks, tmp_path / "gpu", opts, print, compute=StreamCompute("cpu", 1000, launch=lambda *a: None))
+    graftcore.graft(tuned=adapter, instruct=instruct, base=base if dora else None, output=tmp_path / "cpu", quiet=True)
+    got, cpu = load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu")
+    inst = load_folder(instruct)
+    changed = 0
+    for name, t in got.items():
+        assert_within_ulp(t, cpu[name].double(), f"stream vs cpu {name}")
+        changed += not torch.equal(t, inst[name])
+    assert changed == 2 * len(PROJ)
