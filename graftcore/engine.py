@@ -27,7 +27,7 @@ from .plan import Action, Plan, TensorOp
 from .safetensors_io import ShardReader, ShardWriter, TensorInfo, itemsize, torch_dtype
 from .sources import Checkpoint
 
-READ_AHEAD = 64 << 20  # bytes advised ahead of the current position in each input file
+READ_AHEAD = 256 << 20  # bytes advised ahead of the current position in each input file
 COPY_BLOCK = 8 << 20  # bytes per write when a tensor is copied unchanged
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 
@@ -66,11 +66,39 @@ class Report:
         )
 
 
+class ReadAheadThread:
+    """Issues posix_fadvise(WILLNEED) for one input, off the compute thread.
+
+    The call can block while the kernel queues the reads; on the compute thread that serialized the three
+    inputs (cold merges ran at half the speed of three concurrent `cat`s). One thread per input keeps the
+    three files reading at once and the compute thread never waits for a submission.
+    """
+
+    def __init__(self, role: str):
+        self.requests: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name=f"graftcore-readahead-{role}", daemon=True).start()
+
+    def _run(self):
+        while (job := self.requests.get()) is not None:
+            reader, start, length = job
+            try:
+                reader.will_need(start, length)
+            except (OSError, ValueError):  # the file was closed meanwhile: nothing left to read ahead
+                pass
+
+    def advise(self, reader: ShardReader, start: int, length: int) -> None:
+        self.requests.put((reader, start, length))
+
+    def stop(self) -> None:
+        self.requests.put(None)
+
+
 class Readers:
     """Open memory maps of the input shards, opened on first use and closed after their last use."""
 
     def __init__(self, checkpoints: dict[str, Checkpoint], plan: Plan):
         self.checkpoints = checkpoints
+        self.ahead = {role: ReadAheadThread(role) for role in checkpoints}
         self.open: dict[tuple[str, str], ShardReader] = {}
         self.advised: dict[tuple[str, str], int] = {}
         self.last_use: dict[tuple[str, str], int] = {}
@@ -99,7 +127,7 @@ class Readers:
         if byte_pos > end or byte_pos < end - 2 * READ_AHEAD:  # first read, or a jump: start afresh
             end = byte_pos
         if byte_pos + READ_AHEAD // 2 > end:
-            reader.will_need(end, byte_pos + READ_AHEAD - end)
+            self.ahead[role].advise(reader, end, byte_pos + READ_AHEAD - end)
             self.advised[key] = byte_pos + READ_AHEAD
 
     def done_with(self, k: int, op: TensorOp) -> None:
@@ -109,6 +137,8 @@ class Readers:
                 self.checkpoints[key[0]].release(key[1])
 
     def close(self) -> None:
+        for thread in self.ahead.values():
+            thread.stop()
         for r in self.open.values():
             r.close()
         self.open.clear()

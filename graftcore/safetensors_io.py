@@ -214,8 +214,9 @@ class ShardReader:
 
     def will_need(self, start: int, length: int) -> None:
         """Ask the kernel to start reading [start, start+length) now (asynchronous readahead)."""
-        if length > 0:
-            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+        fd = self._fd
+        if length > 0 and fd >= 0:
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         """Close the file. The mapping itself is dropped, not unmapped: torch views hold the map object and
