@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -84,3 +86,27 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def interpreted_kernel_module():
+    """A private copy of graftcore.kernels.triton_graft decorated in Triton's interpreter (runs on CPU tensors).
+
+    Interpreter mode is fixed when `@triton.jit` runs, so the env var is set only around this import and the
+    canonical module (sys.modules) stays compiled for GPU tests. Triton's own library is imported first,
+    outside interpreter mode: decorated in it, later compiled kernels would find interpreted functions.
+    """
+    import triton.language  # noqa: F401
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.find_spec("graftcore.kernels.triton_graft")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert module.INTERPRET
+    return module

@@ -5,12 +5,9 @@ which exercises every buffer and ordering decision of graftcore.gpu except the a
 CUDA the same merges run on the device and must equal the CPU path bit for bit.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
+from helpers import interpreted_kernel_module, llama_tensors, load_folder, reference, same_bits, write_checkpoint
 
 import graftcore
 from graftcore.api import run_plan
@@ -24,26 +21,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def interpreted_launcher():
-    """A private copy of the kernel module decorated in interpreter mode (the canonical import stays GPU)."""
-    import triton.language  # noqa: F401  (Triton's own library first, outside interpreter mode)
-
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.find_spec("graftcore.kernels.triton_graft")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    assert module.INTERPRET
-    return module.launch_graft
-
-
-LAUNCH = None if CUDA else interpreted_launcher()
+LAUNCH = None if CUDA else interpreted_kernel_module().launch_graft
 
 
 def merge_with_stream_compute(tmp_path, base, tuned, instruct, chunk, **options):

@@ -14,23 +14,9 @@ reduction combiners) are decorated at *their* import, and if that happens in int
 compiled kernel, or Triton's lazily imported gluon module, finds InterpretedFunctions and fails.
 """
 
-import importlib.util
-import os
+from helpers import interpreted_kernel_module
 
-import triton  # noqa: F401  (see above: before TRITON_INTERPRET is set)
-import triton.language  # noqa: F401
-
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is decorated (the import below)
-try:
-    _spec = importlib.util.find_spec("graftcore.kernels.triton_graft")
-    tk = importlib.util.module_from_spec(_spec)  # not put in sys.modules: the canonical import stays GPU
-    _spec.loader.exec_module(tk)
-finally:
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+tk = interpreted_kernel_module()
 
 import itertools  # noqa: E402
 
