@@ -9,7 +9,7 @@ from dataclasses import MISSING
 
 from . import __version__
 from .errors import GraftError
-from .options import MergeOptions, option_fields
+from .options import option_fields
 
 
 class OneLineParser(argparse.ArgumentParser):

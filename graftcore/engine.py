@@ -109,7 +109,7 @@ class Readers:
     @staticmethod
     def keys(op: TensorOp):
         for role, info in (("instruct", op.instruct), ("tuned", op.tuned), ("base", op.base)):
-            if info is not None and op.action is not Action.COPY or role == "instruct":
+            if role == "instruct" or (info is not None and op.action is not Action.COPY):
                 yield role, info.file
 
     def get(self, role: str, info: TensorInfo) -> ShardReader:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .errors import GraftError, MismatchError
+from .errors import MismatchError
 from .options import MergeOptions, parse_size
-from .safetensors_io import FLOAT_DTYPES, TORCH_TO_CODE, TensorInfo, itemsize, numel, torch_dtype
-from .sources import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
+from .sources import SINGLE_NAME, Checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
