@@ -148,9 +148,7 @@ class StreamCompute:
         f = self._lora
         c1 = f.right.shape[1] if c1 is None else c1
         left, right = f.left[r0:r1], f.right[:, c0:c1]
-        n = left.shape[0] * right.shape[1]
-        if n > self.chunk:  # a block larger than our buffers: one-off buffer (only with a row wider than a chunk)
-            self._lora_acc = SimpleNamespace(delta=torch.empty(n, dtype=torch.float32, device=self.device))
+        n = left.shape[0] * right.shape[1]  # at most self.chunk: the engine cuts blocks to chunk size
         dev_i = i.to(self.device)
         result = torch.empty(n, dtype=out.dtype, device=self.device)
         if f.dora is None:
