@@ -189,6 +189,32 @@ class WriterThread:
         self.thread.join()
 
 
+class ChunkSink:
+    """Where one output shard's bytes go: chunks are computed into pooled buffers and queued, in order, for
+    the writer thread; the progress bar and the time breakdown are kept on the way."""
+
+    def __init__(self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, bar, clock: dict[str, float]):
+        self.writer, self.wt, self.pool, self.bar, self.clock = writer, wt, pool, bar, clock
+
+    def raw(self, data: memoryview) -> None:
+        """Queue bytes as they are (a tensor copied unchanged from a memory map)."""
+        self.wt.put(self.writer, data, data.release)  # releasing lets the map go after the last use
+        self.bar.update(data.nbytes)
+
+    def chunk(self, n: int, dtype: str, fill: Callable[[torch.Tensor], object]) -> None:
+        """Queue `n` elements of `dtype` that `fill(out)` computes into a pooled buffer; `fill` returns the
+        event the writer waits on (GPU) or None."""
+        size = itemsize(dtype)
+        t0 = time.perf_counter()
+        buf = self.pool.get()
+        t1 = time.perf_counter()
+        ready = fill(buf[: n * size].view(torch_dtype(dtype)))
+        self.clock["wait_writer"] += t1 - t0
+        self.clock["compute"] += time.perf_counter() - t1
+        self.wt.put(self.writer, buf[: n * size], lambda: self.pool.put(buf), ready)
+        self.bar.update(n * size)
+
+
 class CpuCompute:
     """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
 
@@ -279,10 +305,11 @@ def execute(
                         readers.done_with(k, op)
                     continue
                 writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
+                sink = ChunkSink(writer, writer_thread, pool, bar, clock)
                 try:
                     for op in shard.ops:
                         k += 1
-                        stream_op(op, readers, writer, writer_thread, pool, compute, opts, bar, clock)
+                        stream_op(op, readers, sink, compute, opts)
                         if not compute.deferred:
                             check_finite(compute, shard, readers.checkpoints, opts)
                         readers.done_with(k, op)
@@ -316,48 +343,37 @@ def execute(
     return report
 
 
-def stream_op(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
-    """Append the output bytes of one tensor to `writer`, chunk by chunk; `clock` accumulates seconds."""
+def stream_op(op: TensorOp, readers: Readers, sink: ChunkSink, compute, opts) -> None:
+    """Append the output bytes of one tensor to the shard, chunk by chunk."""
     if op.action is Action.LORA:
-        return stream_lora(op, readers, writer, wt, pool, compute, opts, bar, clock)
+        return stream_lora(op, readers, sink, compute, opts)
     i = op.instruct
     ireader = readers.get("instruct", i)
     if op.action is Action.COPY and op.out_dtype == i.dtype:
         for lo in range(i.start, i.end, COPY_BLOCK):
-            hi = min(i.end, lo + COPY_BLOCK)
             readers.read_ahead("instruct", i, lo)
-            data = ireader.bytes(lo, hi)
-            wt.put(writer, data, data.release)  # releasing lets the map close after the last use
-            bar.update(hi - lo)
+            sink.raw(ireader.bytes(lo, min(i.end, lo + COPY_BLOCK)))
         return
-    out_dtype = torch_dtype(op.out_dtype)
-    size = itemsize(op.out_dtype)
     grafted = op.grafted_numel
     iview = ireader.view(i)
     if grafted:
-        treader, breader = readers.get("tuned", op.tuned), readers.get("base", op.base)
-        tview, bview = treader.view(op.tuned), breader.view(op.base)
+        tview, bview = readers.get("tuned", op.tuned).view(op.tuned), readers.get("base", op.base).view(op.base)
+
+    def fill(out: torch.Tensor, lo: int, hi: int):
+        readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
+        if lo >= grafted:
+            return compute.convert(out, iview[lo:hi])
+        g = min(hi, grafted)
+        readers.read_ahead("tuned", op.tuned, op.tuned.start + lo * itemsize(op.tuned.dtype))
+        readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
+        ready = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha, op.name)
+        if g < hi:  # Instruct's extra vocabulary rows begin inside this chunk
+            compute.convert(out[g - lo :], iview[g:hi])
+        return ready
+
     for lo in range(0, op.numel, compute.chunk):
         hi = min(op.numel, lo + compute.chunk)
-        t0 = time.perf_counter()
-        buf = pool.get()
-        t1 = time.perf_counter()
-        out = buf[: (hi - lo) * size].view(out_dtype)
-        readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
-        if lo < grafted:
-            g = min(hi, grafted)
-            readers.read_ahead("tuned", op.tuned, op.tuned.start + lo * itemsize(op.tuned.dtype))
-            readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
-            ready = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha, op.name)
-            if g < hi:
-                compute.convert(out[g - lo :], iview[g:hi])
-        else:
-            ready = compute.convert(out, iview[lo:hi])
-        t2 = time.perf_counter()
-        clock["wait_writer"] += t1 - t0
-        clock["compute"] += t2 - t1
-        wt.put(writer, out, lambda b=buf: pool.put(b), ready)
-        bar.update((hi - lo) * size)
+        sink.chunk(hi - lo, op.out_dtype, lambda out: fill(out, lo, hi))
 
 
 def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> None:
@@ -372,7 +388,7 @@ def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> No
     )
 
 
-def stream_lora(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterThread, pool, compute, opts, bar, clock) -> None:
+def stream_lora(op: TensorOp, readers: Readers, sink: ChunkSink, compute, opts) -> None:
     """Append `I + alpha * s * left @ right` for one tensor, over blocks of whole output rows (see lora.py).
 
     A block holds about `compute.chunk` elements: rows_per_block = chunk // cols, or one row cut into column
@@ -389,27 +405,21 @@ def stream_lora(op: TensorOp, readers: Readers, writer: ShardWriter, wt: WriterT
     bview = readers.get("base", op.base).view(op.base) if op.base is not None else None
     if u.magnitude is not None:
         loaded.dora_scale = dora_scale(loaded, lambda r0, r1: bview[r0 * cols : r1 * cols].view(r1 - r0, cols), per_block, opts.allow_nonfinite)
-    out_dtype, size = torch_dtype(op.out_dtype), itemsize(op.out_dtype)
+
+    def fill(out: torch.Tensor, r0: int, r1: int, c0: int, c1: int, lo: int, hi: int):
+        readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
+        if r0 >= u.rows:  # Instruct's extra vocabulary rows: copied
+            return compute.convert(out, iview[lo:hi])
+        if bview is None:
+            return compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1)
+        readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
+        return compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1, base=bview[lo:hi])
+
     r0 = 0
     while r0 < rows:
         r1 = min(rows, r0 + per_block, u.rows if r0 < u.rows else rows)  # a block never straddles u.rows
         for c0 in range(0, cols, col_step):
             c1 = min(cols, c0 + col_step)
             lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
-            t0 = time.perf_counter()
-            buf = pool.get()
-            t1 = time.perf_counter()
-            out = buf[: (hi - lo) * size].view(out_dtype)
-            readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
-            if r0 >= u.rows:  # Instruct's extra vocabulary rows: copied
-                ready = compute.convert(out, iview[lo:hi])
-            elif bview is not None:
-                readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
-                ready = compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1, base=bview[lo:hi])
-            else:
-                ready = compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1)
-            clock["wait_writer"] += t1 - t0
-            clock["compute"] += time.perf_counter() - t1
-            wt.put(writer, out, lambda b=buf: pool.put(b), ready)
-            bar.update((hi - lo) * size)
+            sink.chunk(hi - lo, op.out_dtype, lambda out: fill(out, r0, r1, c0, c1, lo, hi))
         r0 = r1
