@@ -64,8 +64,7 @@ def graft(
         return graft_adapter(tuned, instruct, base, Path(output), opts, hub, log)
     if base is None:
         raise GraftError(f"--base is required: the update is tuned - base ({tuned} is not a PEFT adapter folder)")
-    checkpoints = {"instruct": open_checkpoint(instruct, **hub), "tuned": open_checkpoint(tuned, **hub)}
-    checkpoints["base"] = open_checkpoint(base, **hub)
+    checkpoints = {role: open_checkpoint(ref, **hub) for role, ref in (("instruct", instruct), ("tuned", tuned), ("base", base))}
     plan = build_plan(checkpoints["instruct"], checkpoints["tuned"], checkpoints["base"], opts)
     return run_plan(plan, checkpoints, Path(output), opts, log)
 
