@@ -45,6 +45,7 @@ class Spec:
     kv_heads: int
     tied: bool = False
     nominal: int = 0  # the preset's nominal checkpoint size in bytes; sets the default shard sizes
+    qkv_bias: bool = False  # q/k/v projections with biases (Qwen2-style)
 
     @property
     def head_dim(self) -> int:
@@ -61,6 +62,9 @@ PRESETS = {
     "2gb": Spec(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4, nominal=2 * GB),
     "4gb": Spec(hidden=2560, intermediate=6912, layers=27, vocab=32000, heads=20, kv_heads=4, nominal=4 * GB),
     "8gb": Spec(hidden=3072, intermediate=8960, layers=36, vocab=32000, heads=24, kv_heads=8, nominal=8 * GB),
+    # Qwen2.5-32B's shapes (q/k/v biases, untied head, vocabulary 152064) cut to 6 layers: 9 GB per checkpoint,
+    # so a trio (27 GB) plus its output does not fit in a 24 GB machine's page cache: the out-of-core preset
+    "32b-ooc": Spec(hidden=5120, intermediate=27648, layers=6, vocab=152064, heads=40, kv_heads=8, nominal=9 * GB, qkv_bias=True),
 }
 ROLES = ("base", "tuned", "instruct")
 SHARD_FRACTIONS = {"base": 0.5, "tuned": 0.35, "instruct": 0.25}  # of the nominal size
@@ -77,6 +81,10 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.q_proj.weight", (h, h)),
             (p + "self_attn.k_proj.weight", (kv, h)),
             (p + "self_attn.v_proj.weight", (kv, h)),
+        ]
+        if spec.qkv_bias:
+            out += [(p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.k_proj.bias", (kv,)), (p + "self_attn.v_proj.bias", (kv,))]
+        out += [
             (p + "self_attn.o_proj.weight", (h, h)),
             (p + "mlp.gate_proj.weight", (spec.intermediate, h)),
             (p + "mlp.up_proj.weight", (spec.intermediate, h)),
@@ -125,9 +133,10 @@ def draw(seed: int, role: str, name: str, n: int):
 
 def llama_config(spec: Spec, dtype: str) -> dict:
     """A config.json that transformers' LlamaConfig / AutoModelForCausalLM accepts for these shapes."""
+    qwen2 = spec.qkv_bias  # Llama has no q/k/v-only biases; Qwen2 is Llama with them
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
         "hidden_size": spec.hidden,
         "intermediate_size": spec.intermediate,
         "num_hidden_layers": spec.layers,
@@ -250,7 +259,7 @@ def make_trio(
                 entries = [(shapes[j][0], code, shapes[j][1]) for j in shards[k]]
                 writers[role] = ShardWriter(out / role / names[k], entries, {"format": "pt"})
         # Base ~ N(0, 0.02) for matrices, 1 + N(0, 0.02) for norms; tuned and Instruct add their own noise
-        is_norm = len(shape) == 1
+        is_norm = len(shape) == 1 and not name.endswith(".bias")
         noises = (draw(seed, "tuned", name, numel(shape)), draw(seed, "instruct", name, numel(shape)))
         for z, zt, zi in zip(draw(seed, "base", name, numel(shape)), *noises):
             base = (z * 0.02 + (1.0 if is_norm else 0.0)).to(layouts["base"][1])

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .engine import CpuCompute, Readers, Report, execute
+from .engine import CpuCompute, Report, execute
 from .errors import GraftError, OutputError
 from .lora import build_lora_plan, is_adapter, open_adapter
 from .options import MergeOptions
 from .output import OutputFolder
-from .plan import Plan, build_plan
+from .plan import Action, Plan, build_plan
 from .safetensors_io import planned_file_size
 from .sources import Checkpoint, open_checkpoint
+from .steps import files_read
 
 
 def graft(
@@ -89,7 +90,7 @@ def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts:
     check_output_is_not_an_input(output, checkpoints)
     folder = OutputFolder(output, job_fingerprint(checkpoints, opts))
     sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
-    kept = folder.prepare(sizes, opts.overwrite)
+    kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
     if kept:
         log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
     schedule_reads(plan, checkpoints, kept, output)
@@ -114,7 +115,7 @@ def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str
     for shard in plan.shards:
         if shard.file not in kept:
             for op in shard.ops:
-                for role, file in Readers.keys(op):
+                for role, file in files_read(op):
                     order.setdefault(role, {})[file] = None
     for role, ck in checkpoints.items():
         ck.schedule(list(order[role]), output / ".graftcore-downloads" / role)
@@ -165,6 +166,20 @@ def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint
         roots = [ck.root] if ck.root is not None else [p.parent for p in ck.local_files.values()]
         if any(r is not None and Path(r).resolve() == out for r in roots):
             raise OutputError(f"{output}: is the {role} input's folder; choose another --output")
+
+
+def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:
+    """Output shard -> a key of the job and of the state of every input file it is computed from."""
+    keys = {}
+    for shard in plan.shards:
+        files = set()
+        for op in shard.ops:
+            files.update(files_read(op))
+            if op.action is Action.LORA:
+                files.update(("tuned", info.file) for info in (op.update.a, op.update.b, op.update.magnitude) if info is not None)
+        state = sorted(f"{role}|{f}|{checkpoints[role].file_state(f)}" for role, f in files)
+        keys[shard.file] = hashlib.sha256(json.dumps([job, state]).encode()).hexdigest()
+    return keys
 
 
 def job_fingerprint(checkpoints: dict[str, Checkpoint], opts: MergeOptions) -> str:

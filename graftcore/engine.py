@@ -1,13 +1,14 @@
-"""Execute a Plan: stream every output shard chunk by chunk from memory-mapped inputs into a ShardWriter.
+"""Execute a Plan: stream every output shard step by step from the input streamer into a ShardWriter.
 
     for each output shard:                 ShardWriter(NAME.partial), header planned up front
-        for each TensorOp, each chunk:      mmap views of I, T, B  ->  compute into a pooled buffer
+        for each TensorOp, each step:       input streamer (readers.py): I, T, B bytes in reusable buffers
+                                            -> compute into a pooled output buffer
                                             -> writer thread: append (pwrite) + sha256
         finish: fsync, rename to NAME, record in graftcore.progress.json
 
-Peak anonymous memory is a few chunks (scratch + the buffer pool), whatever the tensor or model size.
-The inputs are read ahead with posix_fadvise(WILLNEED) on all three files at once, because three
-concurrent streams read 3x faster than one on the disks we measured (DESIGN.md §4).
+Peak anonymous memory is a few buffers per input plus a few chunks (scratch + the output pool), whatever
+the tensor or model size. The three inputs are read at once by their own threads, because three
+concurrent streams read 2-3x faster than one on the disks we measured (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from tqdm.auto import tqdm
 
 from .errors import NonFiniteError
 from .plan import Action, Plan, TensorOp
-from .safetensors_io import ShardReader, ShardWriter, TensorInfo, itemsize, torch_dtype
+from .options import parse_size
+from .readers import BUFFER_BYTES, DEPTH, Held, InputStreamer, read_elements
+from .safetensors_io import ShardWriter, itemsize, torch_dtype
 from .sources import Checkpoint
+from .steps import Step, op_inputs, op_steps
 
-READ_AHEAD = 256 << 20  # bytes advised ahead of the current position in each input file
-COPY_BLOCK = 8 << 20  # bytes per write when a tensor is copied unchanged
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
+DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
 
 
 @dataclass
@@ -64,84 +67,6 @@ class Report:
             f"{self.output}: {', '.join(parts)} tensors; {self.shards_written + self.shards_kept} shard(s){kept}, "
             f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
         )
-
-
-class ReadAheadThread:
-    """Issues posix_fadvise(WILLNEED) for one input, off the compute thread.
-
-    The call can block while the kernel queues the reads; on the compute thread that serialized the three
-    inputs (cold merges ran at half the speed of three concurrent `cat`s). One thread per input keeps the
-    three files reading at once and the compute thread never waits for a submission.
-    """
-
-    def __init__(self, role: str):
-        self.requests: queue.Queue = queue.Queue()
-        threading.Thread(target=self._run, name=f"graftcore-readahead-{role}", daemon=True).start()
-
-    def _run(self):
-        while (job := self.requests.get()) is not None:
-            reader, start, length = job
-            try:
-                reader.will_need(start, length)
-            except (OSError, ValueError):  # the file was closed meanwhile: nothing left to read ahead
-                pass
-
-    def advise(self, reader: ShardReader, start: int, length: int) -> None:
-        self.requests.put((reader, start, length))
-
-    def stop(self) -> None:
-        self.requests.put(None)
-
-
-class Readers:
-    """Open memory maps of the input shards, opened on first use and closed after their last use."""
-
-    def __init__(self, checkpoints: dict[str, Checkpoint], plan: Plan):
-        self.checkpoints = checkpoints
-        self.ahead = {role: ReadAheadThread(role) for role in checkpoints}
-        self.open: dict[tuple[str, str], ShardReader] = {}
-        self.advised: dict[tuple[str, str], int] = {}
-        self.last_use: dict[tuple[str, str], int] = {}
-        for k, op in enumerate(plan.ops):
-            for key in self.keys(op):
-                self.last_use[key] = k
-
-    @staticmethod
-    def keys(op: TensorOp):
-        for role, info in (("instruct", op.instruct), ("tuned", op.tuned), ("base", op.base)):
-            if role == "instruct" or (info is not None and op.action is not Action.COPY):
-                yield role, info.file
-
-    def get(self, role: str, info: TensorInfo) -> ShardReader:
-        key = (role, info.file)
-        if key not in self.open:
-            self.open[key] = ShardReader(self.checkpoints[role].shard_path(info.file))
-            self.advised[key] = 0
-        return self.open[key]
-
-    def read_ahead(self, role: str, info: TensorInfo, byte_pos: int) -> None:
-        """Keep about READ_AHEAD bytes of the file ahead of `byte_pos` under way."""
-        key = (role, info.file)
-        reader = self.get(role, info)
-        end = self.advised[key]
-        if byte_pos > end or byte_pos < end - 2 * READ_AHEAD:  # first read, or a jump: start afresh
-            end = byte_pos
-        if byte_pos + READ_AHEAD // 2 > end:
-            self.ahead[role].advise(reader, end, byte_pos + READ_AHEAD - end)
-            self.advised[key] = byte_pos + READ_AHEAD
-
-    def done_with(self, k: int, op: TensorOp) -> None:
-        for key in self.keys(op):
-            if self.last_use.get(key) == k and key in self.open:
-                self.open.pop(key).close()
-                self.checkpoints[key[0]].release(key[1])
-
-    def close(self) -> None:
-        for thread in self.ahead.values():
-            thread.stop()
-        for r in self.open.values():
-            r.close()
-        self.open.clear()
 
 
 class WriterThread:
@@ -196,10 +121,10 @@ class ChunkSink:
     def __init__(self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, bar, clock: dict[str, float]):
         self.writer, self.wt, self.pool, self.bar, self.clock = writer, wt, pool, bar, clock
 
-    def raw(self, data: memoryview) -> None:
-        """Queue bytes as they are (a tensor copied unchanged from a memory map)."""
-        self.wt.put(self.writer, data, data.release)  # releasing lets the map go after the last use
-        self.bar.update(data.nbytes)
+    def raw(self, held: Held) -> None:
+        """Queue input bytes as they are (a tensor copied unchanged); their buffer is released once written."""
+        self.wt.put(self.writer, held.data, held.release)
+        self.bar.update(held.data.numel())
 
     def chunk(self, n: int, dtype: str, fill: Callable[[torch.Tensor], object]) -> None:
         """Queue `n` elements of `dtype` that `fill(out)` computes into a pooled buffer; `fill` returns the
@@ -286,34 +211,30 @@ def execute(
     """Write every shard of `plan` not in `skip` into the OutputFolder `folder`; returns the Report."""
     report = Report(Path(output), compute.name)
     t0 = time.perf_counter()
-    readers = Readers(checkpoints, plan)
+    shards = [s for s in plan.shards if s.file not in skip]
+    report.shards_kept = len(plan.shards) - len(shards)
+    ops = [op for s in shards for op in s.ops]
+    todo = sum(op.out_nbytes for op in ops)
+    drop = drop_behind(todo + sum(info.nbytes for op in ops for _, info in op_inputs(op)))
+    buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
+    streamer = InputStreamer(checkpoints, ops, compute.chunk, compute.pin_output, drop, buffer_bytes, opts.read_depth or DEPTH)
     writer_thread = WriterThread(POOL)
     pool: queue.Queue = queue.Queue()
     for _ in range(POOL):
         pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
-    todo = sum(sum(op.out_nbytes for op in s.ops) for s in plan.shards if s.file not in skip)
     bar = tqdm(total=todo, unit="B", unit_scale=True, desc="graft", disable=True if opts.quiet else None, leave=False)
-    clock = report.timings = {"compute": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
+    clock = report.timings = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
     with compute:
-        k = -1
         try:
-            for shard in plan.shards:
-                if shard.file in skip:
-                    report.shards_kept += 1
-                    for op in shard.ops:
-                        k += 1
-                        readers.done_with(k, op)
-                    continue
-                writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata)
+            for shard in shards:
+                writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata, drop_behind=drop)
                 sink = ChunkSink(writer, writer_thread, pool, bar, clock)
                 try:
                     for op in shard.ops:
-                        k += 1
-                        stream_op(op, readers, sink, compute, opts)
+                        stream_op(op, streamer, sink, compute, opts, checkpoints)
                         if not compute.deferred:
-                            check_finite(compute, shard, readers.checkpoints, opts)
-                        readers.done_with(k, op)
-                    check_finite(compute, shard, readers.checkpoints, opts)  # one device sync per shard
+                            check_finite(compute, shard, checkpoints, opts)
+                    check_finite(compute, shard, checkpoints, opts)  # one device sync per shard
                     t_drain = time.perf_counter()
                     writer_thread.drain()
                     t_fsync = time.perf_counter()
@@ -329,9 +250,11 @@ def execute(
                 report.bytes_written += writer.size
         finally:
             writer_thread.stop()
-            readers.close()
+            streamer.close()
             bar.close()
             clock["write"] = writer_thread.busy
+            clock["wait_input"] = streamer.waited()
+            clock.update(streamer.timings())
     for op in plan.ops:
         report.grafted += op.action is Action.GRAFT
         report.grafted_rows += op.action is Action.GRAFT_ROWS
@@ -343,37 +266,48 @@ def execute(
     return report
 
 
-def stream_op(op: TensorOp, readers: Readers, sink: ChunkSink, compute, opts) -> None:
-    """Append the output bytes of one tensor to the shard, chunk by chunk."""
-    if op.action is Action.LORA:
-        return stream_lora(op, readers, sink, compute, opts)
-    i = op.instruct
-    ireader = readers.get("instruct", i)
-    if op.action is Action.COPY and op.out_dtype == i.dtype:
-        for lo in range(i.start, i.end, COPY_BLOCK):
-            readers.read_ahead("instruct", i, lo)
-            sink.raw(ireader.bytes(lo, min(i.end, lo + COPY_BLOCK)))
-        return
-    grafted = op.grafted_numel
-    iview = ireader.view(i)
-    if grafted:
-        tview, bview = readers.get("tuned", op.tuned).view(op.tuned), readers.get("base", op.base).view(op.base)
+def drop_behind(pass_bytes: int) -> bool:
+    """Whether to drop consumed input and written output pages from the page cache: only when the pass moves
+    more than DROP_BEHIND_FRACTION of the memory available, so a merge that fits leaves its inputs cached
+    (a rerun reads them at memory speed) and one that does not never pushes the machine into reclaim."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return pass_bytes > DROP_BEHIND_FRACTION * available
 
-    def fill(out: torch.Tensor, lo: int, hi: int):
-        readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
-        if lo >= grafted:
-            return compute.convert(out, iview[lo:hi])
-        g = min(hi, grafted)
-        readers.read_ahead("tuned", op.tuned, op.tuned.start + lo * itemsize(op.tuned.dtype))
-        readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
-        ready = compute.graft(out[: g - lo], iview[lo:g], tview[lo:g], bview[lo:g], opts.alpha, op.name)
-        if g < hi:  # Instruct's extra vocabulary rows begin inside this chunk
-            compute.convert(out[g - lo :], iview[g:hi])
-        return ready
 
-    for lo in range(0, op.numel, compute.chunk):
-        hi = min(op.numel, lo + compute.chunk)
-        sink.chunk(hi - lo, op.out_dtype, lambda out: fill(out, lo, hi))
+def stream_op(op: TensorOp, streamer: InputStreamer, sink: ChunkSink, compute, opts, checkpoints) -> None:
+    """Append the output bytes of one tensor to the shard, step by step (steps.py)."""
+    loaded = load_lora(op, compute.chunk, checkpoints, opts) if op.action is Action.LORA else None
+    for step in op_steps(op, compute.chunk, streamer.raw_bytes):
+        held = [streamer.take(r) for r in step.reads]
+        if step.raw:
+            sink.raw(held[0])
+            continue
+        try:
+            sink.chunk(step.hi - step.lo, op.out_dtype, lambda out: compute_step(op, step, held, out, compute, opts, loaded))
+        finally:
+            event = getattr(compute, "input_event", None)  # the GPU path may still be copying from the buffers
+            for h in held:
+                h.release(event)
+
+
+def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, opts, loaded):
+    """Compute one step into `out`; returns the event the writer waits on (GPU) or None."""
+    i = held[0].tensor(op.instruct)
+    g = step.grafted - step.lo  # elements computed from the update; the rest are Instruct's, copied
+    if g == 0:
+        return compute.convert(out, i)
+    if loaded is not None:
+        r0, r1, c0, c1 = step.block
+        base = held[1].tensor(op.base) if len(held) > 1 else None
+        return compute.lora(out, i, loaded, r0, r1, opts.alpha, c0, c1, base=base)
+    ready = compute.graft(out[:g], i[:g], held[1].tensor(op.tuned), held[2].tensor(op.base), opts.alpha, op.name)
+    if g < step.hi - step.lo:  # Instruct's extra vocabulary rows begin inside this step
+        compute.convert(out[g:], i[g:])
+    return ready
 
 
 def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> None:
@@ -388,38 +322,18 @@ def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> No
     )
 
 
-def stream_lora(op: TensorOp, readers: Readers, sink: ChunkSink, compute, opts) -> None:
-    """Append `I + alpha * s * left @ right` for one tensor, over blocks of whole output rows (see lora.py).
-
-    A block holds about `compute.chunk` elements: rows_per_block = chunk // cols, or one row cut into column
-    ranges when a row alone is longer. The factors are read whole in float32 (rank r is small); for DoRA,
-    Base is read twice: once for the weight norms, once for the merge.
-    """
+def load_lora(op: TensorOp, chunk: int, checkpoints: dict[str, Checkpoint], opts):
+    """The factors of a LORA op in float32 (read whole: rank r is small); for DoRA, also magnitude / norm,
+    from one pass over Base's rows read directly (the streamer then reads Base again for the merge)."""
     from .lora import dora_scale
 
-    i, u = op.instruct, op.update
-    loaded = u.load(lambda info: readers.get("tuned", info).view(info), opts.allow_nonfinite)
-    rows, cols = i.shape[0], i.numel // max(1, i.shape[0])
-    per_block, col_step = max(1, compute.chunk // cols), min(cols, compute.chunk)
-    iview = readers.get("instruct", i).view(i)
-    bview = readers.get("base", op.base).view(op.base) if op.base is not None else None
+    u = op.update
+    adapter = checkpoints["tuned"]
+    loaded = u.load(lambda info: read_elements(adapter.shard_path(info.file), info), opts.allow_nonfinite)
     if u.magnitude is not None:
-        loaded.dora_scale = dora_scale(loaded, lambda r0, r1: bview[r0 * cols : r1 * cols].view(r1 - r0, cols), per_block, opts.allow_nonfinite)
-
-    def fill(out: torch.Tensor, r0: int, r1: int, c0: int, c1: int, lo: int, hi: int):
-        readers.read_ahead("instruct", i, i.start + lo * itemsize(i.dtype))
-        if r0 >= u.rows:  # Instruct's extra vocabulary rows: copied
-            return compute.convert(out, iview[lo:hi])
-        if bview is None:
-            return compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1)
-        readers.read_ahead("base", op.base, op.base.start + lo * itemsize(op.base.dtype))
-        return compute.lora(out, iview[lo:hi], loaded, r0, r1, opts.alpha, c0, c1, base=bview[lo:hi])
-
-    r0 = 0
-    while r0 < rows:
-        r1 = min(rows, r0 + per_block, u.rows if r0 < u.rows else rows)  # a block never straddles u.rows
-        for c0 in range(0, cols, col_step):
-            c1 = min(cols, c0 + col_step)
-            lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
-            sink.chunk(hi - lo, op.out_dtype, lambda out: fill(out, r0, r1, c0, c1, lo, hi))
-        r0 = r1
+        i, b = op.instruct, op.base
+        cols = i.numel // max(1, i.shape[0])
+        path = checkpoints["base"].shard_path(b.file)
+        rows = lambda r0, r1: read_elements(path, b, r0 * cols, r1 * cols).view(r1 - r0, cols)  # noqa: E731
+        loaded.dora_scale = dora_scale(loaded, rows, max(1, chunk // cols), opts.allow_nonfinite)
+    return loaded

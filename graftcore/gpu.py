@@ -1,11 +1,12 @@
-"""The GPU streaming compute: mmap views -> pinned staging -> GPU (copy stream) -> Triton kernel
+"""The GPU streaming compute: the input streamer's pinned read buffers -> GPU (copy stream) -> Triton kernel
 (compute stream) -> pinned output buffer (copy-back stream) -> the writer thread.
 
-    chunk n:   host memcpy into slot n%S pinned buffers ── H2D ──► kernel ──► D2H into a pool buffer
+    chunk n:   pinned read buffers (or a copy into slot n%S) ── H2D ──► kernel ──► D2H into a pool buffer
     chunk n+1:                 (overlaps: the CPU fills the next slot while the GPU works on this one)
 
 Each of the S staging slots owns pinned input buffers and device buffers; events order their reuse:
-the host waits for a slot's H2D before refilling its pinned buffers, the H2D waits for the kernel that
+the engine hands read buffers back to the streamer with the H2D's event (the reader waits for it before
+refilling them), the host waits for a slot's H2D before refilling its pinned staging buffers, the H2D waits for the kernel that
 last read the slot's device inputs, and the kernel waits for the D2H that last read its output. The
 writer thread waits for a chunk's D2H event before writing it. NaN/Inf counts stay on the device, one
 counter per tensor, read once per shard, so the pipeline never drains per chunk.
@@ -71,6 +72,7 @@ class StreamCompute:
             self.h2d = self.kernels = self.d2h = _NullStream()
         self.slots = [_Slot(chunk, self.device, self.cuda) for _ in range(SLOTS)]
         self.n = 0
+        self.input_event = None  # recorded after the last chunk's host-to-device copies (None on a CPU device)
         self.counters: dict[str, torch.Tensor] = {}  # tensor name -> int64 NaN/Inf count on the device
         self._lora_for = self._lora = self._lora_acc = None  # LoRA: the current tensor's factors, a float32 block
 
@@ -100,8 +102,11 @@ class StreamCompute:
             slot.h2d_done.synchronize()  # the pinned buffers of this slot are free again
         staged = []
         for src, pinned in zip((i, t, b), slot.pinned):
+            if self.cuda and src.is_pinned():  # a read buffer of the input streamer: copied to the GPU as it is
+                staged.append(src)
+                continue
             view = pinned[: k * src.element_size()].view(src.dtype)
-            view.copy_(src)  # host memcpy from the memory map: the page-cache read happens here
+            view.copy_(src)  # host memcpy into pinned staging (an unaligned tensor, or CPU tests)
             staged.append(view)
         with self._stream(self.h2d):
             if slot.kernel_done is not None:
@@ -110,7 +115,7 @@ class StreamCompute:
                 dev[: k * src.element_size()].view(src.dtype).copy_(src, non_blocking=True)
                 for src, dev in zip(staged, slot.inputs)
             ]
-            slot.h2d_done = self._record(self.h2d)
+            slot.h2d_done = self.input_event = self._record(self.h2d)  # the engine's read buffers are free after it
         with self._stream(self.kernels):
             if self.cuda:
                 self.kernels.wait_event(slot.h2d_done)

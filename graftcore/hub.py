@@ -296,6 +296,9 @@ class HubCheckpoint(Checkpoint):
             self.downloads = Downloads(self, [], None, None)
         return self.downloads.path(file)
 
+    def ready(self, file: str) -> bool:
+        return self.downloads is not None and self.downloads.finished(file)
+
     def release(self, file: str) -> None:
         if self.downloads is not None:
             self.downloads.release(file)
@@ -438,6 +441,11 @@ class Downloads:
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def finished(self, file: str) -> bool:
+        """Whether `file` is downloaded (path() would not wait)."""
+        with self.cv:
+            return file in self.done
 
     def release(self, file: str) -> None:
         with self.cv:

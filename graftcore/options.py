@@ -42,6 +42,10 @@ class MergeOptions:
     chunk_size: int | None = field(
         default=None, metadata={"help": "elements per compute chunk (default: 256K on CPU, 4M on GPU)", "hidden": True, "type": int}
     )
+    read_buffer: str | None = field(
+        default=None, metadata={"help": "bytes per input read buffer (default 4MiB)", "hidden": True, "metavar": "SIZE"}
+    )
+    read_depth: int | None = field(default=None, metadata={"help": "read buffers per input (default 3)", "hidden": True, "type": int})
 
     def __post_init__(self):
         for pattern in [*self.include, *self.exclude]:
@@ -53,6 +57,10 @@ class MergeOptions:
             raise GraftError("--chunk-size must be positive")
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size)
+        if self.read_buffer is not None and parse_size(self.read_buffer, "--read-buffer") < 4096:
+            raise GraftError("--read-buffer must be at least 4KiB")
+        if self.read_depth is not None and self.read_depth < 2:
+            raise GraftError("--read-depth must be at least 2 (one buffer being read, one being consumed)")
 
     def selects(self, name: str) -> bool:
         """Whether tensor `name` is to be grafted (as opposed to copied from Instruct)."""
@@ -78,11 +86,11 @@ def option_fields():
     return fields(MergeOptions)
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     """'5GB' -> 5_000_000_000; '500MiB' -> 524_288_000."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) not in SIZE_UNITS:
-        raise GraftError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise GraftError(f"{flag}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])

@@ -1,7 +1,8 @@
 """The output folder: refuse what is not ours, resume what is, and write the finishing files atomically.
 
 While a merge runs, `graftcore.progress.json` records the job's fingerprint and every finished shard with
-its size and sha256. Shards appear under their final names only when complete (see ShardWriter). The
+its size, sha256 and key (the identities of the input files it was computed from): a rerun keeps a shard only
+if all three still hold, so restoring or replacing one input recomputes just the shards that read it. Shards appear under their final names only when complete (see ShardWriter). The
 index, Instruct's non-weight files and `graftcore.json` are written last, so an interrupted folder never
 looks like a finished model.
 """
@@ -53,10 +54,12 @@ class OutputFolder:
     def __init__(self, path: str | os.PathLike, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
-        self.finished: dict[str, dict] = {}  # shard file -> {"size", "sha256"}
+        self.finished: dict[str, dict] = {}  # shard file -> {"size", "sha256", "key"}
+        self.keys: dict[str, str] = {}  # shard file -> key of the inputs it is computed from
 
-    def prepare(self, shard_sizes: dict[str, int], overwrite: bool) -> set[str]:
-        """Claim the folder; return the shards already finished by an earlier run of the same job.
+    def prepare(self, shard_sizes: dict[str, int], overwrite: bool, shard_keys: dict[str, str] | None = None) -> set[str]:
+        """Claim the folder; return the shards already finished by an earlier run of the same job (same size,
+        same key in `shard_keys`, sha256 verified).
 
         Refuses a non-empty folder that holds something else, unless `overwrite`, which also starts afresh
         instead of resuming.
@@ -64,10 +67,14 @@ class OutputFolder:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.path}: exists and is not a folder")
         self.path.mkdir(parents=True, exist_ok=True)
+        self.keys = shard_keys or {}
         earlier = None if overwrite else self._earlier_record()
         if earlier is not None:
             for file, rec in earlier.items():
-                if file in shard_sizes and rec.get("size") == shard_sizes[file] and self._verify(file, rec):
+                if (
+                    file in shard_sizes and rec.get("size") == shard_sizes[file]
+                    and rec.get("key") == self.keys.get(file) and self._verify(file, rec)
+                ):
                     self.finished[file] = rec
         elif any(self.path.iterdir()):
             if not overwrite:
@@ -103,7 +110,7 @@ class OutputFolder:
         atomic_write(self.path / PROGRESS, json.dumps(doc, indent=1).encode())
 
     def shard_done(self, file: str, size: int, sha256: str) -> None:
-        self.finished[file] = {"size": size, "sha256": sha256}
+        self.finished[file] = {"size": size, "sha256": sha256, "key": self.keys.get(file)}
         self._save_progress()
 
     def finalize(self, index: dict | None, extra_files: list[tuple[Path, str]], manifest: dict) -> None:

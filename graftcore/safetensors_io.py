@@ -96,6 +96,13 @@ class ShardHeader:
     tensors: dict[str, TensorInfo]  # in file order
     metadata: dict[str, str]
     header_bytes: bytes  # the raw JSON, for fingerprints
+    identity: tuple[int, ...] | None = None  # file_identity() when the header was read (None: a remote header)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime_ns, ctime_ns): changes when a file is replaced, resized or rewritten in place
+    (ctime moves on every write and cannot be set back by users, unlike mtime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def read_header(path: str | os.PathLike, file_name: str | None = None) -> ShardHeader:
@@ -109,8 +116,9 @@ def read_header(path: str | os.PathLike, file_name: str | None = None) -> ShardH
     path = Path(path)
     name = file_name or path.name
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
@@ -122,7 +130,8 @@ def read_header(path: str | os.PathLike, file_name: str | None = None) -> ShardH
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_header(raw, size, path, name)
+    header = parse_header(raw, size, path, name)
+    return ShardHeader(header.path, header.data_start, header.tensors, header.metadata, raw, file_identity(st))
 
 
 def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) -> ShardHeader:
@@ -258,8 +267,12 @@ class ShardWriter:
         >>> w.append(torch.zeros(6, dtype=torch.bfloat16)); w.finish()                           # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None,
+                 drop_behind: bool = False):
+        """`drop_behind`: once a window of the file is on disk, drop it from the page cache (a pass larger than
+        RAM then never fills memory with written pages)."""
         self.path = Path(path)
+        self.drop_behind = drop_behind
         self.partial = self.path.with_name(self.path.name + ".partial")
         header = plan_header(entries, metadata)
         self.size = planned_file_size(entries, metadata)
@@ -269,7 +282,8 @@ class ShardWriter:
         except OSError as e:
             raise OutputError(f"{self.partial}: cannot create ({e.strerror or e})") from None
         self._written = 0
-        self._flushed = 0
+        self._flushed = 0  # writeback started up to here
+        self._dropped = 0  # on disk and dropped from the page cache up to here
         self._write(header)
 
     def _write(self, data) -> None:
@@ -280,6 +294,11 @@ class ShardWriter:
             view = view[n:]
         if self._written - self._flushed >= WRITEBACK_EVERY:
             start_writeback(self._fd, self._flushed, self._written - self._flushed)
+            if self.drop_behind and self._flushed > self._dropped:
+                # Drop the window whose writeback started last time. Never waited for: DONTNEED skips pages still
+                # dirty or under writeback, and waiting here made the writer as slow as the disk under reads.
+                os.posix_fadvise(self._fd, self._dropped, self._flushed - self._dropped, os.POSIX_FADV_DONTNEED)
+                self._dropped = self._flushed
             self._flushed = self._written
 
     def append(self, data) -> None:
@@ -296,6 +315,8 @@ class ShardWriter:
         if self._written != self.size:
             raise OutputError(f"{self.partial}: {self._written} bytes written, {self.size} planned")
         os.fsync(self._fd)
+        if self.drop_behind:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(self._fd)
         self._fd = -1
         os.replace(self.partial, self.path)
@@ -312,6 +333,8 @@ class ShardWriter:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (works for bfloat16, which numpy lacks)."""
+    if t.numel() == 0:
+        return memoryview(b"")
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .safetensors_io import ShardHeader, TensorInfo, read_header
+from .safetensors_io import ShardHeader, TensorInfo, file_identity, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,7 +37,8 @@ class Checkpoint:
         shard_metadata: each shard's `__metadata__`.
         has_index: whether the input came with `model.safetensors.index.json`.
         revision: the resolved commit of a hub input (None for local ones).
-        fingerprint: changes whenever a header, a file size or a file's mtime changes.
+        fingerprint: changes whenever a file's path or header changes (file_state() covers its contents).
+        identities: shard -> file_identity() when its header was read (or when first opened, for a download).
     """
 
     ref: str
@@ -49,10 +50,30 @@ class Checkpoint:
     fingerprint: str
     revision: str | None = None
     local_files: dict[str, Path] = field(default_factory=dict)
+    identities: dict[str, tuple] = field(default_factory=dict)
 
     def shard_path(self, file: str) -> Path:
         """The local path of shard `file` (a hub checkpoint downloads it here)."""
         return self.local_files[file]
+
+    def ready(self, file: str) -> bool:
+        """Whether shard `file` can be opened without waiting (a hub shard may still be downloading)."""
+        return True
+
+    def file_state(self, file: str) -> str:
+        """What stands for the contents of shard `file` in resume keys: its identity when its header was read
+        (device, inode, size, mtime, ctime: a file rewritten in place with its mtime set back still differs).
+        Hub shards have none: the commit pins them, and each download is checked against the planned header."""
+        return str(self.identities.get(file, ""))
+
+    def check_unchanged(self, file: str, st: os.stat_result, when: str) -> None:
+        """Raise CheckpointError if shard `file` (stat `st`) is not the file the plan was made from."""
+        seen = self.identities.setdefault(file, file_identity(st))
+        if file_identity(st) != seen:
+            raise CheckpointError(
+                f"{self.locate(file)}: the file changed {when} (replaced, resized or rewritten since graftcore read "
+                f"its header); nothing finished was written from it. Rerun once the input is stable"
+            )
 
     def locate(self, file: str) -> str:
         """Where shard `file` is, for messages: a path, or `org/name@rev/file` on the hub."""
@@ -201,15 +222,17 @@ def checkpoint_from_headers(
         has_index=has_index,
         fingerprint=local_fingerprint(headers),
         local_files=files,
+        identities={f: h.identity for f, h in zip(files, headers) if h.identity is not None},
     )
 
 
 def local_fingerprint(headers: list[ShardHeader]) -> str:
-    """Identity of local inputs for resume: headers, sizes and mtimes (cheap; no data is hashed)."""
+    """What local inputs are, for resume: each file's path and header (cheap; no data is hashed). Each file's
+    contents are stood for by its identity (Checkpoint.file_state), part of the key of every output shard
+    read from it."""
     h = hashlib.sha256()
     for hd in headers:
-        st = hd.path.stat()
-        h.update(f"{hd.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        h.update(f"{hd.path.resolve()}|".encode())
         h.update(hd.header_bytes)
     return h.hexdigest()
 

@@ -1,0 +1,337 @@
+"""The input streamer: ordered, bounded, concurrent reads of the input files into reusable buffers.
+
+One thread per input (Base, tuned, Instruct) walks the plan's reads of that input (steps.plan_reads) in the
+order the engine will take them, and fills a small ring of buffers allocated once (pinned when the compute
+is on CUDA, so host-to-device copies start straight from them):
+
+    reader thread (per input):  posix_fadvise(WILLNEED) READ_AHEAD bytes ahead   (depth comes from the kernel)
+                                preadv the next reads that fit one buffer, adjacent ranges in one call
+                                posix_fadvise(DONTNEED) what it read, when the pass is larger than RAM
+    compute thread:             take(read) -> a view of those bytes in a buffer; release() when done with it
+
+Why not mmap: a cold pass through memory maps stalls the compute thread in page faults (inputs read at a
+third of the disk's rate on a 27 GB trio), and a file truncated under a map kills the process with SIGBUS.
+Explicit reads keep three streams busy at once, and a file that shrinks is an EOF naming the file.
+
+Memory is `depth` buffers per input, whatever the model size. Every input file is checked against the
+stat recorded when its header was read, when it is opened and when it is closed, so a file replaced or
+rewritten during the merge stops it instead of mixing two versions into one output.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from collections import deque
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+from .errors import CheckpointError
+from .safetensors_io import DTYPES, TensorInfo, itemsize
+from .steps import Read
+
+BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
+DEPTH = 3  # buffers per input: one being read, one being consumed, one ready
+READ_AHEAD = 64 << 20  # bytes of upcoming reads advised to the kernel (WILLNEED) ahead of each reader
+ALIGN = 64  # bytes: where a run of reads starts in a buffer, relative to its offset in the file
+POLL = 0.1  # seconds between checks of the stop flag while waiting
+
+
+class Stopped(Exception):
+    """The merge is being abandoned (an error elsewhere, or an interrupt): readers exit quietly."""
+
+
+class Held:
+    """One read's bytes in a ring buffer; `release()` gives the space back (after `event`, a GPU copy, if any)."""
+
+    __slots__ = ("data", "_buffer")
+
+    def __init__(self, data: torch.Tensor, buffer: "_Buffer"):
+        self.data = data  # uint8
+        self._buffer = buffer
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        """The bytes as a flat tensor of `info`'s dtype (uint8 for dtypes torch lacks)."""
+        dtype = DTYPES[info.dtype][1]
+        if dtype is None or not self.data.numel():
+            return self.data
+        if self.data.data_ptr() % dtype.itemsize:  # the tensor is misaligned in its file: copy it aligned
+            return self.data.clone().view(dtype)
+        return self.data.view(dtype)
+
+    def release(self, event=None) -> None:
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            buffer.release(event)
+
+
+class _Buffer:
+    """A reusable buffer and the count of its reads not yet released."""
+
+    def __init__(self, nbytes: int, pin: bool, free: queue.Queue):
+        self.data = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)  # + room to align a run
+        self.view = memoryview(self.data.numpy())
+        self.free = free
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.events: list = []
+
+    def release(self, event) -> None:
+        with self.lock:
+            if event is not None:
+                self.events.append(event)
+            self.pending -= 1
+            if self.pending == 0:
+                self.free.put(self)
+
+    def wait_events(self) -> None:
+        """Before the buffer is refilled: GPU copies that read from it have finished."""
+        for e in self.events:
+            e.synchronize()
+        self.events.clear()
+
+
+class RoleReader:
+    """Reads one input's ranges in plan order on a thread of its own; the engine takes them in the same order."""
+
+    def __init__(self, role: str, checkpoint, reads: Iterator[tuple[int, Read]], last_use: dict[str, int],
+                 buffer_bytes: int, depth: int, pin: bool, drop_behind: bool):
+        self.role, self.checkpoint, self.reads = role, checkpoint, reads
+        self.last_use = last_use  # shard file -> index of the last op reading it
+        self.buffer_bytes, self.drop_behind = buffer_bytes, drop_behind
+        self.free: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        self.buffers = [_Buffer(buffer_bytes, pin, self.free) for _ in range(depth)]
+        for b in self.buffers:
+            self.free.put(b)
+        self.stop = threading.Event()
+        self.disk_seconds = 0.0  # in preadv: waiting on the disk (or copying from the page cache)
+        self.bytes_read = 0
+        self.waited = 0.0  # seconds the engine waited in take() for this input
+        self._fds: dict[str, int] = {}
+        self._advised: dict[str, tuple[int, int]] = {}  # file -> advised byte range [start, end)
+        self._ahead: deque[tuple[int, Read]] = deque()  # reads looked at for read-ahead, not yet read
+        self._current: tuple[_Buffer, list[tuple[Read, int]]] | None = None
+        self._taken = 0
+        self.thread = threading.Thread(target=self._run, name=f"graftcore-read-{role}", daemon=True)
+        self.thread.start()
+
+    # ---- the reader thread ----
+    def _next(self) -> tuple[int, Read] | None:
+        return self._ahead.popleft() if self._ahead else next(self.reads, None)
+
+    def _run(self) -> None:
+        try:
+            pending = self._next()
+            while pending is not None:
+                buffer = self._get_free()
+                batch: list[tuple[Read, int]] = []
+                fill, last_op, prev = 0, -1, None
+                while pending is not None:
+                    last_op, read = pending
+                    n = read.end_byte - read.start_byte
+                    # A run of adjacent ranges stays contiguous (one preadv); a new run starts at a buffer offset
+                    # congruent to its file offset mod 64, so every tensor is as aligned as it is in its file.
+                    adjacent = prev is not None and prev.info.file == read.info.file and prev.end_byte == read.start_byte
+                    at = fill if adjacent else fill + (read.start_byte - fill) % ALIGN
+                    if batch and (at + n > self.buffer_bytes or not self._can_open(read.info.file)):
+                        break  # full, or the next file is still downloading: hand over what is here first
+                    if at + n > len(buffer.view):
+                        raise RuntimeError(f"a read of {n} bytes exceeds the {self.buffer_bytes}-byte buffer")
+                    batch.append((read, at))
+                    fill, prev = at + n, read
+                    pending = self._next()
+                self._read_ahead()
+                self._fill(buffer, batch)
+                buffer.pending = len(batch)
+                self.ready.put((buffer, batch))
+                self._close_finished(last_op, pending[0] if pending is not None else None)
+            self.ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the engine at its next take()
+            self.ready.put(None if isinstance(e, Stopped) else e)
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _get_free(self) -> _Buffer:
+        while True:
+            if self.stop.is_set():
+                raise Stopped
+            try:
+                buffer = self.free.get(timeout=POLL)
+            except queue.Empty:
+                continue
+            buffer.wait_events()
+            return buffer
+
+    def _can_open(self, file: str) -> bool:
+        return file in self._fds or self.checkpoint.ready(file)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            path = self.checkpoint.shard_path(file)  # a hub input waits here for its download
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+            self._fds[file] = fd
+            self.checkpoint.check_unchanged(file, os.fstat(fd), "when opened for reading")
+        return fd
+
+    def _fill(self, buffer: _Buffer, batch: list[tuple[Read, int]]) -> None:
+        """preadv every read of `batch` into `buffer`, one call per run of adjacent ranges of one file."""
+        j = 0
+        while j < len(batch):
+            read, offset = batch[j]
+            start, end, last = read.start_byte, read.end_byte, j
+            while last + 1 < len(batch):
+                nxt, at = batch[last + 1]
+                if nxt.info.file != read.info.file or nxt.start_byte != end or at != offset + end - start:
+                    break
+                end = nxt.end_byte
+                last += 1
+            self._pread(read, buffer.view[offset : offset + end - start], start, batch[last][0])
+            j = last + 1
+
+    def _pread(self, read: Read, into: memoryview, start: int, last: Read) -> None:
+        fd = self._fd(read.info.file)
+        t0 = time.perf_counter()
+        done = 0
+        while done < len(into):  # short reads: go on from where the last one stopped
+            n = os.preadv(fd, [into[done:]], start + done)
+            if n == 0:
+                where = self.checkpoint.locate(read.info.file)
+                raise CheckpointError(
+                    f"{where}: file ended at byte {start + done} while reading tensor {last.info.name!r} (it needs "
+                    f"bytes up to {start + len(into)}); the file was truncated or replaced during the merge"
+                )
+            done += n
+        self.disk_seconds += time.perf_counter() - t0
+        self.bytes_read += done
+        if self.drop_behind and done:
+            os.posix_fadvise(fd, start, done, os.POSIX_FADV_DONTNEED)
+
+    def _read_ahead(self) -> None:
+        """Advise the kernel to read the next READ_AHEAD bytes of this input's reads (WILLNEED is asynchronous,
+        so the disk queue stays full while this thread copies and the engine computes)."""
+        budget, j = READ_AHEAD, 0
+        while budget > 0:
+            if j == len(self._ahead):
+                nxt = next(self.reads, None)
+                if nxt is None:
+                    break
+                self._ahead.append(nxt)
+            read = self._ahead[j][1]
+            j += 1
+            budget -= read.end_byte - read.start_byte
+            if not self._can_open(read.info.file):
+                continue  # a hub shard still downloading: advising it would wait for the download
+            lo, hi = self._advised.get(read.info.file, (0, 0))
+            if lo <= read.start_byte and read.end_byte <= hi:
+                continue
+            start = max(read.start_byte, hi) if lo <= read.start_byte <= hi else read.start_byte
+            end = max(read.end_byte, start + READ_AHEAD // 4)  # advise in large runs, not read by read
+            os.posix_fadvise(self._fd(read.info.file), start, end - start, os.POSIX_FADV_WILLNEED)
+            self._advised[read.info.file] = (start if not lo <= start <= hi else lo, end)
+
+    def _close_finished(self, op_done: int, next_op: int | None) -> None:
+        """Close (and release, for --low-disk hub inputs) the files whose last reading op is behind us."""
+        for file, last in list(self.last_use.items()):
+            if file in self._fds and last <= op_done and (next_op is None or last < next_op):
+                fd = self._fds.pop(file)
+                try:
+                    self.checkpoint.check_unchanged(file, os.fstat(fd), "while it was being read")
+                finally:
+                    os.close(fd)
+                self.checkpoint.release(file)
+
+    # ---- the engine's side ----
+    def take(self, read: Read) -> Held:
+        """The bytes of `read` (the next read of this input in plan order)."""
+        while self._current is None or self._taken == len(self._current[1]):
+            t0 = time.perf_counter()
+            try:
+                item = self.ready.get(timeout=POLL)
+            except queue.Empty:
+                continue
+            finally:
+                self.waited += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                raise RuntimeError(f"{self.role}: the reader ended before the engine's read of {read.info.name!r}")
+            self._current, self._taken = item, 0
+        buffer, batch = self._current
+        got, offset = batch[self._taken]
+        self._taken += 1
+        if got != read:
+            raise RuntimeError(f"{self.role}: reader and engine disagree on the order of reads: {got} != {read}")
+        return Held(buffer.data[offset : offset + read.end_byte - read.start_byte], buffer)
+
+    def close(self) -> None:
+        """Stop the thread. It finishes its current preadv; one waiting for a hub download is left behind (a
+        daemon; the download is cancelled at exit)."""
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+class InputStreamer:
+    """One RoleReader per input that the plan reads; `take(read)` in plan order, `close()` at the end."""
+
+    def __init__(self, checkpoints: dict, ops: list, chunk: int, pin: bool, drop_behind: bool,
+                 buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH):
+        """Start reading the inputs of `ops` (in execution order) for steps of `chunk` elements; `pin` the
+        buffers for CUDA copies; `drop_behind` consumed pages from the page cache."""
+        from .steps import op_inputs, plan_reads
+
+        last_use: dict[str, dict[str, int]] = {}
+        largest = 0  # the largest single read: a computed step is at most `chunk` elements of one tensor
+        for k, op in enumerate(ops):
+            for role, info in op_inputs(op):
+                last_use.setdefault(role, {})[info.file] = k
+                largest = max(largest, min(info.numel, chunk) * itemsize(info.dtype))
+        self.raw_bytes = buffer_bytes = max(buffer_bytes, largest)  # a tensor copied as it is: a buffer per step
+        self.readers = {
+            role: RoleReader(role, checkpoints[role], plan_reads(ops, role, chunk, buffer_bytes), files, buffer_bytes,
+                             depth, pin, drop_behind)
+            for role, files in last_use.items()
+        }
+
+    def take(self, read: Read) -> Held:
+        return self.readers[read.role].take(read)
+
+    def waited(self) -> float:
+        """Seconds the engine waited for input, all inputs together."""
+        return sum(r.waited for r in self.readers.values())
+
+    def timings(self) -> dict[str, float]:
+        """Seconds each reader spent in preadv (waiting on the disk, or copying from the page cache)."""
+        return {f"read_{role}": r.disk_seconds for role, r in self.readers.items()}
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
+def read_elements(path, info: TensorInfo, first: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Elements [first, stop) of tensor `info` of the file at `path`, read into a new tensor (small reads:
+    LoRA factors, DoRA's pass over Base)."""
+    stop = info.numel if stop is None else stop
+    size = itemsize(info.dtype)
+    out = torch.empty((stop - first) * size, dtype=torch.uint8)
+    if out.numel():
+        view = memoryview(out.numpy())
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(view):
+                n = os.preadv(f.fileno(), [view[done:]], info.start + first * size + done)
+                if n == 0:
+                    raise CheckpointError(f"{path}: file ended while reading tensor {info.name!r}; truncated?")
+                done += n
+    dtype = DTYPES[info.dtype][1]
+    return out.view(dtype) if dtype is not None and out.numel() else out

@@ -1,0 +1,128 @@
+"""How each TensorOp is cut into steps, and which input bytes each step reads.
+
+A step computes output elements [lo, hi) of one tensor from a few element ranges of the inputs. The
+engine executes the steps in plan order; the input streamer (readers.py) walks the same generator, ahead
+of it, to read exactly those bytes in exactly that order. Both sides generate the steps lazily, so the
+bookkeeping stays a few objects whatever the model size.
+
+    GRAFT         chunks of `chunk` elements: I, T, B each read over [lo, hi)
+    GRAFT_ROWS    the same over the shared rows; Instruct's extra rows read from I alone
+    COPY          same dtype: the bytes as they are, `raw_bytes` at a time; else chunks of I, converted
+    LORA          blocks of whole output rows (or one row cut into column ranges); I, and Base for DoRA
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from .plan import Action, TensorOp
+from .safetensors_io import TensorInfo, itemsize
+
+ROLES = ("instruct", "tuned", "base")
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Elements [first, stop) of input tensor `info` of the checkpoint `role`."""
+
+    role: str
+    info: TensorInfo
+    first: int
+    stop: int
+
+    @property
+    def start_byte(self) -> int:
+        return self.info.start + self.first * itemsize(self.info.dtype)
+
+    @property
+    def end_byte(self) -> int:
+        return self.info.start + self.stop * itemsize(self.info.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Output elements [lo, hi) of one tensor.
+
+    `reads` holds Instruct's range first, then tuned's and base's where the step grafts; elements
+    [lo, grafted) are computed from the update, [grafted, hi) copied from Instruct. `raw`: copied byte for
+    byte. `block` (LoRA): output rows [r0, r1) and columns [c0, c1).
+    """
+
+    lo: int
+    hi: int
+    reads: tuple[Read, ...]
+    grafted: int = 0
+    raw: bool = False
+    block: tuple[int, int, int, int] | None = None
+
+
+def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
+    """The steps of `op` in execution order (`chunk` elements per computed step, `raw_bytes` per copied one)."""
+    i = op.instruct
+    if op.action is Action.LORA:
+        yield from lora_steps(op, chunk)
+        return
+    if op.action is Action.COPY and op.out_dtype == i.dtype:
+        per = max(1, raw_bytes // itemsize(i.dtype))
+        for lo in range(0, i.numel, per):
+            hi = min(i.numel, lo + per)
+            yield Step(lo, hi, (Read("instruct", i, lo, hi),), raw=True)
+        return
+    grafted = op.grafted_numel
+    for lo in range(0, op.numel, chunk):
+        hi = min(op.numel, lo + chunk)
+        g = min(hi, max(lo, grafted))
+        reads = (Read("instruct", i, lo, hi),)
+        if g > lo:
+            reads += (Read("tuned", op.tuned, lo, g), Read("base", op.base, lo, g))
+        yield Step(lo, hi, reads, grafted=g)
+
+
+def lora_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
+    """Blocks of about `chunk` elements: rows_per_block = chunk // cols, or one row cut into column ranges when
+    a row alone is longer. A block never straddles `update.rows` (Instruct's extra vocabulary rows are copied)."""
+    i, u = op.instruct, op.update
+    rows, cols = (i.shape[0], i.numel // i.shape[0]) if i.shape and i.shape[0] else (0, 0)
+    if cols == 0:
+        return
+    per_block, col_step = max(1, chunk // cols), min(cols, chunk)
+    r0 = 0
+    while r0 < rows:
+        r1 = min(rows, r0 + per_block, u.rows if r0 < u.rows else rows)
+        for c0 in range(0, cols, col_step):
+            c1 = min(cols, c0 + col_step)
+            lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
+            reads = (Read("instruct", i, lo, hi),)
+            grafted = lo
+            if r0 < u.rows:
+                grafted = hi
+                if op.base is not None:
+                    reads += (Read("base", op.base, lo, hi),)
+            yield Step(lo, hi, reads, grafted=grafted, block=(r0, r1, c0, c1))
+        r0 = r1
+
+
+def plan_reads(ops: list[TensorOp], role: str, chunk: int, raw_bytes: int) -> Iterator[tuple[int, Read]]:
+    """(index of the op in `ops`, Read) for every read of `role`, in the order the engine takes them."""
+    for k, op in enumerate(ops):
+        for step in op_steps(op, chunk, raw_bytes):
+            for read in step.reads:
+                if read.role == role:
+                    yield k, read
+
+
+def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
+    """(role, input tensor) of every tensor the steps of `op` read from."""
+    yield "instruct", op.instruct
+    if op.action in (Action.GRAFT, Action.GRAFT_ROWS) and op.grafted_numel:
+        yield "tuned", op.tuned
+        yield "base", op.base
+    elif op.action is Action.LORA and op.base is not None:
+        yield "base", op.base
+
+
+def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:
+    """(role, shard file) of every input file the steps of `op` read from."""
+    for role, info in op_inputs(op):
+        yield role, info.file
