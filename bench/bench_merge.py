@@ -85,6 +85,11 @@ def graftcore_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "graftcore.cli"]
 
 
+def merge_args(trio: dict, out: Path, device: str) -> list[str]:
+    b, t, i = (trio["roles"][r]["dir"] for r in ROLES)
+    return ["merge", "--base", b, "--tuned", t, "--instruct", i, "--output", str(out), "--device", device, "--quiet", "--overwrite"]
+
+
 def graftcore_rows(trio: dict, work: Path) -> list[Row]:
     import torch
 
@@ -92,11 +97,22 @@ def graftcore_rows(trio: dict, work: Path) -> list[Row]:
     rows = []
     for dev in devices:
         out = work / f"graftcore-{dev}"
-        b, t, i = (trio["roles"][r]["dir"] for r in ROLES)
-        cmd = [*graftcore_cmd(), "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", str(out),
-               "--device", dev, "--quiet", "--overwrite"]
+        cmd = [*graftcore_cmd(), *merge_args(trio, out, dev)]
         rows.append(Row("graftcore" if dev == "cpu" else "graftcore-cuda", f"graftcore (--device {dev})", cmd, out, reference_check(trio)))
+    for k, flags in enumerate(VARIANTS):  # --variant: the same merge with other (e.g. hidden tuning) flags
+        out = work / f"graftcore-variant{k}"
+        cmd = [*graftcore_cmd(), *merge_args(trio, out, "cpu"), *shlex.split(flags)]
+        rows.append(Row(f"variant{k}", f"graftcore (--device cpu {flags})", cmd, out, reference_check(trio)))
+    if BEFORE is not None:  # --before VENV: an earlier graftcore installed in its own venv, for before/after rows
+        out = work / "graftcore-before"
+        version = subprocess.run([str(BEFORE / "bin" / "graftcore"), "--version"], capture_output=True, text=True).stdout.split()[-1]
+        cmd = [str(BEFORE / "bin" / "graftcore"), *merge_args(trio, out, "cpu")]
+        rows.append(Row("before", f"graftcore {version} before (--device cpu, from {BEFORE.name})", cmd, out, reference_check(trio)))
     return rows
+
+
+VARIANTS: list[str] = []  # set from --variant
+BEFORE: Path | None = None  # set from --before
 
 
 def naive_rows(trio: dict, work: Path) -> list[Row]:
@@ -226,11 +242,18 @@ def main() -> None:
     cache.add_argument("--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run")
     cache.add_argument("--warm", dest="modes", action="store_const", const=["warm"], help="inputs read before each run")
     cache.add_argument("--both", dest="modes", action="store_const", const=["cold", "warm"], help="(default)")
-    ap.add_argument("--only", help="comma-separated row keys: floor, graftcore, graftcore-cuda, naive, mergekit, mergekit-fast, mergekit-fp32")
+    ap.add_argument("--only", help="comma-separated row keys: floor, graftcore, graftcore-cuda, naive, mergekit, mergekit-fast, "
+                    "mergekit-fp32, before, variantK, lora keys")
     ap.add_argument("--data", help="trio folder (default bench/data/PRESET)")
     ap.add_argument("--no-record", action="store_true", help="print the tables but do not append to bench/RESULTS.md")
+    ap.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                    help="an extra graftcore row with these flags (row key variantK), e.g. '--read-buffer 16MiB' (repeatable)")
+    ap.add_argument("--before", metavar="VENV", help="a venv holding an earlier graftcore: adds its row (key 'before')")
     args = ap.parse_args()
     modes = args.modes or ["cold", "warm"]
+    global BEFORE
+    VARIANTS.extend(args.variant)
+    BEFORE = Path(args.before).resolve() if args.before else None
 
     data = Path(args.data or DATA / args.preset)
     trio = make_trio(data, PRESETS[args.preset], log=log)
@@ -239,7 +262,7 @@ def main() -> None:
     rows = [row for build in ROW_BUILDERS for row in build(trio, work)]
     if args.only:
         keys = set(args.only.split(","))
-        known = {"floor", "graftcore", "graftcore-cuda", "naive", "mergekit", "mergekit-fast", "mergekit-fp32"} | {r.key for r in rows}
+        known = {"floor", "graftcore", "graftcore-cuda", "naive", "mergekit", "mergekit-fast", "mergekit-fp32", "before"} | {r.key for r in rows}
         if keys - known:
             sys.exit(f"bench_merge: unknown --only key(s) {sorted(keys - known)}; known: {', '.join(sorted(known))}")
         rows = [r for r in rows if r.key in keys]

@@ -204,5 +204,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         "notes": report.notes,
         "device": report.device,
         "seconds": round(report.seconds, 3),
-        "timings": {k: round(v, 3) for k, v in report.timings.items()},  # compute, wait_writer, write, fsync
+        # seconds: compute, wait_input, wait_writer (compute thread), write (writer thread), fsync, read_ROLE (readers)
+        "timings": {k: round(v, 3) for k, v in report.timings.items()},
+        "reads": report.reads,  # per input: bytes read from the disk with O_DIRECT, and from the page cache
     }

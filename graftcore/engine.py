@@ -8,7 +8,7 @@
 
 Peak anonymous memory is a few buffers per input plus a few chunks (scratch + the output pool), whatever
 the tensor or model size. The three inputs are read at once by their own threads, because three
-concurrent streams read 2-3x faster than one on the disks we measured (docs/performance.md).
+concurrent streams read 2-3x faster than one on the disks we measured (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .errors import NonFiniteError
 from .plan import Action, Plan, TensorOp
 from .options import parse_size
-from .readers import BUFFER_BYTES, DEPTH, Held, InputStreamer, read_elements
+from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer, read_elements
 from .safetensors_io import ShardWriter, itemsize, torch_dtype
 from .sources import Checkpoint
 from .steps import Step, op_inputs, op_steps
@@ -52,7 +52,8 @@ class Report:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan: object = None  # the Plan that was executed (or only described, for a dry run)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_writer, write, fsync
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_input, wait_writer, write, ...
+    reads: dict[str, dict[str, int]] = field(default_factory=dict)  # per input: bytes read direct / from the cache
 
     def summary(self) -> str:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
@@ -217,7 +218,8 @@ def execute(
     todo = sum(op.out_nbytes for op in ops)
     drop = drop_behind(todo + sum(info.nbytes for op in ops for _, info in op_inputs(op)))
     buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
-    streamer = InputStreamer(checkpoints, ops, compute.chunk, compute.pin_output, drop, buffer_bytes, opts.read_depth or DEPTH)
+    streamer = InputStreamer(checkpoints, ops, compute.chunk, compute.pin_output, drop, buffer_bytes,
+                             opts.read_depth or DEPTH, opts.read_workers or WORKERS)
     writer_thread = WriterThread(POOL)
     pool: queue.Queue = queue.Queue()
     for _ in range(POOL):
@@ -255,6 +257,7 @@ def execute(
             clock["write"] = writer_thread.busy
             clock["wait_input"] = streamer.waited()
             clock.update(streamer.timings())
+            report.reads = streamer.bytes_read()
     for op in plan.ops:
         report.grafted += op.action is Action.GRAFT
         report.grafted_rows += op.action is Action.GRAFT_ROWS

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapter -> one low-rank update per Instruct tensor (DESIGN.md §2, issue 5).
+"""PEFT LoRA adapter -> one low-rank update per Instruct tensor.
 
 Shadow-FT trains LoRA on Base and merges it straight into Instruct; Base itself is not needed:
 

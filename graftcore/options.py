@@ -45,7 +45,10 @@ class MergeOptions:
     read_buffer: str | None = field(
         default=None, metadata={"help": "bytes per input read buffer (default 4MiB)", "hidden": True, "metavar": "SIZE"}
     )
-    read_depth: int | None = field(default=None, metadata={"help": "read buffers per input (default 3)", "hidden": True, "type": int})
+    read_depth: int | None = field(default=None, metadata={"help": "read buffers per input (default 4)", "hidden": True, "type": int})
+    read_workers: int | None = field(
+        default=None, metadata={"help": "concurrent reads per input (default 2)", "hidden": True, "type": int}
+    )
 
     def __post_init__(self):
         for pattern in [*self.include, *self.exclude]:
@@ -61,6 +64,8 @@ class MergeOptions:
             raise GraftError("--read-buffer must be at least 4KiB")
         if self.read_depth is not None and self.read_depth < 2:
             raise GraftError("--read-depth must be at least 2 (one buffer being read, one being consumed)")
+        if self.read_workers is not None and self.read_workers < 1:
+            raise GraftError("--read-workers must be at least 1")
 
     def selects(self, name: str) -> bool:
         """Whether tensor `name` is to be grafted (as opposed to copied from Instruct)."""

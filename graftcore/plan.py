@@ -1,4 +1,4 @@
-"""Match the three inputs tensor by tensor and decide what each output tensor is (DESIGN.md §3).
+"""Match the three inputs tensor by tensor and decide what each output tensor is (docs/architecture.md, "Matching policy").
 
 Every inconsistency is found here, before any output byte is written. The Plan lists, per output shard,
 the TensorOps in the order their bytes go into the file.

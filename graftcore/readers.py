@@ -1,42 +1,45 @@
 """The input streamer: ordered, bounded, concurrent reads of the input files into reusable buffers.
 
 One thread per input (Base, tuned, Instruct) walks the plan's reads of that input (steps.plan_reads) in the
-order the engine will take them, and fills a small ring of buffers allocated once (pinned when the compute
-is on CUDA, so host-to-device copies start straight from them):
+order the engine will take them, packs them into a small ring of buffers allocated once (pinned when the
+compute is on CUDA, so host-to-device copies start straight from them), and hands each buffer to one of
+WORKERS I/O threads:
 
-    reader thread (per input):  posix_fadvise(WILLNEED) READ_AHEAD bytes ahead   (depth comes from the kernel)
-                                preadv the next reads that fit one buffer, adjacent ranges in one call
-                                posix_fadvise(DONTNEED) what it read, when the pass is larger than RAM
+    reader thread (per input):  the next reads that fit one buffer; adjacent ranges become one run
+    I/O workers (per input):    each run read with O_DIRECT, or copied from the page cache where it is
+                                already there (input_file.py); DONTNEED behind when the pass is out of core
     compute thread:             take(read) -> a view of those bytes in a buffer; release() when done with it
 
 Why not mmap: a cold pass through memory maps stalls the compute thread in page faults (inputs read at a
 third of the disk's rate on a 27 GB trio), and a file truncated under a map kills the process with SIGBUS.
-Explicit reads keep three streams busy at once, and a file that shrinks is an EOF naming the file.
+Explicit reads keep several requests per input in flight, and a file that shrinks is an EOF naming it.
 
 Memory is `depth` buffers per input, whatever the model size. Every input file is checked against the
-stat recorded when its header was read, when it is opened and when it is closed, so a file replaced or
-rewritten during the merge stops it instead of mixing two versions into one output.
+identity recorded when its header was read, when it is opened and when it is closed, so a file replaced
+or rewritten during the merge stops it instead of mixing two versions into one output.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-from collections import deque
 import threading
 import time
+from collections import deque
+from concurrent import futures
 from typing import Iterator
 
 import torch
 
 from .errors import CheckpointError
+from .input_file import BLOCK, InputFile
 from .safetensors_io import DTYPES, TensorInfo, itemsize
 from .steps import Read
 
 BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
-DEPTH = 3  # buffers per input: one being read, one being consumed, one ready
-READ_AHEAD = 64 << 20  # bytes of upcoming reads advised to the kernel (WILLNEED) ahead of each reader
-ALIGN = 64  # bytes: where a run of reads starts in a buffer, relative to its offset in the file
+DEPTH = 4  # buffers per input: WORKERS being read, one being consumed, one ready
+WORKERS = 2  # concurrent preadv calls per input: O_DIRECT has no kernel read-ahead, so the depth is ours
+READ_AHEAD = 64 << 20  # bytes advised ahead (WILLNEED) where reads are buffered (no O_DIRECT on that filesystem)
 POLL = 0.1  # seconds between checks of the stop flag while waiting
 
 
@@ -72,7 +75,10 @@ class _Buffer:
     """A reusable buffer and the count of its reads not yet released."""
 
     def __init__(self, nbytes: int, pin: bool, free: queue.Queue):
-        self.data = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)  # + room to align a run
+        # BLOCK-aligned (for O_DIRECT), with two blocks of room for the aligned range around a run
+        raw = torch.empty(nbytes + 3 * BLOCK, dtype=torch.uint8, pin_memory=pin)
+        skip = -raw.data_ptr() % BLOCK
+        self.data = raw[skip : skip + nbytes + 2 * BLOCK]
         self.view = memoryview(self.data.numpy())
         self.free = free
         self.lock = threading.Lock()
@@ -98,7 +104,7 @@ class RoleReader:
     """Reads one input's ranges in plan order on a thread of its own; the engine takes them in the same order."""
 
     def __init__(self, role: str, checkpoint, reads: Iterator[tuple[int, Read]], last_use: dict[str, int],
-                 buffer_bytes: int, depth: int, pin: bool, drop_behind: bool):
+                 buffer_bytes: int, depth: int, pin: bool, drop_behind: bool, workers: int = WORKERS):
         self.role, self.checkpoint, self.reads = role, checkpoint, reads
         self.last_use = last_use  # shard file -> index of the last op reading it
         self.buffer_bytes, self.drop_behind = buffer_bytes, drop_behind
@@ -108,13 +114,16 @@ class RoleReader:
         for b in self.buffers:
             self.free.put(b)
         self.stop = threading.Event()
-        self.disk_seconds = 0.0  # in preadv: waiting on the disk (or copying from the page cache)
-        self.bytes_read = 0
+        self.disk_seconds = 0.0  # in preadv (all workers together): waiting on the disk, or copying from the cache
+        self.bytes_direct = self.bytes_cached = 0  # read with O_DIRECT / copied from the page cache
+        self._stats = threading.Lock()
         self.waited = 0.0  # seconds the engine waited in take() for this input
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, InputFile] = {}
         self._advised: dict[str, tuple[int, int]] = {}  # file -> advised byte range [start, end)
         self._ahead: deque[tuple[int, Read]] = deque()  # reads looked at for read-ahead, not yet read
         self._current: tuple[_Buffer, list[tuple[Read, int]]] | None = None
+        self._in_flight: list[futures.Future] = []
+        self.io = futures.ThreadPoolExecutor(workers, thread_name_prefix=f"graftcore-read-{role}")
         self._taken = 0
         self.thread = threading.Thread(target=self._run, name=f"graftcore-read-{role}", daemon=True)
         self.thread.start()
@@ -133,29 +142,37 @@ class RoleReader:
                 while pending is not None:
                     last_op, read = pending
                     n = read.end_byte - read.start_byte
-                    # A run of adjacent ranges stays contiguous (one preadv); a new run starts at a buffer offset
-                    # congruent to its file offset mod 64, so every tensor is as aligned as it is in its file.
+                    # A run of adjacent ranges stays contiguous (one preadv). A new run starts in a block of its
+                    # own, at the offset its file offset has in its block: O_DIRECT reads the aligned blocks around
+                    # it, and every tensor is as aligned in the buffer as in its file.
                     adjacent = prev is not None and prev.info.file == read.info.file and prev.end_byte == read.start_byte
-                    at = fill if adjacent else fill + (read.start_byte - fill) % ALIGN
+                    at = fill if adjacent else -(-fill // BLOCK) * BLOCK + read.start_byte % BLOCK
                     if batch and (at + n > self.buffer_bytes or not self._can_open(read.info.file)):
                         break  # full, or the next file is still downloading: hand over what is here first
-                    if at + n > len(buffer.view):
+                    if at + n > len(buffer.view) - BLOCK:
                         raise RuntimeError(f"a read of {n} bytes exceeds the {self.buffer_bytes}-byte buffer")
                     batch.append((read, at))
                     fill, prev = at + n, read
                     pending = self._next()
                 self._read_ahead()
-                self._fill(buffer, batch)
                 buffer.pending = len(batch)
-                self.ready.put((buffer, batch))
+                for read, _ in batch:
+                    self._file(read.info.file)  # opened here, in order (a hub input may wait for its download)
+                done = self.io.submit(self._fill, buffer, batch)  # up to `workers` batches in flight at once
+                self._in_flight.append(done)
+                self.ready.put((buffer, batch, done))
                 self._close_finished(last_op, pending[0] if pending is not None else None)
             self.ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the engine at its next take()
             self.ready.put(None if isinstance(e, Stopped) else e)
         finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for done in self._in_flight:
+                done.cancel()
+            futures.wait(self._in_flight)
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            self.io.shutdown(wait=False)
 
     def _get_free(self) -> _Buffer:
         while True:
@@ -169,22 +186,19 @@ class RoleReader:
             return buffer
 
     def _can_open(self, file: str) -> bool:
-        return file in self._fds or self.checkpoint.ready(file)
+        return file in self._files or self.checkpoint.ready(file)
 
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
+    def _file(self, file: str) -> InputFile:
+        f = self._files.get(file)
+        if f is None:
             path = self.checkpoint.shard_path(file)  # a hub input waits here for its download
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
-            self._fds[file] = fd
-            self.checkpoint.check_unchanged(file, os.fstat(fd), "when opened for reading")
-        return fd
+            f = self._files[file] = InputFile(path, self.checkpoint.locate(file))
+            self.checkpoint.check_unchanged(file, os.fstat(f.fd), "when opened for reading")
+        return f
 
     def _fill(self, buffer: _Buffer, batch: list[tuple[Read, int]]) -> None:
-        """preadv every read of `batch` into `buffer`, one call per run of adjacent ranges of one file."""
+        """preadv every read of `batch` into `buffer`, one call per run of adjacent ranges of one file (on an I/O
+        worker; the files were opened by the reader thread)."""
         j = 0
         while j < len(batch):
             read, offset = batch[j]
@@ -195,26 +209,15 @@ class RoleReader:
                     break
                 end = nxt.end_byte
                 last += 1
-            self._pread(read, buffer.view[offset : offset + end - start], start, batch[last][0])
+            t0 = time.perf_counter()
+            direct = self._files[read.info.file].read_run(buffer.view, offset, start, end, batch[last][0].info.name, self.drop_behind)
+            with self._stats:  # the I/O workers run this concurrently
+                self.disk_seconds += time.perf_counter() - t0
+                if direct:
+                    self.bytes_direct += end - start
+                else:
+                    self.bytes_cached += end - start
             j = last + 1
-
-    def _pread(self, read: Read, into: memoryview, start: int, last: Read) -> None:
-        fd = self._fd(read.info.file)
-        t0 = time.perf_counter()
-        done = 0
-        while done < len(into):  # short reads: go on from where the last one stopped
-            n = os.preadv(fd, [into[done:]], start + done)
-            if n == 0:
-                where = self.checkpoint.locate(read.info.file)
-                raise CheckpointError(
-                    f"{where}: file ended at byte {start + done} while reading tensor {last.info.name!r} (it needs "
-                    f"bytes up to {start + len(into)}); the file was truncated or replaced during the merge"
-                )
-            done += n
-        self.disk_seconds += time.perf_counter() - t0
-        self.bytes_read += done
-        if self.drop_behind and done:
-            os.posix_fadvise(fd, start, done, os.POSIX_FADV_DONTNEED)
 
     def _read_ahead(self) -> None:
         """Advise the kernel to read the next READ_AHEAD bytes of this input's reads (WILLNEED is asynchronous,
@@ -236,18 +239,17 @@ class RoleReader:
                 continue
             start = max(read.start_byte, hi) if lo <= read.start_byte <= hi else read.start_byte
             end = max(read.end_byte, start + READ_AHEAD // 4)  # advise in large runs, not read by read
-            os.posix_fadvise(self._fd(read.info.file), start, end - start, os.POSIX_FADV_WILLNEED)
+            self._file(read.info.file).will_need(start, end - start)
             self._advised[read.info.file] = (start if not lo <= start <= hi else lo, end)
 
     def _close_finished(self, op_done: int, next_op: int | None) -> None:
         """Close (and release, for --low-disk hub inputs) the files whose last reading op is behind us."""
+        self._in_flight = [d for d in self._in_flight if not d.done()]
         for file, last in list(self.last_use.items()):
-            if file in self._fds and last <= op_done and (next_op is None or last < next_op):
-                fd = self._fds.pop(file)
-                try:
-                    self.checkpoint.check_unchanged(file, os.fstat(fd), "while it was being read")
-                finally:
-                    os.close(fd)
+            if file in self._files and last <= op_done and (next_op is None or last < next_op):
+                futures.wait(self._in_flight)  # its last reads may still be under way (rare: once per file)
+                f = self._files.pop(file)
+                self.checkpoint.check_unchanged(file, f.close(), "while it was being read")
                 self.checkpoint.release(file)
 
     # ---- the engine's side ----
@@ -265,13 +267,27 @@ class RoleReader:
                 raise item
             if item is None:
                 raise RuntimeError(f"{self.role}: the reader ended before the engine's read of {read.info.name!r}")
-            self._current, self._taken = item, 0
+            self._wait_for(item[2])
+            self._current, self._taken = item[:2], 0
         buffer, batch = self._current
         got, offset = batch[self._taken]
         self._taken += 1
         if got != read:
             raise RuntimeError(f"{self.role}: reader and engine disagree on the order of reads: {got} != {read}")
         return Held(buffer.data[offset : offset + read.end_byte - read.start_byte], buffer)
+
+    def _wait_for(self, done: futures.Future) -> None:
+        """Wait for a batch's reads (raising their error), measured as the engine waiting for input."""
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    done.result(timeout=POLL)
+                    return
+                except futures.TimeoutError:
+                    continue
+        finally:
+            self.waited += time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the thread. It finishes its current preadv; one waiting for a hub download is left behind (a
@@ -284,7 +300,7 @@ class InputStreamer:
     """One RoleReader per input that the plan reads; `take(read)` in plan order, `close()` at the end."""
 
     def __init__(self, checkpoints: dict, ops: list, chunk: int, pin: bool, drop_behind: bool,
-                 buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH):
+                 buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH, workers: int = WORKERS):
         """Start reading the inputs of `ops` (in execution order) for steps of `chunk` elements; `pin` the
         buffers for CUDA copies; `drop_behind` consumed pages from the page cache."""
         from .steps import op_inputs, plan_reads
@@ -298,7 +314,7 @@ class InputStreamer:
         self.raw_bytes = buffer_bytes = max(buffer_bytes, largest)  # a tensor copied as it is: a buffer per step
         self.readers = {
             role: RoleReader(role, checkpoints[role], plan_reads(ops, role, chunk, buffer_bytes), files, buffer_bytes,
-                             depth, pin, drop_behind)
+                             max(depth, workers + 1), pin, drop_behind, workers)
             for role, files in last_use.items()
         }
 
@@ -308,6 +324,10 @@ class InputStreamer:
     def waited(self) -> float:
         """Seconds the engine waited for input, all inputs together."""
         return sum(r.waited for r in self.readers.values())
+
+    def bytes_read(self) -> dict[str, dict[str, int]]:
+        """Per input: bytes read from the disk with O_DIRECT, and bytes copied from the page cache."""
+        return {role: {"direct": r.bytes_direct, "page_cache": r.bytes_cached} for role, r in self.readers.items()}
 
     def timings(self) -> dict[str, float]:
         """Seconds each reader spent in preadv (waiting on the disk, or copying from the page cache)."""

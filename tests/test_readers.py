@@ -13,7 +13,8 @@ import torch
 from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
 
 import graftcore
-from graftcore import readers
+from graftcore import input_file, readers
+from graftcore.input_file import resident
 from graftcore.errors import CheckpointError
 from graftcore.safetensors_io import TORCH_TO_CODE, ShardWriter, read_header, tensor_bytes
 
@@ -78,20 +79,74 @@ def test_many_shards_and_copies_through_tiny_buffers(tmp_path):
         assert same_bits(got[n], want), n
 
 
-def test_short_reads_are_continued(tmp_path, monkeypatch):
+def evict(folder):
+    """Drop a folder's files from the page cache (as a cold start finds them)."""
+    for p in folder.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_residency_probe(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert resident(fd, 12345, 100_000)  # just written: in the page cache
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not resident(fd, 12345, 100_000)
+        os.pread(fd, 4096, 0)
+        assert resident(fd, 100, 200) and not resident(fd, 100, 100_000)  # page 0 only
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["page-cache", "o-direct"])
+def test_cold_and_warm_inputs_read_the_same_bits(tmp_path, cold):
     trio = odd_trio(tmp_path)
+    if cold:
+        for role in trio:
+            evict(tmp_path / role)
+    out = tmp_path / "out"
+    graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
+                    device="cpu", quiet=True, chunk_size=777)
+    reads = json.loads((out / "graftcore.json").read_text())["reads"]
+    total = {role: (tmp_path / role / "model.safetensors").stat().st_size for role in trio}
+    for role, r in reads.items():
+        assert 0 < r["direct"] + r["page_cache"] <= total[role]
+        # cold: what the header read's own read-ahead did not bring into the cache comes with O_DIRECT
+        assert (r["direct"] > 0) == cold and (r["page_cache"] > 0 if not cold else True), reads
+    got = load_folder(out)
+    b, t, i = trio["base"], trio["tuned"], trio["instruct"]
+    for n in i:
+        want = i[n] if i[n].dtype == torch.int64 else reference(i[n], t[n], b[n])
+        assert same_bits(got[n], want), n
+
+
+@pytest.mark.parametrize("most,cold", [(100, False), (4096, True)], ids=["100B-cached", "4KiB-direct"])
+def test_short_reads_are_continued(tmp_path, monkeypatch, most, cold):
+    trio = odd_trio(tmp_path)
+    if cold:
+        for role in trio:
+            evict(tmp_path / role)
     real = os.preadv
     calls = []
 
-    def short_preadv(fd, buffers, offset):  # at most 100 bytes per call, as a network filesystem may return
+    def short_preadv(fd, buffers, offset):  # at most `most` bytes per call, as a network filesystem may return
         calls.append(offset)
-        return real(fd, [memoryview(buffers[0])[:100]], offset)
+        return real(fd, [memoryview(buffers[0])[:most]], offset)
 
-    monkeypatch.setattr(readers.os, "preadv", short_preadv)
+    monkeypatch.setattr(input_file.os, "preadv", short_preadv)
     out = tmp_path / "out"
     graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
                     device="cpu", quiet=True, chunk_size=500)
-    assert len(calls) > 100
+    assert len(calls) > 30
+    reads = json.loads((out / "graftcore.json").read_text())["reads"]
+    assert all((r["direct"] > 0) == cold for r in reads.values()), reads
     got = load_folder(out)
     b, t, i = trio["base"], trio["tuned"], trio["instruct"]
     for n in i:
@@ -112,7 +167,7 @@ def test_file_truncated_during_the_merge(tmp_path, monkeypatch):
             os.truncate(victim, len(original) // 2)
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(readers.os, "preadv", truncating_preadv)
+    monkeypatch.setattr(input_file.os, "preadv", truncating_preadv)
     out = tmp_path / "out"
     args = dict(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out, device="cpu", quiet=True)
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors.*(truncated|changed)"):
@@ -121,7 +176,7 @@ def test_file_truncated_during_the_merge(tmp_path, monkeypatch):
     assert not list(out.glob("*.partial"))
     assert not (out / "model.safetensors").exists()  # the one output shard reads the victim: never finished
 
-    monkeypatch.setattr(readers.os, "preadv", real)
+    monkeypatch.setattr(input_file.os, "preadv", real)
     victim.write_bytes(original)  # restored: a new ctime, so shards read from it are recomputed, never kept
     graftcore.graft(**args)
     got = load_folder(out)
@@ -138,7 +193,7 @@ def test_truncated_input_is_exit_2_from_the_cli(tmp_path):
     victim = tmp_path / "base" / "model.safetensors"
     probe = f"""
 import os, sys
-import graftcore.readers as r
+import graftcore.input_file as r
 real = os.preadv
 def cut(fd, bufs, off):
     if os.path.samefile(f"/proc/self/fd/{{fd}}", {str(victim)!r}) and os.path.getsize({str(victim)!r}) > 100:
