@@ -9,7 +9,6 @@ Example:
 
 __version__ = "0.1.0"
 
-from .api import graft  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterError,
     CheckpointError,
@@ -20,7 +19,17 @@ from .errors import (  # noqa: E402
     OutputError,
 )
 from .options import MergeOptions  # noqa: E402
-from .sources import Checkpoint, open_checkpoint  # noqa: E402
+
+_LAZY = {"graft": "api", "open_checkpoint": "sources", "Checkpoint": "sources"}  # these import torch: on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'graftcore' has no attribute {name!r}")
+
 
 __all__ = [
     "graft",

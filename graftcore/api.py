@@ -17,16 +17,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from . import __version__, interrupts
 from .engine import CpuCompute, Report, execute
 from .errors import GraftError, OutputError
 from .lora import build_lora_plan, is_adapter, open_adapter
 from .options import MergeOptions
 from .output import OutputFolder
-from .plan import Action, Plan, build_plan
+from .plan import Plan, build_plan
 from .safetensors_io import planned_file_size
 from .sources import Checkpoint, open_checkpoint
-from .steps import files_read
+from .steps import files_depended_on, files_read
 
 
 def graft(
@@ -94,16 +94,18 @@ def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts:
     if kept:
         log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
     schedule_reads(plan, checkpoints, kept, output)
-    report = execute(plan, checkpoints, output, folder, opts, compute, kept)
-    for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
-        report.notes += [n for n in ck.report_notes() if n not in report.notes]
-    instruct = checkpoints["instruct"]
-    index = None
-    if plan.write_index:
-        weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
-        index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
-    extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
-    folder.finalize(index, extras, manifest(checkpoints, opts, report))
+    with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
+        report = execute(plan, checkpoints, output, folder, opts, compute, kept)
+        for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
+            report.notes += [n for n in ck.report_notes() if n not in report.notes]
+        instruct = checkpoints["instruct"]
+        index = None
+        if plan.write_index:
+            weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
+            index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
+        extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
+        interrupts.check()
+        folder.finalize(index, extras, manifest(checkpoints, opts, report))
     report.plan = plan
     return report
 
@@ -172,11 +174,7 @@ def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict
     """Output shard -> a key of the job and of the state of every input file it is computed from."""
     keys = {}
     for shard in plan.shards:
-        files = set()
-        for op in shard.ops:
-            files.update(files_read(op))
-            if op.action is Action.LORA:
-                files.update(("tuned", info.file) for info in (op.update.a, op.update.b, op.update.magnitude) if info is not None)
+        files = {rf for op in shard.ops for rf in files_depended_on(op)}
         state = sorted(f"{role}|{f}|{checkpoints[role].file_state(f)}" for role, f in files)
         keys[shard.file] = hashlib.sha256(json.dumps([job, state]).encode()).hexdigest()
     return keys

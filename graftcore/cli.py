@@ -7,7 +7,7 @@ import signal
 import sys
 from dataclasses import MISSING
 
-from . import __version__
+from . import __version__, interrupts
 from .errors import GraftError
 from .options import option_fields
 
@@ -54,13 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def interrupt(signum, frame):
+def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `graftcore` command: returns the exit code (0 done, 2 bad input or environment, 130 interrupted)."""
+    # Outside the engine a signal raises KeyboardInterrupt at once (nothing is shared with a thread yet);
+    # while data moves, interrupts.deferred() turns it into a flag the engine checks between steps.
+    signal.signal(signal.SIGINT, raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:
+        print("graftcore: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        code = 130
+    # From here on (interpreter shutdown), a signal only marks the exit as interrupted: no traceback.
+    for s in interrupts.SIGNALS:
+        signal.signal(s, interrupts.request)
+    return 130 if interrupts.requested() else code
+
+
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupt)  # clean up partial files on `kill` as on Ctrl-C
     from .api import graft
 
     option_names = {f.name for f in option_fields()}
@@ -74,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as e:
         print(f"graftcore: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("graftcore: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
     if args.dry_run:
         print(report.plan.describe())
         return 0

@@ -23,13 +23,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import interrupts
 from .errors import NonFiniteError
+from .interrupts import POLL
 from .plan import Action, Plan, TensorOp
 from .options import parse_size
 from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer, read_elements
 from .safetensors_io import ShardWriter, itemsize, torch_dtype
 from .sources import Checkpoint
-from .steps import Step, op_inputs, op_steps
+from .steps import Step, files_depended_on, op_inputs, op_steps
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
@@ -71,12 +73,19 @@ class Report:
 
 
 class WriterThread:
-    """Appends buffers to ShardWriters in order, off the compute thread (pwrite and sha256 release the GIL)."""
+    """Appends buffers to ShardWriters in order, off the compute thread (pwrite and sha256 release the GIL).
+
+    Every wait on it polls (interrupts.POLL) and checks for Ctrl-C, so an interrupt never leaves the engine
+    blocked on it; `close()` abandons what is queued and waits only for the write in hand.
+    """
 
     def __init__(self, depth: int):
         self.jobs: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
         self.busy = 0.0  # seconds spent writing and hashing
+        self.abandoned = False
+        self._pending = 0  # jobs queued and not yet done
+        self._idle = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="graftcore-writer", daemon=True)
         self.thread.start()
 
@@ -84,35 +93,66 @@ class WriterThread:
         while (job := self.jobs.get()) is not None:
             writer, data, ready, done = job
             try:
-                if self.error is None:
+                if self.error is None and not self.abandoned:
                     t0 = time.perf_counter()
                     if ready is not None:
                         ready.synchronize()  # a GPU chunk: its copy back to the host has finished
                     writer.append(data)
                     self.busy += time.perf_counter() - t0
-            except BaseException as e:  # reported to the compute thread at its next put/drain
+            except BaseException as e:  # noqa: BLE001 - reported to the compute thread at its next put/drain
                 self.error = e
             finally:
                 done()
-                self.jobs.task_done()
-        self.jobs.task_done()
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
 
     def put(self, writer: ShardWriter, data, done: Callable[[], None], ready=None) -> None:
         """Queue `data` for `writer`; `done()` runs after it is written; `ready` is an event to wait for first."""
         self._check()
-        self.jobs.put((writer, data, ready, done))
+        with self._idle:
+            self._pending += 1
+        while True:
+            try:
+                self.jobs.put((writer, data, ready, done), timeout=POLL)
+                return
+            except queue.Full:
+                try:
+                    interrupts.check()
+                    self._check()
+                except BaseException:
+                    with self._idle:
+                        self._pending -= 1
+                    raise
 
     def drain(self) -> None:
-        self.jobs.join()
+        """Wait until everything queued is written (raising the writer's error, or KeyboardInterrupt)."""
+        with self._idle:
+            while self._pending:
+                self._idle.wait(POLL)
+                interrupts.check()
+                self._check()
         self._check()
 
     def _check(self):
         if self.error is not None:
             raise self.error
 
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop the thread: what is still queued is skipped (after an error or an interrupt; after a drain
+        nothing is). Waits at most `timeout` s for the write in hand; returns whether the thread is gone."""
+        self.abandoned = True
+        deadline = time.monotonic() + timeout
+        sent = False
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            if not sent:
+                try:
+                    self.jobs.put_nowait(None)
+                    sent = True
+                except queue.Full:  # the thread empties the queue quickly: it skips the writes now
+                    pass
+            self.thread.join(POLL)
+        return not self.thread.is_alive()
 
 
 class ChunkSink:
@@ -132,7 +172,13 @@ class ChunkSink:
         event the writer waits on (GPU) or None."""
         size = itemsize(dtype)
         t0 = time.perf_counter()
-        buf = self.pool.get()
+        while True:
+            try:
+                buf = self.pool.get(timeout=POLL)
+                break
+            except queue.Empty:
+                interrupts.check()
+                self.wt._check()
         t1 = time.perf_counter()
         ready = fill(buf[: n * size].view(torch_dtype(dtype)))
         self.clock["wait_writer"] += t1 - t0
@@ -239,19 +285,20 @@ def execute(
                     check_finite(compute, shard, checkpoints, opts)  # one device sync per shard
                     t_drain = time.perf_counter()
                     writer_thread.drain()
+                    check_inputs_unchanged(shard, checkpoints)  # before the shard takes its final name
                     t_fsync = time.perf_counter()
                     sha = writer.finish()
                     clock["wait_writer"] += t_fsync - t_drain
                     clock["fsync"] += time.perf_counter() - t_fsync
                 except BaseException:
-                    writer_thread.jobs.join()  # let in-flight buffers go before the partial file is deleted
-                    writer.abort()
+                    # the writer may still hold this file's descriptor: close it only once the thread is gone
+                    writer.abort(close=writer_thread.close())
                     raise
                 folder.shard_done(shard.file, writer.size, sha)
                 report.shards_written += 1
                 report.bytes_written += writer.size
         finally:
-            writer_thread.stop()
+            writer_thread.close()
             streamer.close()
             bar.close()
             clock["write"] = writer_thread.busy
@@ -285,6 +332,7 @@ def stream_op(op: TensorOp, streamer: InputStreamer, sink: ChunkSink, compute, o
     """Append the output bytes of one tensor to the shard, step by step (steps.py)."""
     loaded = load_lora(op, compute.chunk, checkpoints, opts) if op.action is Action.LORA else None
     for step in op_steps(op, compute.chunk, streamer.raw_bytes):
+        interrupts.check()
         held = [streamer.take(r) for r in step.reads]
         if step.raw:
             sink.raw(held[0])
@@ -311,6 +359,12 @@ def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, 
     if g < step.hi - step.lo:  # Instruct's extra vocabulary rows begin inside this step
         compute.convert(out[g:], i[g:])
     return ready
+
+
+def check_inputs_unchanged(shard, checkpoints: dict[str, Checkpoint]) -> None:
+    """CheckpointError if an input file this shard was computed from changed since its header was read."""
+    for role, file in sorted({rf for op in shard.ops for rf in files_depended_on(op)}):
+        checkpoints[role].verify_unchanged(file)
 
 
 def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> None:

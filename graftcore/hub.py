@@ -296,6 +296,10 @@ class HubCheckpoint(Checkpoint):
             self.downloads = Downloads(self, [], None, None)
         return self.downloads.path(file)
 
+    def verify_unchanged(self, file: str) -> None:
+        """Nothing to do: hub shards are content-addressed downloads, checked against the planned header when
+        fetched (and a --low-disk shard may already be deleted after its last use)."""
+
     def ready(self, file: str) -> bool:
         return self.downloads is not None and self.downloads.finished(file)
 

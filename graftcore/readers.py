@@ -31,7 +31,9 @@ from typing import Iterator
 
 import torch
 
+from . import interrupts
 from .errors import CheckpointError
+from .interrupts import POLL
 from .input_file import BLOCK, InputFile
 from .safetensors_io import DTYPES, TensorInfo, itemsize
 from .steps import Read
@@ -40,7 +42,6 @@ BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
 DEPTH = 4  # buffers per input: WORKERS being read, one being consumed, one ready
 WORKERS = 2  # concurrent preadv calls per input: O_DIRECT has no kernel read-ahead, so the depth is ours
 READ_AHEAD = 64 << 20  # bytes advised ahead (WILLNEED) where reads are buffered (no O_DIRECT on that filesystem)
-POLL = 0.1  # seconds between checks of the stop flag while waiting
 
 
 class Stopped(Exception):
@@ -260,6 +261,7 @@ class RoleReader:
             try:
                 item = self.ready.get(timeout=POLL)
             except queue.Empty:
+                interrupts.check()
                 continue
             finally:
                 self.waited += time.perf_counter() - t0
@@ -285,7 +287,7 @@ class RoleReader:
                     done.result(timeout=POLL)
                     return
                 except futures.TimeoutError:
-                    continue
+                    interrupts.check()
         finally:
             self.waited += time.perf_counter() - t0
 
@@ -334,6 +336,9 @@ class InputStreamer:
         return {f"read_{role}": r.disk_seconds for role, r in self.readers.items()}
 
     def close(self) -> None:
+        """Stop every reader (each finishes the read in hand; at most a few seconds in all)."""
+        for r in self.readers.values():
+            r.stop.set()
         for r in self.readers.values():
             r.close()
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -116,8 +117,12 @@ def read_header(path: str | os.PathLike, file_name: str | None = None) -> ShardH
     path = Path(path)
     name = file_name or path.name
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
+        # O_NONBLOCK: opening a FIFO named *.safetensors must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{path}: not a regular file")
             size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -136,32 +141,34 @@ def read_header(path: str | os.PathLike, file_name: str | None = None) -> ShardH
 
 def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) -> ShardHeader:
     """Validate header JSON `raw` of a file of `file_size` bytes (None: size unknown, remote)."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    doc = parse_json(raw, path, "header")
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed, as the reference parser allows it
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        isinstance(k, str) and isinstance(v, str) and utf8(k) and utf8(v) for k, v in metadata.items()
     ):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings (valid UTF-8)")
     data_start = 8 + len(raw)
     spans = []
     for tname, entry in doc.items():
-        where = f"{path}: tensor {tname!r}"
+        where = f"{path}: tensor {ascii(tname)[1:-1]!r}" if not utf8(tname) else f"{path}: tensor {tname!r}"
+        if not utf8(tname):
+            raise CheckpointError(f"{where}: the name is not valid UTF-8 (a lone surrogate escape)")
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}: entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape) or numel_overflows(shape):
+            raise CheckpointError(
+                f"{where}: shape {shape!r} is not a list of non-negative integers whose product fits in 63 bits"
+            )
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
+            or not all(is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
@@ -189,6 +196,42 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
             )
         raise CheckpointError(f"{path}: {file_size - data_start - cursor} bytes after the last tensor {last!r}")
     return ShardHeader(path, data_start, tensors, metadata, raw)
+
+
+INT64_LIMIT = 1 << 63
+
+
+def parse_json(raw: bytes | str, path, what: str):
+    """JSON of a header or index, or CheckpointError naming `path` (never a RecursionError from JSON nested
+    1000 deep, nor the ValueError of an integer of 4300+ digits)."""
+    try:
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError includes JSONDecodeError
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({str(e)[:200]})") from None
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not 1 here, as for the reference parser
+
+
+def utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate, which JSON escapes can produce
+        return False
+
+
+def numel_overflows(shape: list[int]) -> bool:
+    """Whether the running product of `shape` (left to right, as the reference parser computes it) leaves int64."""
+    n = 1
+    for d in shape:
+        if d >= INT64_LIMIT:
+            return True
+        n *= d
+        if n >= INT64_LIMIT:
+            return True
+    return False
 
 
 class ShardReader:
@@ -323,9 +366,10 @@ class ShardWriter:
         fsync_dir(self.path.parent)
         return self._sha.hexdigest()
 
-    def abort(self) -> None:
-        """Close and delete the partial file (after an error or an interrupt)."""
-        if self._fd >= 0:
+    def abort(self, close: bool = True) -> None:
+        """Delete the partial file (after an error or an interrupt), and close it unless another thread may
+        still be writing to its descriptor (`close=False`: the descriptor is left to the process's exit)."""
+        if close and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         self.partial.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .safetensors_io import ShardHeader, TensorInfo, file_identity, read_header
+from .safetensors_io import ShardHeader, TensorInfo, file_identity, parse_json, read_header, utf8
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -74,6 +74,15 @@ class Checkpoint:
                 f"{self.locate(file)}: the file changed {when} (replaced, resized or rewritten since graftcore read "
                 f"its header); nothing finished was written from it. Rerun once the input is stable"
             )
+
+    def verify_unchanged(self, file: str) -> None:
+        """check_unchanged against the file as it is now on disk."""
+        if file in self.local_files:
+            try:
+                st = os.stat(self.shard_path(file))
+            except OSError as e:
+                raise CheckpointError(f"{self.locate(file)}: gone during the merge ({e.strerror or e})") from None
+            self.check_unchanged(file, st, "during the merge")
 
     def locate(self, file: str) -> str:
         """Where shard `file` is, for messages: a path, or `org/name@rev/file` on the hub."""
@@ -150,7 +159,7 @@ def open_local(path: Path) -> Checkpoint:
     if index.is_file():
         return open_indexed_folder(path, index)
     single = path / SINGLE_NAME
-    shards = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    shards = [single] if single.is_file() else sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if not shards:
         pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if pickles:
@@ -178,16 +187,20 @@ def open_indexed_folder(path: Path, index: Path) -> Checkpoint:
 
 def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
     """The `weight_map` of a `model.safetensors.index.json`, validated."""
-    try:
-        doc = json.loads(text if text is not None else Path(index).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: cannot read the index ({e})") from None
+    if text is None:
+        try:
+            text = Path(index).read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read the index ({e.strerror or e})") from None
+    doc = parse_json(text, index, "the index")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: no valid 'weight_map' object")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and utf8(v) and utf8(k) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: no valid 'weight_map' object (tensor name -> file name)")
+    if not weight_map:
+        raise CheckpointError(f"{index}: the weight_map is empty: the index names no tensor")
     for name, f in weight_map.items():
-        if "/" in f or "\\" in f or f.startswith("."):
-            raise CheckpointError(f"{index}: tensor {name!r} maps to {f!r}, which is not a file name in the folder")
+        if "/" in f or "\\" in f or f.startswith(".") or "\0" in f or len(f.encode()) > 255:
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {f[:80]!r}, which is not a file name in the folder")
     return weight_map
 
 
@@ -213,6 +226,8 @@ def checkpoint_from_headers(
     ref: str, root: Path | None, headers: list[ShardHeader], has_index: bool, files: dict[str, Path]
 ) -> Checkpoint:
     """`headers[k]` is the header of the k-th entry of `files` (shard name -> local path)."""
+    if not any(h.tensors for h in headers):
+        raise CheckpointError(f"{ref}: holds no tensors (every safetensors header is empty)")
     return Checkpoint(
         ref=ref,
         root=root,

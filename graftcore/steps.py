@@ -126,3 +126,14 @@ def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:
     """(role, shard file) of every input file the steps of `op` read from."""
     for role, info in op_inputs(op):
         yield role, info.file
+
+
+def files_depended_on(op: TensorOp) -> Iterator[tuple[str, str]]:
+    """(role, shard file) of every input file the output of `op` depends on: those its steps read, and a LoRA
+    op's adapter file (its factors are read whole, not streamed)."""
+    yield from files_read(op)
+    if op.action is Action.LORA:
+        u = op.update
+        for info in (u.a, u.b, u.magnitude):
+            if info is not None:
+                yield "tuned", info.file
