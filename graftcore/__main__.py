@@ -1,7 +1,5 @@
 """`python -m graftcore ...` (and `torchrun ... -m graftcore ...`) runs the `graftcore` command."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -89,6 +89,14 @@ def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts:
         return report
     check_output_is_not_an_input(output, checkpoints)
     folder = OutputFolder(output, job_fingerprint(checkpoints, opts))
+    try:
+        return write_output(plan, checkpoints, output, folder, opts, log, compute)
+    finally:
+        folder.release()
+
+
+def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, folder: OutputFolder, opts, log, compute) -> Report:
+    """Claim `folder`, stream the plan into it, finalize it."""
     sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
     kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
     if kept:
@@ -163,11 +171,15 @@ def cuda_unavailable(device: str | None) -> str | None:
 
 
 def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
+    """The output folder may not be, or lie inside, or contain an input's folder (symlinks resolved): a later
+    merge would copy our files as the input's, and --overwrite would delete the input's."""
     out = output.resolve()
     for role, ck in checkpoints.items():
         roots = [ck.root] if ck.root is not None else [p.parent for p in ck.local_files.values()]
-        if any(r is not None and Path(r).resolve() == out for r in roots):
-            raise OutputError(f"{output}: is the {role} input's folder; choose another --output")
+        for root in (Path(r).resolve() for r in roots if r is not None):
+            if out == root or out.is_relative_to(root) or root.is_relative_to(out):
+                where = "is" if out == root else "is inside" if out.is_relative_to(root) else "contains"
+                raise OutputError(f"{output}: {where} the {role} input's folder {root}; choose another --output")
 
 
 def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:

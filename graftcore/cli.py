@@ -60,23 +60,41 @@ def raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """The `graftcore` command: returns the exit code (0 done, 2 bad input or environment, 130 interrupted)."""
-    # Outside the engine a signal raises KeyboardInterrupt at once (nothing is shared with a thread yet);
-    # while data moves, interrupts.deferred() turns it into a flag the engine checks between steps.
-    signal.signal(signal.SIGINT, raise_interrupt)
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    # While torch loads, a signal only sets a flag: a KeyboardInterrupt raised inside its C++ import code
+    # aborts the process. While inputs are resolved and planned (pure Python, network waits), it raises at
+    # once. While data moves, interrupts.deferred() turns it back into a flag the engine checks between steps.
+    for s in interrupts.SIGNALS:
+        signal.signal(s, interrupts.request)
     try:
-        code = run(argv)
+        args = build_parser().parse_args(argv)
+        from . import api  # noqa: F401  (torch)
+
+        for s in interrupts.SIGNALS:
+            signal.signal(s, raise_interrupt)
+        interrupts.check()  # a signal that came while torch loaded
+        code = run(args)
     except KeyboardInterrupt:
         print("graftcore: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
         code = 130
-    # From here on (interpreter shutdown), a signal only marks the exit as interrupted: no traceback.
-    for s in interrupts.SIGNALS:
+    for s in interrupts.SIGNALS:  # from here on a signal only marks the exit as interrupted: no traceback
         signal.signal(s, interrupts.request)
     return 130 if interrupts.requested() else code
 
 
-def run(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+def entry() -> None:
+    """The console script (and `python -m graftcore`): main(), then an exit no signal can turn into a crash.
+
+    While the interpreter shuts down it puts the default handlers back, so a Ctrl-C then would kill the
+    process by the signal (any thread may take it). Ignored signals are left ignored: main() ends with its
+    flag-setting handlers, then the signals are ignored, and one that came before exits 130.
+    """
+    code = main()
+    for s in interrupts.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(130 if interrupts.requested() else code)
+
+
+def run(args: argparse.Namespace) -> int:
     from .api import graft
 
     option_names = {f.name for f in option_fields()}
@@ -103,4 +121,4 @@ def run(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

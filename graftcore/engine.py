@@ -34,6 +34,7 @@ from .sources import Checkpoint
 from .steps import Step, files_depended_on, op_inputs, op_steps
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
+SMALL_RAW = 256 << 10  # bytes: a tensor copied unchanged below this is packed with its neighbours into one write
 DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
 
 
@@ -156,35 +157,66 @@ class WriterThread:
 
 
 class ChunkSink:
-    """Where one output shard's bytes go: chunks are computed into pooled buffers and queued, in order, for
-    the writer thread; the progress bar and the time breakdown are kept on the way."""
+    """Where one output shard's bytes go: consecutive steps are computed into one pooled buffer until it is full,
+    then the buffer is queued, in order, for the writer thread (so a shard of many small tensors costs a few
+    large writes, not a write per tensor); the progress bar and the time breakdown are kept on the way."""
 
-    def __init__(self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, bar, clock: dict[str, float]):
+    def __init__(self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, capacity: int, bar, clock: dict[str, float]):
         self.writer, self.wt, self.pool, self.bar, self.clock = writer, wt, pool, bar, clock
+        self.capacity = capacity  # bytes of each pooled buffer
+        self.buf: torch.Tensor | None = None  # the pooled buffer being filled
+        self.used = 0  # bytes of it filled
+        self.ready = None  # the last GPU event among its chunks (copies back run in order on one stream)
 
     def raw(self, held: Held) -> None:
-        """Queue input bytes as they are (a tensor copied unchanged); their buffer is released once written."""
-        self.wt.put(self.writer, held.data, held.release)
-        self.bar.update(held.data.numel())
+        """Queue input bytes as they are (a tensor copied unchanged). A small piece is copied into the buffer being
+        filled; a large one goes to the writer as it is, its read buffer released once written."""
+        n = held.data.numel()
+        if n <= min(SMALL_RAW, self.capacity):
+            self._space(n, 1).copy_(held.data)
+            held.release()
+            self.used += n
+        else:
+            self.flush()
+            self.wt.put(self.writer, held.data, held.release)
+        self.bar.update(n)
 
     def chunk(self, n: int, dtype: str, fill: Callable[[torch.Tensor], object]) -> None:
-        """Queue `n` elements of `dtype` that `fill(out)` computes into a pooled buffer; `fill` returns the
-        event the writer waits on (GPU) or None."""
+        """Add `n` elements of `dtype` that `fill(out)` computes in place; `fill` returns the event the writer must
+        wait for (GPU) or None."""
         size = itemsize(dtype)
-        t0 = time.perf_counter()
-        while True:
-            try:
-                buf = self.pool.get(timeout=POLL)
-                break
-            except queue.Empty:
-                interrupts.check()
-                self.wt._check()
+        space = self._space(n * size, size)
         t1 = time.perf_counter()
-        ready = fill(buf[: n * size].view(torch_dtype(dtype)))
-        self.clock["wait_writer"] += t1 - t0
+        ready = fill(space.view(torch_dtype(dtype)))
         self.clock["compute"] += time.perf_counter() - t1
-        self.wt.put(self.writer, buf[: n * size], lambda: self.pool.put(buf), ready)
+        self.ready = ready if ready is not None else self.ready
+        self.used += n * size
         self.bar.update(n * size)
+
+    def _space(self, nbytes: int, align: int) -> torch.Tensor:
+        """`nbytes` of room in the buffer being filled (queuing it and taking a fresh one when it is full)."""
+        if self.buf is not None and (self.used + nbytes > self.buf.numel() or self.used % align):
+            self.flush()
+        if self.buf is None:
+            t0 = time.perf_counter()
+            while True:
+                try:
+                    self.buf = self.pool.get(timeout=POLL)
+                    break
+                except queue.Empty:
+                    interrupts.check()
+                    self.wt._check()
+            self.clock["wait_writer"] += time.perf_counter() - t0
+        return self.buf[self.used : self.used + nbytes]
+
+    def flush(self) -> None:
+        """Queue the buffer being filled for the writer."""
+        buf, used, ready = self.buf, self.used, self.ready
+        self.buf, self.used, self.ready = None, 0, None
+        if buf is not None and used:
+            self.wt.put(self.writer, buf[:used], lambda: self.pool.put(buf), ready)
+        elif buf is not None:
+            self.pool.put(buf)
 
 
 class CpuCompute:
@@ -276,13 +308,14 @@ def execute(
         try:
             for shard in shards:
                 writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata, drop_behind=drop)
-                sink = ChunkSink(writer, writer_thread, pool, bar, clock)
+                sink = ChunkSink(writer, writer_thread, pool, compute.chunk * 4, bar, clock)
                 try:
                     for op in shard.ops:
                         stream_op(op, streamer, sink, compute, opts, checkpoints)
                         if not compute.deferred:
                             check_finite(compute, shard, checkpoints, opts)
                     check_finite(compute, shard, checkpoints, opts)  # one device sync per shard
+                    sink.flush()
                     t_drain = time.perf_counter()
                     writer_thread.drain()
                     check_inputs_unchanged(shard, checkpoints)  # before the shard takes its final name

@@ -36,6 +36,7 @@ def requested() -> bool:
 def check() -> None:
     """Raise KeyboardInterrupt if a stop was requested (call only where no lock or queue operation is open)."""
     if _requested.is_set():
+        _requested.clear()  # raised once
         raise KeyboardInterrupt
 
 
@@ -47,7 +48,6 @@ def deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _requested.clear()
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     for s in SIGNALS:
         signal.signal(s, request)

@@ -153,12 +153,20 @@ def pattern_key(patterns: dict, module: str) -> str:
     return module
 
 
+def is_rank(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def read_config(path: Path) -> AdapterConfig:
     """Parse and check `adapter_config.json`; refuse adapter kinds that are not plain LoRA or DoRA."""
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: cannot read the adapter config ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AdapterError(f"{path}: cannot read the adapter config ({str(e)[:200]})") from None
     if not isinstance(doc, dict):
         raise AdapterError(f"{path}: not a JSON object")
     kind = doc.get("peft_type", "LORA")
@@ -176,16 +184,27 @@ def read_config(path: Path) -> AdapterConfig:
     if isinstance(init, str) and init.lower() == "mica":
         raise AdapterError(f"{path}: init_lora_weights='mica' is a LoRA variant graftcore does not merge")
     r, alpha = doc.get("r", 8), doc.get("lora_alpha", 8)
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-        raise AdapterError(f"{path}: r must be a positive integer and lora_alpha a number (got r={r!r}, lora_alpha={alpha!r})")
+    if not is_rank(r) or not is_finite_number(alpha):
+        raise AdapterError(
+            f"{path}: r must be a positive integer and lora_alpha a finite number (got r={r!r}, lora_alpha={alpha!r})"
+        )
     patterns = {}
-    for name in ("rank_pattern", "alpha_pattern"):
+    for name, valid in (("rank_pattern", is_rank), ("alpha_pattern", is_finite_number)):
         value = doc.get(name) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
-            raise AdapterError(f"{path}: {name} must map module patterns to numbers")
+        if not isinstance(value, dict) or not all(valid(v) for v in value.values()):
+            what = "positive integers" if name == "rank_pattern" else "finite numbers"
+            raise AdapterError(f"{path}: {name} must map module patterns to {what} (got {str(value)[:100]})")
         patterns[name] = value
+    for key, types in (("target_modules", (str, list)), ("exclude_modules", (str, list)), ("modules_to_save", (list,)),
+                       ("layers_pattern", (str, list)), ("layers_to_transform", (int, list))):
+        value = doc.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) or (
+            isinstance(value, list) and not all(isinstance(v, int if key == "layers_to_transform" else str) for v in value)
+        )):
+            raise AdapterError(f"{path}: {key} has the wrong type ({str(value)[:100]})")
     regexes = [*patterns["rank_pattern"], *patterns["alpha_pattern"]]
-    regexes += [doc[k] for k in ("target_modules", "exclude_modules") if isinstance(doc.get(k), str)]
+    regexes += [doc[k] for k in ("target_modules", "exclude_modules", "layers_pattern") if isinstance(doc.get(k), str)]
+    regexes += [p for k in ("modules_to_save", "layers_pattern") if isinstance(doc.get(k), list) for p in doc[k]]
     for regex in regexes:
         try:
             re.compile(regex)

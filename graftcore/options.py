@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 
@@ -45,12 +46,18 @@ class MergeOptions:
     read_buffer: str | None = field(
         default=None, metadata={"help": "bytes per input read buffer (default 4MiB)", "hidden": True, "metavar": "SIZE"}
     )
-    read_depth: int | None = field(default=None, metadata={"help": "read buffers per input (default 4)", "hidden": True, "type": int})
+    read_depth: int | None = field(default=None, metadata={"help": "read buffers per input (default 3)", "hidden": True, "type": int})
     read_workers: int | None = field(
         default=None, metadata={"help": "concurrent reads per input (default 2)", "hidden": True, "type": int}
     )
 
     def __post_init__(self):
+        try:
+            self.alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            raise GraftError(f"--alpha {self.alpha!r}: not a number") from None
+        if not math.isfinite(self.alpha):
+            raise GraftError(f"--alpha {self.alpha}: must be finite (a NaN or infinite alpha writes NaN/Inf weights)")
         for pattern in [*self.include, *self.exclude]:
             try:
                 re.compile(pattern)

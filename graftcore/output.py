@@ -1,18 +1,23 @@
-"""The output folder: refuse what is not ours, resume what is, and write the finishing files atomically.
+"""The output folder: lock it, refuse what is not ours, resume what is, write the finishing files atomically.
 
 While a merge runs, `graftcore.progress.json` records the job's fingerprint and every finished shard with
 its size, sha256 and key (the identities of the input files it was computed from): a rerun keeps a shard only
-if all three still hold, so restoring or replacing one input recomputes just the shards that read it. Shards appear under their final names only when complete (see ShardWriter). The
-index, Instruct's non-weight files and `graftcore.json` are written last, so an interrupted folder never
-looks like a finished model.
+if all three still hold, so restoring or replacing one input recomputes just the shards that read it.
+Shards appear under their final names only when complete (see ShardWriter). The index, Instruct's
+non-weight files and `graftcore.json` are written last, so an interrupted folder never looks like a finished
+model. An exclusive lock (`.graftcore.lock`, holding the pid) keeps a second merge out while one runs.
+Every OSError on this side (no space, no permission, a read-only or missing folder) becomes an OutputError
+naming the path.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
@@ -20,24 +25,43 @@ from .safetensors_io import fsync_dir
 
 PROGRESS = "graftcore.progress.json"
 MANIFEST = "graftcore.json"
+LOCK = ".graftcore.lock"
 OUR_SUFFIXES = (".safetensors", ".partial", ".safetensors.index.json")
+# what a model folder holds besides weights: --overwrite removes these too, so no file of the previous model
+# (a chat template, a tokenizer) is left beside the new one
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json",
+)
+
+
+@contextmanager
+def output_errors(path: Path, doing: str):
+    """Turn an OSError into an OutputError naming the file (exit 2: the user's to fix)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{e.filename or path}: cannot {doing} ({e.strerror or e})") from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `path` through `path.partial` + fsync + rename, so it is never seen half-written."""
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with output_errors(tmp, "write"):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with output_errors(dst, "copy " + str(src) + " to it"):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 def file_sha256(path: Path) -> str:
@@ -56,49 +80,102 @@ class OutputFolder:
         self.fingerprint = fingerprint
         self.finished: dict[str, dict] = {}  # shard file -> {"size", "sha256", "key"}
         self.keys: dict[str, str] = {}  # shard file -> key of the inputs it is computed from
+        self._lock_fd: int | None = None
 
     def prepare(self, shard_sizes: dict[str, int], overwrite: bool, shard_keys: dict[str, str] | None = None) -> set[str]:
-        """Claim the folder; return the shards already finished by an earlier run of the same job (same size,
-        same key in `shard_keys`, sha256 verified).
+        """Lock and claim the folder; return the shards already finished by an earlier run of the same job
+        (same size, same key in `shard_keys`, sha256 verified).
 
         Refuses a non-empty folder that holds something else, unless `overwrite`, which also starts afresh
-        instead of resuming.
+        instead of resuming and removes the previous model's files.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise OutputError(f"{self.path}: exists and is not a folder")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.keys = shard_keys or {}
-        earlier = None if overwrite else self._earlier_record()
-        if earlier is not None:
-            for file, rec in earlier.items():
-                if (
-                    file in shard_sizes and rec.get("size") == shard_sizes[file]
-                    and rec.get("key") == self.keys.get(file) and self._verify(file, rec)
-                ):
-                    self.finished[file] = rec
-        elif any(self.path.iterdir()):
-            if not overwrite:
-                raise OutputError(
-                    f"{self.path}: folder is not empty and was not written by this same merge; "
-                    f"pass --overwrite to replace its weights, or choose another --output"
-                )
-            for p in self.path.iterdir():
-                if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (PROGRESS, MANIFEST)):
-                    p.unlink()
-        for p in self.path.glob("*.partial"):
-            p.unlink()
-        self._save_progress()
+        with output_errors(self.path, "use the output folder"):
+            if self.path.exists() and not self.path.is_dir():
+                raise OutputError(f"{self.path}: exists and is not a folder")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        try:
+            return self._claim(shard_sizes, overwrite, shard_keys)
+        except BaseException:
+            (self.path / LOCK).unlink(missing_ok=True)  # refused: leave the folder as it was (we hold the lock)
+            self.release()
+            raise
+
+    def _claim(self, shard_sizes: dict[str, int], overwrite: bool, shard_keys: dict[str, str] | None) -> set[str]:
+        with output_errors(self.path, "use the output folder"):
+            self.keys = shard_keys or {}
+            earlier = None if overwrite else self._earlier_record()
+            if earlier is not None:
+                for file, rec in earlier.items():
+                    if (
+                        file in shard_sizes and rec.get("size") == shard_sizes[file]
+                        and rec.get("key") == self.keys.get(file) and self._verify(file, rec)
+                    ):
+                        self.finished[file] = rec
+            elif any(p.name != LOCK for p in self.path.iterdir()):
+                if not overwrite:
+                    raise OutputError(
+                        f"{self.path}: folder is not empty and was not written by this same merge; "
+                        f"pass --overwrite to replace the model in it, or choose another --output"
+                    )
+                self._remove_previous_model()
+            for p in self.path.glob("*.partial"):
+                p.unlink()
+            self._save_progress()
         return set(self.finished)
+
+    def _lock(self) -> None:
+        """Take `.graftcore.lock` exclusively (flock: released by the kernel when this process ends)."""
+        path = self.path / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(
+                    f"{self.path}: another graftcore merge (pid {holder}) is writing this folder; wait for it, or "
+                    f"choose another --output"
+                ) from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+            os.close(fd)  # the holder removed the lock file as we opened it: take the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (its file goes with it once the merge is finished)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _remove_previous_model(self) -> None:
+        """--overwrite: remove the weights, index, model files and graftcore records at the folder's top level,
+        and every file a previous graftcore.json lists; anything else (a README of the user's) stays."""
+        listed: set[str] = set()
+        try:
+            listed = set(json.loads((self.path / MANIFEST).read_text()).get("files", []))
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+        for p in self.path.iterdir():  # the top level only: subfolders are the user's unless listed
+            if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (PROGRESS, MANIFEST, *MODEL_FILES)):
+                p.unlink()
+        for rel in listed:
+            p = self.path / rel
+            if ".." not in Path(rel).parts and p.is_file():
+                p.unlink()
 
     def _earlier_record(self) -> dict | None:
         """Finished shards recorded by an earlier run of this same job (interrupted or complete)."""
         for name in (PROGRESS, MANIFEST):
             try:
                 doc = json.loads((self.path / name).read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 continue
             if isinstance(doc, dict) and doc.get("fingerprint") == self.fingerprint and isinstance(doc.get("shards"), dict):
-                return doc["shards"]
+                return {f: rec for f, rec in doc["shards"].items() if isinstance(rec, dict)}
         return None
 
     def _verify(self, file: str, rec: dict) -> bool:
@@ -117,9 +194,14 @@ class OutputFolder:
         """Copy Instruct's non-weight files, write the index and graftcore.json, drop the progress file."""
         for src, rel in extra_files:
             atomic_copy(src, self.path / rel)
+        written = [*self.finished, *(rel for _, rel in extra_files)]
         if index is not None:
             atomic_write(self.path / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-        manifest = {**manifest, "fingerprint": self.fingerprint, "shards": self.finished}
+            written.append("model.safetensors.index.json")
+        manifest = {**manifest, "fingerprint": self.fingerprint, "shards": self.finished, "files": sorted(written)}
         atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=2).encode())
-        (self.path / PROGRESS).unlink(missing_ok=True)
-        fsync_dir(self.path)
+        with output_errors(self.path, "finish the output folder"):
+            (self.path / PROGRESS).unlink(missing_ok=True)
+            (self.path / LOCK).unlink(missing_ok=True)  # while still held: a waiting merge then takes a new one
+            fsync_dir(self.path)
+        self.release()

@@ -332,7 +332,10 @@ class ShardWriter:
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            n = os.pwrite(self._fd, view, self._written)
+            try:
+                n = os.pwrite(self._fd, view, self._written)
+            except OSError as e:  # ENOSPC, EIO, EDQUOT...: the user's to fix, named here
+                raise OutputError(f"{self.partial}: cannot write ({e.strerror or e})") from None
             self._written += n
             view = view[n:]
         if self._written - self._flushed >= WRITEBACK_EVERY:
@@ -357,13 +360,16 @@ class ShardWriter:
         """Check the size, fsync, rename to the final name; returns the file's sha256."""
         if self._written != self.size:
             raise OutputError(f"{self.partial}: {self._written} bytes written, {self.size} planned")
-        os.fsync(self._fd)
-        if self.drop_behind:
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.partial, self.path)
-        fsync_dir(self.path.parent)
+        try:
+            os.fsync(self._fd)  # delayed allocation reports ENOSPC here at the latest
+            if self.drop_behind:
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.partial, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            raise OutputError(f"{e.filename or self.partial}: cannot finish the shard ({e.strerror or e})") from None
         return self._sha.hexdigest()
 
     def abort(self, close: bool = True) -> None:

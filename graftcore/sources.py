@@ -120,11 +120,12 @@ class Checkpoint:
 
 def is_extra_file(rel: str) -> bool:
     """Whether the file `rel` (a path relative to a checkpoint's root) is copied to the output: not weights,
-    not hidden, not an earlier graftcore.json."""
+    not hidden, not an earlier graftcore output's records or partial files."""
     parts = rel.split("/")
     name = parts[-1]
     return not (
-        any(p.startswith(".") for p in parts) or name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(name) or name == "graftcore.json"
+        any(p.startswith(".") for p in parts) or name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(name)
+        or name in ("graftcore.json", "graftcore.progress.json") or name.endswith(".partial")
     )
 
 
@@ -227,7 +228,8 @@ def checkpoint_from_headers(
 ) -> Checkpoint:
     """`headers[k]` is the header of the k-th entry of `files` (shard name -> local path)."""
     if not any(h.tensors for h in headers):
-        raise CheckpointError(f"{ref}: holds no tensors (every safetensors header is empty)")
+        where = headers[0].path if len(headers) == 1 else f"{ref} ({len(headers)} files)"
+        raise CheckpointError(f"{where}: holds no tensors (every safetensors header is empty)")
     return Checkpoint(
         ref=ref,
         root=root,

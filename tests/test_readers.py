@@ -52,17 +52,21 @@ def odd_trio(tmp_path):
     return trio
 
 
+def assert_odd_trio_merged(out, trio):
+    got = load_folder(out)
+    b, t, i = trio["base"], trio["tuned"], trio["instruct"]
+    for n in i:
+        want = i[n] if i[n].dtype == torch.int64 else reference(i[n], t[n], b[n])
+        assert same_bits(got[n], want), n
+
+
 @pytest.mark.parametrize("chunk,buffer,depth", [(1000, "4KiB", 2), (4096, "8KiB", 3), (333, "1MiB", 2), (1 << 18, None, None)])
 def test_boundaries_are_bit_exact(tmp_path, chunk, buffer, depth):
     trio = odd_trio(tmp_path)
     out = tmp_path / "out"
     graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
                     device="cpu", quiet=True, chunk_size=chunk, read_buffer=buffer, read_depth=depth)
-    got = load_folder(out)
-    b, t, i = trio["base"], trio["tuned"], trio["instruct"]
-    for n in i:
-        want = i[n] if i[n].dtype == torch.int64 else reference(i[n], t[n], b[n])
-        assert same_bits(got[n], want), n
+    assert_odd_trio_merged(out, trio)
 
 
 def test_many_shards_and_copies_through_tiny_buffers(tmp_path):
@@ -120,11 +124,7 @@ def test_cold_and_warm_inputs_read_the_same_bits(tmp_path, cold):
         assert 0 < r["direct"] + r["page_cache"] <= total[role]
         # cold: what the header read's own read-ahead did not bring into the cache comes with O_DIRECT
         assert (r["direct"] > 0) == cold and (r["page_cache"] > 0 if not cold else True), reads
-    got = load_folder(out)
-    b, t, i = trio["base"], trio["tuned"], trio["instruct"]
-    for n in i:
-        want = i[n] if i[n].dtype == torch.int64 else reference(i[n], t[n], b[n])
-        assert same_bits(got[n], want), n
+    assert_odd_trio_merged(out, trio)
 
 
 @pytest.mark.parametrize("most,cold", [(100, False), (4096, True)], ids=["100B-cached", "4KiB-direct"])
@@ -147,11 +147,7 @@ def test_short_reads_are_continued(tmp_path, monkeypatch, most, cold):
     assert len(calls) > 30
     reads = json.loads((out / "graftcore.json").read_text())["reads"]
     assert all((r["direct"] > 0) == cold for r in reads.values()), reads
-    got = load_folder(out)
-    b, t, i = trio["base"], trio["tuned"], trio["instruct"]
-    for n in i:
-        want = i[n] if i[n].dtype == torch.int64 else reference(i[n], t[n], b[n])
-        assert same_bits(got[n], want), n
+    assert_odd_trio_merged(out, trio)
 
 
 def test_file_truncated_during_the_merge(tmp_path, monkeypatch):
