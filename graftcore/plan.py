@@ -25,7 +25,7 @@ class Action(str, Enum):
     LORA = "lora"  # I + alpha * s * (B @ A), see lora.py
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorOp:
     name: str
     action: Action

@@ -16,12 +16,13 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -50,6 +51,9 @@ DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
 TORCH_TO_CODE = {t: code for code, (_, t) in DTYPES.items() if t is not None}
+DTYPE_SIZES = {code: size for code, (size, _) in DTYPES.items()}
+DTYPE_NAMES = {code: code for code in DTYPES}
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def itemsize(dtype: str) -> int:
@@ -70,9 +74,9 @@ def numel(shape: Iterable[int]) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes lie: `file` is the shard's name inside its checkpoint."""
+class TensorInfo(NamedTuple):
+    """Where one tensor's bytes lie: `file` is the shard's name inside its checkpoint. (A NamedTuple: a
+    checkpoint of 100k tensors makes 100k of them, and a frozen dataclass costs several times more to build.)"""
 
     name: str
     dtype: str
@@ -151,33 +155,34 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
     ):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings (valid UTF-8)")
     data_start = 8 + len(raw)
+    # A lone surrogate can only come from a \uD800-\uDFFF escape: names are checked one by one only if the raw
+    # header holds one (the common header has none, and this loop runs once per tensor of the checkpoint)
+    check_names = SURROGATE_ESCAPE.search(raw) is not None
     spans = []
     for tname, entry in doc.items():
-        where = f"{path}: tensor {ascii(tname)[1:-1]!r}" if not utf8(tname) else f"{path}: tensor {tname!r}"
-        if not utf8(tname):
-            raise CheckpointError(f"{where}: the name is not valid UTF-8 (a lone surrogate escape)")
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{where}: entry is not an object")
+        if check_names and not utf8(tname):
+            raise CheckpointError(f"{path}: tensor {ascii(tname)[1:-1]!r}: the name is not valid UTF-8 (a lone surrogate escape)")
+        if type(entry) is not dict:
+            raise CheckpointError(f"{path}: tensor {tname!r}: entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape) or numel_overflows(shape):
+        size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+        if size is None:
+            raise CheckpointError(f"{path}: tensor {tname!r}: unknown dtype {dtype!r}")
+        n = shape_numel(shape)
+        if n is None:
             raise CheckpointError(
-                f"{where}: shape {shape!r} is not a list of non-negative integers whose product fits in 63 bits"
+                f"{path}: tensor {tname!r}: shape {shape!r} is not a list of non-negative integers whose product "
+                f"fits in 63 bits"
             )
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(is_int(o) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
-        expected = numel(shape) * itemsize(dtype)
-        if offsets[1] - offsets[0] != expected:
+        if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int \
+                or not 0 <= offsets[0] <= offsets[1]:
+            raise CheckpointError(f"{path}: tensor {tname!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        begin, end = offsets
+        if end - begin != n * size:
             raise CheckpointError(
-                f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}"
+                f"{path}: tensor {tname!r}: data_offsets span {end - begin} bytes but {dtype}{shape} needs {n * size}"
             )
-        spans.append((offsets[0], offsets[1], tname, dtype, tuple(shape)))
+        spans.append((begin, end, tname, DTYPE_NAMES[dtype], tuple(shape)))  # one shared str per dtype, not one per tensor
     spans.sort()
     cursor = 0
     tensors = {}
@@ -210,10 +215,6 @@ def parse_json(raw: bytes | str, path, what: str):
         raise CheckpointError(f"{path}: {what} is not valid JSON ({str(e)[:200]})") from None
 
 
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not 1 here, as for the reference parser
-
-
 def utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -222,16 +223,20 @@ def utf8(text: str) -> bool:
         return False
 
 
-def numel_overflows(shape: list[int]) -> bool:
-    """Whether the running product of `shape` (left to right, as the reference parser computes it) leaves int64."""
+def shape_numel(shape) -> int | None:
+    """The element count of a header's `shape`, or None unless it is a list of non-negative integers (not
+    booleans: JSON true is not 1, as for the reference parser) whose running product, left to right as the
+    reference parser computes it, stays within int64."""
+    if type(shape) is not list:
+        return None
     n = 1
     for d in shape:
-        if d >= INT64_LIMIT:
-            return True
+        if type(d) is not int or d < 0 or d >= INT64_LIMIT:
+            return None
         n *= d
         if n >= INT64_LIMIT:
-            return True
-    return False
+            return None
+    return n
 
 
 class ShardReader:

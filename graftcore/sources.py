@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .safetensors_io import ShardHeader, TensorInfo, file_identity, parse_json, read_header, utf8
+from .safetensors_io import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, parse_json, read_header, utf8
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -195,7 +195,11 @@ def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
             raise CheckpointError(f"{index}: cannot read the index ({e.strerror or e})") from None
     doc = parse_json(text, index, "the index")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and utf8(v) and utf8(k) for k, v in weight_map.items()):
+    raw = text if isinstance(text, bytes) else text.encode(errors="surrogatepass")
+    check_names = SURROGATE_ESCAPE.search(raw) is not None  # only then can a name hold a lone surrogate
+    if not isinstance(weight_map, dict) or not all(
+        type(v) is str and (not check_names or utf8(v) and utf8(k)) for k, v in weight_map.items()
+    ):
         raise CheckpointError(f"{index}: no valid 'weight_map' object (tensor name -> file name)")
     if not weight_map:
         raise CheckpointError(f"{index}: the weight_map is empty: the index names no tensor")
