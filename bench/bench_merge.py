@@ -112,6 +112,7 @@ def graftcore_rows(trio: dict, work: Path) -> list[Row]:
 
 
 VARIANTS: list[str] = []  # set from --variant
+BUSY_CACHE: list[Path] = []  # set from --busy-cache: files read into the page cache before each cold run
 BEFORE: Path | None = None  # set from --before
 
 
@@ -195,6 +196,8 @@ def run_row(row: Row, cold: bool, inputs: list[Path], series: Series, checks: di
             row.out.mkdir(parents=True)
     if cold:
         evict(inputs)
+        if BUSY_CACHE:  # a machine that has run for a while: its free memory is page cache of other files
+            prewarm(BUSY_CACHE)
     else:
         prewarm(inputs)
     run: Run = measure(row.cmd)
@@ -249,6 +252,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                     help="an extra graftcore row with these flags (row key variantK), e.g. '--read-buffer 16MiB' (repeatable)")
     ap.add_argument("--before", metavar="VENV", help="a venv holding an earlier graftcore: adds its row (key 'before')")
+    ap.add_argument("--busy-cache", action="store_true",
+                    help="cold runs start with the page cache full of other files (every other trio under bench/data "
+                    "read after the eviction), as on a machine that has been running, not one just booted")
     args = ap.parse_args()
     modes = args.modes or ["cold", "warm"]
     global BEFORE
@@ -268,6 +274,10 @@ def main() -> None:
         rows = [r for r in rows if r.key in keys]
     inputs = [p for role in ROLES for p in shard_files(trio, role)]
     total = {r: trio["roles"][r]["bytes"] for r in ROLES}
+    if args.busy_cache:
+        mine = set(inputs)
+        BUSY_CACHE.extend(p for p in sorted(DATA.glob("*/*/*.safetensors")) if p not in mine and "runs" not in p.parts)
+        log(f"--busy-cache: {gb(sum(p.stat().st_size for p in BUSY_CACHE))} of other trios read before each cold run")
     log(f"{args.preset}: inputs {', '.join(f'{r} {gb(b)}' for r, b in total.items())}; {len(rows)} rows x {args.reps} reps x {modes}")
 
     checks: dict[str, str] = {}
@@ -288,7 +298,10 @@ def main() -> None:
     intro = (
         f"Trio `{args.preset}`: Base {gb(total['base'])} in {files['base']} shard(s), tuned {gb(total['tuned'])} in "
         f"{files['tuned']}, Instruct {gb(total['instruct'])} in {files['instruct']} ({trio['roles']['instruct']['dtype']}); "
-        f"{args.reps} reps per row, order reversed every other rep. `x floor` = median (wall + flush) / "
+        f"{args.reps} reps per row, order reversed every other rep. "
+        + (f"Cold runs start with the page cache full of other files ({gb(sum(p.stat().st_size for p in BUSY_CACHE))} "
+           "read after the eviction: --busy-cache). " if BUSY_CACHE else "")
+        + "`x floor` = median (wall + flush) / "
         "median (read floor + write floor); `+flush` = fsync of the output after the process exits "
         "(graftcore fsyncs itself; mergekit and the naive script leave write-back to the kernel)."
     )

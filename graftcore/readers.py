@@ -141,7 +141,7 @@ class RoleReader:
                 batch: list[tuple[Read, int]] = []
                 fill, last_op, prev = 0, -1, None
                 while pending is not None:
-                    last_op, read = pending
+                    op, read = pending
                     n = read.end_byte - read.start_byte
                     # A run of adjacent ranges stays contiguous (one preadv). A new run starts in a block of its
                     # own, at the offset its file offset has in its block: O_DIRECT reads the aligned blocks around
@@ -153,7 +153,7 @@ class RoleReader:
                     if at + n > len(buffer.view) - BLOCK:
                         raise RuntimeError(f"a read of {n} bytes exceeds the {self.buffer_bytes}-byte buffer")
                     batch.append((read, at))
-                    fill, prev = at + n, read
+                    fill, prev, last_op = at + n, read, op
                     pending = self._next()
                 self._read_ahead()
                 buffer.pending = len(batch)
