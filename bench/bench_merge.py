@@ -275,8 +275,8 @@ def main() -> None:
     inputs = [p for role in ROLES for p in shard_files(trio, role)]
     total = {r: trio["roles"][r]["bytes"] for r in ROLES}
     if args.busy_cache:
-        mine = set(inputs)
-        BUSY_CACHE.extend(p for p in sorted(DATA.glob("*/*/*.safetensors")) if p not in mine and "runs" not in p.parts)
+        mine = {p.resolve() for p in inputs}
+        BUSY_CACHE.extend(p for p in sorted(DATA.glob("*/*/*.safetensors")) if p.resolve() not in mine)
         log(f"--busy-cache: {gb(sum(p.stat().st_size for p in BUSY_CACHE))} of other trios read before each cold run")
     log(f"{args.preset}: inputs {', '.join(f'{r} {gb(b)}' for r, b in total.items())}; {len(rows)} rows x {args.reps} reps x {modes}")
 
