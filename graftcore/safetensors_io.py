@@ -5,7 +5,6 @@ The JSON maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, en
 the end of the header) plus an optional `__metadata__` string map.
 
 - `read_header` validates everything the format requires and says what is wrong in which file.
-- `ShardReader` memory-maps a file and hands out zero-copy torch views of element ranges.
 - `ShardWriter` plans a header up front, takes the data appended in order, and renames `NAME.partial`
   to `NAME` only once every byte is written and fsynced.
 """
@@ -14,12 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import stat
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -237,52 +234,6 @@ def shape_numel(shape) -> int | None:
         if n >= INT64_LIMIT:
             return None
     return n
-
-
-class ShardReader:
-    """A read-only memory map of one file with zero-copy tensor views.
-
-    Example:
-        >>> r = ShardReader("model.safetensors")                      # doctest: +SKIP
-        >>> r.view(info, 0, 1024)      # first 1024 elements, no copy  # doctest: +SKIP
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
-        size = os.fstat(self._fd).st_size
-        self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ) if size else None
-
-    def view(self, info: TensorInfo, first: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [first, stop) of `info` as a flat tensor sharing the mapped pages."""
-        stop = info.numel if stop is None else stop
-        size = itemsize(info.dtype)
-        dtype = DTYPES[info.dtype][1] or torch.uint8
-        count = (stop - first) * (size if DTYPES[info.dtype][1] is None else 1)
-        if count == 0:
-            return torch.empty(0, dtype=dtype)
-        with warnings.catch_warnings():  # the map is read-only on purpose; torch warns about that
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(self._map, dtype=dtype, count=count, offset=info.start + first * size)
-
-    def bytes(self, start: int, stop: int) -> memoryview:
-        """Raw bytes [start, stop) of the file, zero-copy."""
-        return memoryview(self._map)[start:stop] if self._map is not None else memoryview(b"")
-
-    def will_need(self, start: int, length: int) -> None:
-        """Ask the kernel to start reading [start, start+length) now (asynchronous readahead)."""
-        fd = self._fd
-        if length > 0 and fd >= 0:
-            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
-
-    def close(self) -> None:
-        """Close the file. The mapping itself is dropped, not unmapped: torch views hold the map object and
-        unmap it when the last of them dies (unmapping under a live view, e.g. one kept by a traceback,
-        would crash the process)."""
-        self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def plan_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:

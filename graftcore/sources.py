@@ -8,7 +8,6 @@ Only headers are read here; tensor data is mapped later by the engine, file by f
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
