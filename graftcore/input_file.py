@@ -74,23 +74,24 @@ class InputFile:
             self.direct_fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else None
         except OSError:
             self.direct_fd = None
+        self.direct_ok = self.direct_fd is not None
 
     def read_run(self, view: memoryview, at: int, start: int, end: int, tensor: str, drop_behind: bool) -> bool:
         """File bytes [start, end) into view[at : at + end - start]; True if read with O_DIRECT, False if copied
         from the page cache. `at` is congruent to `start` modulo BLOCK and the view has room for the
         BLOCK-aligned range around the run: its bytes outside the run may be overwritten (readers.py gives
         every run blocks of its own)."""
-        if self.direct_fd is not None and not resident(self.fd, start, end - start):
+        direct_fd = self.direct_fd if self.direct_ok else None  # two I/O workers may read one file at once
+        if direct_fd is not None and not resident(self.fd, start, end - start):
             lo = start - start % BLOCK
             hi = -(-end // BLOCK) * BLOCK
             try:
-                self._read_all(self.direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, tensor)
+                self._read_all(direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, tensor)
                 return True
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                os.close(self.direct_fd)  # the filesystem refuses O_DIRECT for this file after all: read buffered
-                self.direct_fd = None
+                self.direct_ok = False  # the filesystem refuses O_DIRECT after all: read buffered (closed in close())
         self._read_all(self.fd, view[at : at + end - start], start, end - start, tensor)
         if drop_behind:  # out of core: what was cached before is not worth keeping either
             os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
@@ -110,7 +111,7 @@ class InputFile:
 
     def will_need(self, start: int, length: int) -> None:
         """Ask the kernel to read ahead, only where the reads are buffered (with O_DIRECT it would read twice)."""
-        if self.direct_fd is None:
+        if not self.direct_ok:
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> os.stat_result:

@@ -162,9 +162,10 @@ class OutputFolder:
         for p in self.path.iterdir():  # the top level only: subfolders are the user's unless listed
             if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (PROGRESS, MANIFEST, *MODEL_FILES)):
                 p.unlink()
-        for rel in listed:
+        root = self.path.resolve()
+        for rel in listed:  # only files inside this folder (a crafted graftcore.json must not reach outside it)
             p = self.path / rel
-            if ".." not in Path(rel).parts and p.is_file():
+            if isinstance(rel, str) and not Path(rel).is_absolute() and p.is_file() and p.resolve().is_relative_to(root):
                 p.unlink()
 
     def _earlier_record(self) -> dict | None:

@@ -167,9 +167,7 @@ class RoleReader:
         except BaseException as e:  # noqa: BLE001 - handed to the engine at its next take()
             self.ready.put(None if isinstance(e, Stopped) else e)
         finally:
-            for done in self._in_flight:
-                done.cancel()
-            futures.wait(self._in_flight)
+            futures.wait(self._in_flight)  # never cancelled: the engine may still take those batches, then the error
             for f in self._files.values():
                 f.close()
             self._files.clear()

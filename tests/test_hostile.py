@@ -194,6 +194,8 @@ HOSTILE_HEADERS = {
     "metadata not a string map": b'{"__metadata__":{"a":1},"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}}',
     "metadata a list": b'{"__metadata__":[],"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}}',
     "no tensors": b"{}",
+    "NaN in an extra field": b'{"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2],"x":NaN}}',
+    "1e999 in an extra field": b'{"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2],"x":1e999}}',
 }
 
 
@@ -283,6 +285,21 @@ def test_overwrite_removes_the_previous_models_files(tmp_path):
     assert not (out / "model.safetensors.index.json").exists() and not list(out.glob("model-0000*"))
     assert (out / "my-notes.txt").read_text() == "mine"
     assert_merged(out, sds)
+
+
+def test_overwrite_never_deletes_outside_the_folder(tmp_path):
+    """A crafted graftcore.json listing an absolute path or a path through a symlink must not reach outside."""
+    _, paths = trio(tmp_path)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(victim)
+    (out / "graftcore.json").write_text(json.dumps({"files": [str(victim / "keep.txt"), "link/keep.txt"]}))
+    run = subprocess.run(cli_args(paths, out, "--overwrite"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (victim / "keep.txt").read_text() == "keep"
 
 
 def test_a_held_lock_names_its_holder(tmp_path):
