@@ -61,6 +61,20 @@ def resident(fd: int, start: int, length: int) -> bool:
         _LIBC.munmap(addr, n)
 
 
+def read_exactly(fd: int, into: memoryview, offset: int, need: int, where: str, tensor: str) -> None:
+    """preadv into `into` until `need` bytes are in (short reads are continued); an EOF first is a CheckpointError
+    naming the file (`where`) and the tensor."""
+    done = 0
+    while done < need:
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(
+                f"{where}: file ended at byte {offset + done} while reading tensor {tensor!r} (it needs "
+                f"bytes up to {offset + need}); the file was truncated or replaced during the merge"
+            )
+        done += n
+
+
 class InputFile:
     """One open input file: a buffered descriptor, and an O_DIRECT one where the filesystem allows it."""
 
@@ -86,28 +100,16 @@ class InputFile:
             lo = start - start % BLOCK
             hi = -(-end // BLOCK) * BLOCK
             try:
-                self._read_all(direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, tensor)
+                read_exactly(direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, self.where, tensor)
                 return True
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct_ok = False  # the filesystem refuses O_DIRECT after all: read buffered (closed in close())
-        self._read_all(self.fd, view[at : at + end - start], start, end - start, tensor)
+        read_exactly(self.fd, view[at : at + end - start], start, end - start, self.where, tensor)
         if drop_behind:  # out of core: what was cached before is not worth keeping either
             os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
         return False
-
-    def _read_all(self, fd: int, into: memoryview, offset: int, need: int, tensor: str) -> None:
-        """preadv until `need` bytes are in (short reads are continued); EOF first is a truncated file."""
-        done = 0
-        while done < need:
-            n = os.preadv(fd, [into[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(
-                    f"{self.where}: file ended at byte {offset + done} while reading tensor {tensor!r} (it needs "
-                    f"bytes up to {offset + need}); the file was truncated or replaced during the merge"
-                )
-            done += n
 
     def will_need(self, start: int, length: int) -> None:
         """Ask the kernel to read ahead, only where the reads are buffered (with O_DIRECT it would read twice)."""

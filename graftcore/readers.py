@@ -32,9 +32,8 @@ from typing import Iterator
 import torch
 
 from . import interrupts
-from .errors import CheckpointError
 from .interrupts import POLL
-from .input_file import BLOCK, InputFile
+from .input_file import BLOCK, InputFile, read_exactly
 from .safetensors_io import DTYPES, TensorInfo, itemsize
 from .steps import Read
 
@@ -348,13 +347,7 @@ def read_elements(path, info: TensorInfo, first: int = 0, stop: int | None = Non
     size = itemsize(info.dtype)
     out = torch.empty((stop - first) * size, dtype=torch.uint8)
     if out.numel():
-        view = memoryview(out.numpy())
         with open(path, "rb", buffering=0) as f:
-            done = 0
-            while done < len(view):
-                n = os.preadv(f.fileno(), [view[done:]], info.start + first * size + done)
-                if n == 0:
-                    raise CheckpointError(f"{path}: file ended while reading tensor {info.name!r}; truncated?")
-                done += n
+            read_exactly(f.fileno(), memoryview(out.numpy()), info.start + first * size, out.numel(), str(path), info.name)
     dtype = DTYPES[info.dtype][1]
     return out.view(dtype) if dtype is not None and out.numel() else out
