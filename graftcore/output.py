@@ -64,6 +64,33 @@ def atomic_copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
 
 
+def config_with_dtype(text: str, dtype: str) -> str:
+    """config.json's `text` with its top-level "torch_dtype" (and "dtype" where present, as newer transformers
+    writes it) set to `dtype`; other keys keep their values and order. Text that is not a JSON object, or that
+    already says `dtype`, comes back unchanged."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(doc, dict):
+        return text
+    new = {**doc, "torch_dtype": dtype, **({"dtype": dtype} if "dtype" in doc else {})}
+    if new == doc:
+        return text
+    return json.dumps(new, indent=2, ensure_ascii=False) + ("\n" if text.endswith("\n") else "")
+
+
+def atomic_copy_config(src: Path, dst: Path, dtype: str) -> None:
+    """atomic_copy of a config.json whose dtype becomes `dtype` (a file that is not UTF-8 is copied as is)."""
+    with output_errors(dst, "copy " + str(src) + " to it"):
+        raw = src.read_bytes()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return atomic_copy(src, dst)
+    atomic_write(dst, config_with_dtype(text, dtype).encode())
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -191,10 +218,18 @@ class OutputFolder:
         self.finished[file] = {"size": size, "sha256": sha256, "key": self.keys.get(file)}
         self._save_progress()
 
-    def finalize(self, index: dict | None, extra_files: list[tuple[Path, str]], manifest: dict) -> None:
-        """Copy Instruct's non-weight files, write the index and graftcore.json, drop the progress file."""
+    def finalize(
+        self, index: dict | None, extra_files: list[tuple[Path, str]], manifest: dict, dtype: str | None = None
+    ) -> None:
+        """Copy Instruct's non-weight files, write the index and graftcore.json, drop the progress file.
+
+        With `dtype` (the --dtype of the tensors, unless auto) config.json's "torch_dtype" says it too.
+        """
         for src, rel in extra_files:
-            atomic_copy(src, self.path / rel)
+            if dtype is not None and rel == "config.json":
+                atomic_copy_config(src, self.path / rel, dtype)
+            else:
+                atomic_copy(src, self.path / rel)
         written = [*self.finished, *(rel for _, rel in extra_files)]
         if index is not None:
             atomic_write(self.path / "model.safetensors.index.json", json.dumps(index, indent=2).encode())

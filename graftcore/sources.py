@@ -128,8 +128,29 @@ def is_extra_file(rel: str) -> bool:
     )
 
 
+def local_ref_reason(ref: str) -> str | None:
+    """Why REF is a local path and not a hub repo id `org/name[@revision]`; None when it is a hub id.
+
+    A path that does not exist is still read as one when it starts with '.', '/' or '~', has more than one
+    '/' before any '@', or lies in a folder that exists (`demo/bsae` beside `demo/`): a typo there must be
+    reported as a missing path, not sent to the hub.
+    """
+    repo = ref.partition("@")[0]
+    if os.path.exists(ref):
+        return "it exists"
+    if ref.startswith((".", "/", "~")):
+        return f"it starts with {ref[0]!r}"
+    if repo.count("/") > 1:
+        return "it has more than one '/' before any '@'"
+    if not HUB_ID.match(ref):
+        return "it is not of the form org/name[@revision]"
+    if os.path.isdir(os.path.dirname(repo)):
+        return f"the folder {os.path.dirname(repo)}/ exists"
+    return None
+
+
 def is_local_ref(ref: str) -> bool:
-    return os.path.exists(ref) or not HUB_ID.match(ref) or ref.startswith((".", "/", "~"))
+    return local_ref_reason(ref) is not None
 
 
 def open_checkpoint(ref: str | os.PathLike, **hub_options) -> Checkpoint:
@@ -141,11 +162,15 @@ def open_checkpoint(ref: str | os.PathLike, **hub_options) -> Checkpoint:
         (128256, 4096)
     """
     ref = str(ref)
-    if is_local_ref(ref):
-        return open_local(Path(ref).expanduser())
-    from .hub import open_hub_checkpoint
+    reason = local_ref_reason(ref)
+    if reason is None:
+        from .hub import open_hub_checkpoint
 
-    return open_hub_checkpoint(ref, **hub_options)
+        return open_hub_checkpoint(ref, **hub_options)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{ref}: no such file or folder (not a hub repo id: {reason})")
+    return open_local(path)
 
 
 def open_local(path: Path) -> Checkpoint:
