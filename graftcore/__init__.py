@@ -1,6 +1,6 @@
 """graftcore: graft a fine-tune of a Base model onto its Instruct model, tensor by tensor, streaming.
 
-    W_out = W_instruct + alpha * (W_tuned - W_base)      float32 math, one rounding
+    W_out = W_instruct + a1 * (W_tuned1 - W_base) + a2 * (W_tuned2 - W_base) + ...    float32 math, one rounding
 
 Example:
     >>> import graftcore
@@ -20,7 +20,17 @@ from .errors import (  # noqa: E402
 )
 from .options import MergeOptions  # noqa: E402
 
-_LAZY = {"graft": "api", "open_checkpoint": "sources", "Checkpoint": "sources"}  # these import torch: on first use
+# these import torch: loaded on first use, so `graftcore --version` and `--help` start in a fraction of a second
+_LAZY = {
+    "graft": "api",
+    "graft_tensor": "tensors",
+    "graft_state_dict": "tensors",
+    "open_checkpoint": "sources",
+    "Checkpoint": "sources",
+    "Report": "engine",
+    "Progress": "engine",
+    "Plan": "plan",
+}
 
 
 def __getattr__(name: str):
@@ -33,6 +43,11 @@ def __getattr__(name: str):
 
 __all__ = [
     "graft",
+    "graft_tensor",
+    "graft_state_dict",
+    "Report",
+    "Progress",
+    "Plan",
     "open_checkpoint",
     "Checkpoint",
     "MergeOptions",

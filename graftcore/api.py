@@ -12,90 +12,119 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 from . import __version__, interrupts
-from .engine import CpuCompute, Report, execute
+from .engine import CpuCompute, Progress, Report, execute
 from .errors import GraftError, OutputError
-from .lora import build_lora_plan, is_adapter, open_adapter
-from .options import MergeOptions
+from .lora import is_adapter, open_adapter
+from .options import MergeOptions, option_fields
 from .output import OutputFolder
-from .plan import Plan, build_plan
+from .plan import DeltaInput, Plan, build_plan
 from .safetensors_io import planned_file_size
 from .sources import Checkpoint, open_checkpoint
 from .steps import files_depended_on, files_read
 
 
+Ref = Union[str, os.PathLike]
+
+
 def graft(
     *,
-    instruct: str | os.PathLike,
-    tuned: str | os.PathLike,
-    output: str | os.PathLike,
-    base: str | os.PathLike | None = None,
-    alpha: float = 1.0,
+    instruct: Ref,
+    tuned: Ref | Sequence[Ref],
+    output: Ref,
+    base: Ref | None = None,
+    alpha: float | Sequence[float] = 1.0,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     **options,
 ) -> Report:
-    """Write `instruct + alpha * (tuned - base)` for every tensor into the folder `output`.
+    """Write `instruct + a1 * (tuned1 - base) + a2 * (tuned2 - base) + ...` for every tensor into the folder `output`.
 
     Args:
-        instruct, tuned, base: local folders, `.safetensors` files or hub ids `org/name[@revision]`.
+        instruct, base: local folders, `.safetensors` files or hub ids `org/name[@revision]`.
+        tuned: one such REF or a PEFT LoRA adapter folder, or a list of them: several fine-tunes of Base
+            merged in one pass (one rounding per element). Base is needed unless every tuned input is an
+            adapter of LoRA factors only.
         output: the folder to write (a shard layout, index and non-weight files like Instruct's).
-        alpha: scale of the grafted update.
+        alpha: the coefficient of every update, or a list with one per tuned input.
         device: "auto", "cpu", "cuda" or "cuda:N".
         log: called with one-line notices (device fallback, resume); silent by default.
+        progress: called with a `Progress` (bytes done, bytes in all, shard, tensor) as output is written.
         **options: any other MergeOptions field (include, exclude, targets, dtype, max_shard_size,
             overwrite, allow_nonfinite, dry_run, quiet, token, cache_dir, low_disk, chunk_size).
 
     Returns:
         A Report (counts of grafted and copied tensors, bytes, seconds); with dry_run=True nothing is
-        written and `report.plan` holds the plan.
+        written, `report.plan` holds the plan and `report.summary()` describes it.
 
     Raises:
-        GraftError (or a subclass) for bad input, naming the file and tensor.
+        GraftError (or a subclass) for bad input, naming the file and tensor, before the output is touched.
+
+    Example:
+        >>> report = graftcore.graft(base="Llama-3.1-8B", tuned=["math-sft", "code-sft"], alpha=[0.7, 0.5],
+        ...                          instruct="Llama-3.1-8B-Instruct", output="shadow")      # doctest: +SKIP
     """
+    unknown = sorted(set(options) - {f.name for f in option_fields()})
+    if unknown:
+        raise GraftError(f"graft: unknown option(s) {', '.join(unknown)} (see graftcore.MergeOptions)")
     opts = MergeOptions(alpha=alpha, device=device, **options)
+    refs = [tuned] if isinstance(tuned, (str, os.PathLike)) else list(tuned) if isinstance(tuned, (list, tuple)) else None
+    if not refs or not all(isinstance(r, (str, os.PathLike)) for r in refs):
+        raise GraftError(f"tuned: expected a REF or a list of REFs (folders, files, hub ids), got {tuned!r}")
+    for role, ref in (("instruct", instruct), ("output", output), ("base", base)):
+        if not isinstance(ref, (str, os.PathLike)) and not (role == "base" and ref is None):
+            raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
+    alphas = opts.alphas(len(refs))
     log = log or (lambda _msg: None)
     hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk, "quiet": opts.quiet}
-    if is_adapter(tuned):
-        return graft_adapter(tuned, instruct, base, Path(output), opts, hub, log)
-    if base is None:
-        raise GraftError(f"--base is required: the update is tuned - base ({tuned} is not a PEFT adapter folder)")
-    checkpoints = {role: open_checkpoint(ref, **hub) for role, ref in (("instruct", instruct), ("tuned", tuned), ("base", base))}
-    plan = build_plan(checkpoints["instruct"], checkpoints["tuned"], checkpoints["base"], opts)
-    return run_plan(plan, checkpoints, Path(output), opts, log)
-
-
-def graft_adapter(adapter, instruct, base, output: Path, opts: MergeOptions, hub: dict, log) -> Report:
-    """`tuned` is a PEFT LoRA adapter: W_I + alpha * s * (B @ A); Base only for modules_to_save and DoRA."""
-    ad = open_adapter(adapter)
-    checkpoints = {"instruct": open_checkpoint(instruct, **hub), "tuned": ad.checkpoint}
+    adapters = [is_adapter(ref) for ref in refs]
+    if base is None and not all(adapters):
+        ref = next(r for r, a in zip(refs, adapters) if not a)
+        raise GraftError(f"--base is required: the update is tuned - base ({ref} is not a PEFT adapter folder)")
+    checkpoints = {"instruct": open_checkpoint(instruct, **hub)}
     if base is not None:
         checkpoints["base"] = open_checkpoint(base, **hub)
-    plan = build_lora_plan(checkpoints["instruct"], ad, checkpoints.get("base"), opts)
-    return run_plan(plan, checkpoints, output, opts, log)
+    deltas = []
+    for k, (ref, alpha_k, adapter) in enumerate(zip(refs, alphas, adapters)):
+        role = tuned_role(k)
+        if adapter:
+            ad = open_adapter(ref)
+            deltas.append(DeltaInput(role, alpha_k, ad.checkpoint, ad))
+        else:
+            deltas.append(DeltaInput(role, alpha_k, open_checkpoint(ref, **hub)))
+        checkpoints[role] = deltas[-1].checkpoint
+    plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
+    return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress)
 
 
-def run_plan(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None) -> Report:
+def tuned_role(k: int) -> str:
+    """The name of the k-th tuned input (0-based) in messages and graftcore.json: tuned, tuned2, tuned3, ..."""
+    return "tuned" if k == 0 else f"tuned{k + 1}"
+
+
+def run_plan(
+    plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None, progress=None
+) -> Report:
     """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device)."""
     compute = compute or select_compute(opts, log)
     if opts.dry_run:
-        report = Report(output, compute.name, ignored=plan.ignored, notes=plan.notes)
-        report.plan = plan
+        report = Report(output, compute.name, dry_run=True)
+        report.count(plan)
         return report
     check_output_is_not_an_input(output, checkpoints)
     folder = OutputFolder(output, job_fingerprint(checkpoints, opts))
     try:
-        return write_output(plan, checkpoints, output, folder, opts, log, compute)
+        return write_output(plan, checkpoints, output, folder, opts, log, compute, progress)
     finally:
         folder.release()
 
 
-def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, folder: OutputFolder, opts, log, compute) -> Report:
+def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, folder: OutputFolder, opts, log, compute, progress=None) -> Report:
     """Claim `folder`, stream the plan into it, finalize it."""
     sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
     kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
@@ -103,7 +132,7 @@ def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, f
         log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
     schedule_reads(plan, checkpoints, kept, output)
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
-        report = execute(plan, checkpoints, output, folder, opts, compute, kept)
+        report = execute(plan, checkpoints, output, folder, opts, compute, kept, progress)
         for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
             report.notes += [n for n in ck.report_notes() if n not in report.notes]
         instruct = checkpoints["instruct"]
@@ -113,8 +142,7 @@ def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, f
             index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
         extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
         interrupts.check()
-        folder.finalize(index, extras, manifest(checkpoints, opts, report))
-    report.plan = plan
+        folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
     return report
 
 
@@ -145,8 +173,6 @@ def select_compute(opts: MergeOptions, log):
         device = "cpu" if why else "cuda"
     if device == "cpu":
         return CpuCompute(opts.chunk_size or CHUNK)
-    if re.fullmatch(r"cuda(:\d+)?", device) is None:
-        raise GraftError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     why = cuda_unavailable(device)
     if why:
         raise GraftError(f"--device {device}: {why}")
@@ -202,15 +228,14 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
     options = {k: v for k, v in asdict(opts).items() if k not in ("token", "dry_run", "quiet", "overwrite")}
     return {
         "graftcore_version": __version__,
-        "formula": "instruct + alpha * (tuned - base), float32 math, one rounding"
-        + ("; LoRA tensors: instruct + alpha * lora_alpha/r * (lora_B @ lora_A)" if report.lora else ""),
+        "formula": formula(checkpoints, opts, report),
         "inputs": {
             role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint}
             for role, ck in checkpoints.items()
         },
         "options": options,
         "counts": {"grafted": report.grafted, "grafted_rows": report.grafted_rows, "lora": report.lora, "copied": report.copied},
-        "ignored": report.ignored,
+        "ignored": [{"name": name, "reason": reason} for name, reason in report.ignored],
         "notes": report.notes,
         "device": report.device,
         "seconds": round(report.seconds, 3),
@@ -218,3 +243,13 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         "timings": {k: round(v, 3) for k, v in report.timings.items()},
         "reads": report.reads,  # per input: bytes read from the disk with O_DIRECT, and from the page cache
     }
+
+
+def formula(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> str:
+    """The merge as graftcore.json states it, e.g. `instruct + 0.7 * (tuned - base) + 0.5 * (tuned2 - base)`."""
+    roles = [r for r in checkpoints if r.startswith("tuned")]
+    terms = [f"{a:g} * ({r} - base)" for r, a in zip(roles, opts.alphas(len(roles)))]
+    text = "instruct + " + " + ".join(terms) + ", float32 math, terms added left to right, one rounding"
+    if report.lora:
+        text += "; a LoRA adapter's term is alpha * lora_alpha/r * (lora_B @ lora_A)"
+    return text

@@ -1,8 +1,10 @@
-"""`graftcore merge ...`: flags from MergeOptions, one-line errors, exit codes 0 / 2 bad input / 130 interrupted."""
+"""`graftcore merge ...`: flags from MergeOptions, one-line errors, exit codes 0 / 2 bad input / 130 interrupted / 141 reader gone."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import signal
 import sys
 from dataclasses import MISSING
@@ -33,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", metavar="REF", help="the Base model the tuned model was fine-tuned from (a LoRA adapter needs it only for modules_to_save or DoRA)"
     )
     merge.add_argument(
-        "--tuned", metavar="REF", required=True, help="the fine-tuned Base model, or a PEFT LoRA adapter folder trained on Base"
+        "--tuned",
+        metavar="REF",
+        required=True,
+        action="append",
+        help="the fine-tuned Base model, or a PEFT LoRA adapter folder trained on Base; repeat it to merge several "
+        "fine-tunes in one pass",
     )
     merge.add_argument("--instruct", metavar="REF", required=True, help="the Instruct model to graft onto")
     merge.add_argument("--output", metavar="DIR", required=True, help="the folder to write")
@@ -46,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             merge.add_argument(flag, action="store_true", help=help_text)
         elif f.name in ("include", "exclude"):
             merge.add_argument(flag, action="append", default=[], metavar=meta.get("metavar"), help=help_text)
+        elif f.name == "alpha":  # repeatable; absent: the default
+            merge.add_argument(flag, action="append", type=float, metavar=meta.get("metavar"), help=help_text)
         else:
             kind = meta.get("type") or {"float": float, "int": int}.get(str(f.type), str)
             merge.add_argument(
@@ -87,18 +96,51 @@ def entry() -> None:
     While the interpreter shuts down it puts the default handlers back, so a Ctrl-C then would kill the
     process by the signal (any thread may take it). Ignored signals are left ignored: main() ends with its
     flag-setting handlers, then the signals are ignored, and one that came before exits 130.
+
+    A reader that goes away (`graftcore merge --dry-run ... | head -1`) ends the command quietly with the
+    status a shell gives a command SIGPIPE killed (141), not a BrokenPipeError traceback.
     """
-    code = main()
+    try:
+        code = main()
+    except SystemExit as e:  # argparse printed --help, --version or a usage error: flushed below
+        code = e.code
+    except BrokenPipeError as e:
+        code = quiet_exit_on_closed_pipe(e)
+    try:
+        sys.stdout.flush()  # now, not at interpreter exit, where a closed pipe is reported as "Exception ignored"
+    except BrokenPipeError as e:
+        code = quiet_exit_on_closed_pipe(e)
     for s in interrupts.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     sys.exit(130 if interrupts.requested() else code)
+
+
+def closed_pipes() -> list[int]:
+    """stdout and stderr where it is a pipe whose reader has gone (its write end polls POLLERR)."""
+    poll = select.poll()
+    for fd in (1, 2):
+        poll.register(fd, select.POLLOUT)
+    return [fd for fd, events in poll.poll(0) if events & (select.POLLERR | select.POLLHUP)]
+
+
+def quiet_exit_on_closed_pipe(error: BrokenPipeError) -> int:
+    """Point the closed stdout/stderr at /dev/null, so that the flush at exit cannot fail again, and return 141.
+    Raises `error` when neither is closed (the broken pipe was another one: a bug to report, not to hide)."""
+    gone = closed_pipes()
+    if not gone:
+        raise error
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in gone:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def run(args: argparse.Namespace) -> int:
     from .api import graft
 
     option_names = {f.name for f in option_fields()}
-    options = {k: v for k, v in vars(args).items() if k in option_names}
+    options = {k: v for k, v in vars(args).items() if k in option_names and v is not None}
 
     def log(msg: str) -> None:
         print(f"graftcore: {msg}", file=sys.stderr)

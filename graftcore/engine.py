@@ -1,14 +1,14 @@
 """Execute a Plan: stream every output shard step by step from the input streamer into a ShardWriter.
 
     for each output shard:                 ShardWriter(NAME.partial), header planned up front
-        for each TensorOp, each step:       input streamer (readers.py): I, T, B bytes in reusable buffers
+        for each TensorOp, each step:       input streamer (readers.py): I, B, T1.. bytes in reusable buffers
                                             -> compute into a pooled output buffer
                                             -> writer thread: append (pwrite) + sha256
         finish: fsync, rename to NAME, record in graftcore.progress.json
 
 Peak anonymous memory is a few buffers per input plus a few chunks (scratch + the output pool), whatever
-the tensor or model size. The three inputs are read at once by their own threads, because three
-concurrent streams read 2-3x faster than one on the disks we measured (docs/architecture.md).
+the tensor or model size. The inputs are read at once by their own threads, because three concurrent
+streams read 2-3x faster than one on the disks we measured (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import interrupts
 from .errors import NonFiniteError
 from .interrupts import POLL
-from .plan import Action, Plan, TensorOp
+from .plan import Action, Ignored, Plan, TensorOp
 from .options import parse_size
 from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer, read_elements
 from .safetensors_io import ShardWriter, itemsize, torch_dtype
@@ -52,13 +52,28 @@ class Report:
     shards_kept: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
-    ignored: list[str] = field(default_factory=list)
+    ignored: list[Ignored] = field(default_factory=list)  # (name, reason) of tensors Instruct does not have
     notes: list[str] = field(default_factory=list)
     plan: object = None  # the Plan that was executed (or only described, for a dry run)
+    dry_run: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_input, wait_writer, write, ...
     reads: dict[str, dict[str, int]] = field(default_factory=dict)  # per input: bytes read direct / from the cache
 
+    def count(self, plan: Plan) -> None:
+        """Take the counts of tensors per action, the ignored tensors and the notes from `plan`."""
+        self.plan = plan
+        for op in plan.ops:
+            self.grafted += op.action is Action.GRAFT
+            self.grafted_rows += op.action is Action.GRAFT_ROWS
+            self.lora += op.action is Action.LORA
+            self.copied += op.action is Action.COPY
+        self.ignored = list(plan.ignored)
+        self.notes = list(plan.notes)
+
     def summary(self) -> str:
+        """One line of counts, bytes and speed; for a dry run, the plan (what would be written)."""
+        if self.dry_run:
+            return f"{self.output}: dry run, nothing written\n" + self.plan.describe()
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
         parts = [f"{self.grafted} grafted"]
         if self.grafted_rows:
@@ -219,6 +234,34 @@ class ChunkSink:
             self.pool.put(buf)
 
 
+class Progress(NamedTuple):
+    """What `graft(..., progress=callback)` receives after every written piece: output bytes done and in all
+    (this run's: shards kept from an earlier run are not counted), the output shard and tensor being written."""
+
+    done: int
+    total: int
+    shard: str
+    tensor: str
+
+
+class ProgressBar:
+    """The progress bar (tqdm, unless quiet) and the caller's progress callback, fed by the ChunkSink."""
+
+    def __init__(self, total: int, quiet: bool, callback: Callable[[Progress], None] | None):
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="graft", disable=True if quiet else None, leave=False)
+        self.total, self.done, self.callback = total, 0, callback
+        self.shard = self.tensor = ""
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.callback is not None:
+            self.callback(Progress(self.done, self.total, self.shard, self.tensor))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class CpuCompute:
     """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
 
@@ -245,14 +288,27 @@ class CpuCompute:
     def __exit__(self, *exc):
         torch.set_num_threads(self._threads)
 
-    def graft(self, out: torch.Tensor, i: torch.Tensor, t: torch.Tensor, b: torch.Tensor, alpha: float, name: str):
-        """`out = I + alpha * (T - B)` now; returns None (nothing to wait for)."""
+    def graft(self, out: torch.Tensor, i: torch.Tensor, tuned: list, b: torch.Tensor, alphas: list[float], name: str):
+        """`out = I + a1 * (T1 - B) + ...` now; returns None (nothing to wait for)."""
         from .kernels import graft_cpu
 
-        bad = graft_cpu(out, i, t, b, alpha, self.scratch)
+        self._count(name, graft_cpu(out, i, tuned, b, alphas, self.scratch))
+        return None
+
+    def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
+        """A block with LoRA terms (kernels.lora.block_cpu); returns None (nothing to wait for)."""
+        from .kernels.lora import block_cpu
+
+        self._count(name, block_cpu(out, i, b, terms, self.scratch))
+        return None
+
+    def place(self, loaded):
+        """A LoRA term's factors where the math runs: here, as they are."""
+        return loaded
+
+    def _count(self, name: str, bad: int) -> None:
         if bad:
             self.counts[name] = self.counts.get(name, 0) + bad
-        return None
 
     def convert(self, out: torch.Tensor, src: torch.Tensor):
         out.copy_(src)
@@ -261,21 +317,6 @@ class CpuCompute:
     def nonfinite(self) -> dict[str, int]:
         counts, self.counts = self.counts, {}
         return counts
-
-    def lora(self, out, i, update, r0: int, r1: int, alpha: float, c0: int = 0, c1: int | None = None, base=None):
-        """`out = I + alpha * s * (left @ right)[r0:r1, c0:c1]` (or its DoRA form, given Base's block); `update`
-        is a lora.LoadedUpdate; out, i and base hold the block's elements."""
-        from .kernels.lora import dora_cpu, lora_cpu
-
-        c1 = update.right.shape[1] if c1 is None else c1
-        left, right = update.left[r0:r1], update.right[:, c0:c1]
-        if update.dora_scale is None:
-            lora_cpu(out, i, left, right, alpha * update.scale, self.scratch)
-        else:
-            axis = update.update.dora_axis
-            scale = update.dora_scale[r0:r1] if axis == "rows" else update.dora_scale[c0:c1]
-            dora_cpu(out, i, base, left, right, update.scale, scale, axis, alpha, self.scratch)
-        return None  # nothing to wait for
 
 
 def execute(
@@ -286,6 +327,7 @@ def execute(
     opts,
     compute,
     skip: set[str],
+    progress: Callable[[Progress], None] | None = None,
 ) -> Report:
     """Write every shard of `plan` not in `skip` into the OutputFolder `folder`; returns the Report."""
     report = Report(Path(output), compute.name)
@@ -302,7 +344,7 @@ def execute(
     pool: queue.Queue = queue.Queue()
     for _ in range(POOL):
         pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
-    bar = tqdm(total=todo, unit="B", unit_scale=True, desc="graft", disable=True if opts.quiet else None, leave=False)
+    bar = ProgressBar(todo, opts.quiet, progress)
     clock = report.timings = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
     with compute:
         try:
@@ -310,7 +352,9 @@ def execute(
                 writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata, drop_behind=drop)
                 sink = ChunkSink(writer, writer_thread, pool, compute.chunk * 4, bar, clock)
                 try:
+                    bar.shard = shard.file
                     for op in shard.ops:
+                        bar.tensor = op.name
                         stream_op(op, streamer, sink, compute, opts, checkpoints)
                         if not compute.deferred:
                             check_finite(compute, shard, checkpoints, opts)
@@ -338,13 +382,7 @@ def execute(
             clock["wait_input"] = streamer.waited()
             clock.update(streamer.timings())
             report.reads = streamer.bytes_read()
-    for op in plan.ops:
-        report.grafted += op.action is Action.GRAFT
-        report.grafted_rows += op.action is Action.GRAFT_ROWS
-        report.lora += op.action is Action.LORA
-        report.copied += op.action is Action.COPY
-    report.ignored = list(plan.ignored)
-    report.notes = list(plan.notes)
+    report.count(plan)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -363,7 +401,7 @@ def drop_behind(pass_bytes: int) -> bool:
 
 def stream_op(op: TensorOp, streamer: InputStreamer, sink: ChunkSink, compute, opts, checkpoints) -> None:
     """Append the output bytes of one tensor to the shard, step by step (steps.py)."""
-    loaded = load_lora(op, compute.chunk, checkpoints, opts) if op.action is Action.LORA else None
+    loaded = load_lora(op, compute, checkpoints, opts) if op.low_rank else None
     for step in op_steps(op, compute.chunk, streamer.raw_bytes):
         interrupts.check()
         held = [streamer.take(r) for r in step.reads]
@@ -371,27 +409,45 @@ def stream_op(op: TensorOp, streamer: InputStreamer, sink: ChunkSink, compute, o
             sink.raw(held[0])
             continue
         try:
-            sink.chunk(step.hi - step.lo, op.out_dtype, lambda out: compute_step(op, step, held, out, compute, opts, loaded))
+            sink.chunk(step.hi - step.lo, op.out_dtype, lambda out: compute_step(op, step, held, out, compute, loaded))
         finally:
             event = getattr(compute, "input_event", None)  # the GPU path may still be copying from the buffers
             for h in held:
                 h.release(event)
 
 
-def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, opts, loaded):
+def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, loaded):
     """Compute one step into `out`; returns the event the writer waits on (GPU) or None."""
-    i = held[0].tensor(op.instruct)
+    by_role = {read.role: h for read, h in zip(step.reads, held)}
+    i = by_role["instruct"].tensor(op.instruct)
     g = step.grafted - step.lo  # elements computed from the update; the rest are Instruct's, copied
     if g == 0:
         return compute.convert(out, i)
+    b = by_role["base"].tensor(op.base) if "base" in by_role else None
     if loaded is not None:
-        r0, r1, c0, c1 = step.block
-        base = held[1].tensor(op.base) if len(held) > 1 else None
-        return compute.lora(out, i, loaded, r0, r1, opts.alpha, c0, c1, base=base)
-    ready = compute.graft(out[:g], i[:g], held[1].tensor(op.tuned), held[2].tensor(op.base), opts.alpha, op.name)
+        return compute.block(out, i, b, block_terms(op, step.block, by_role, loaded), op.name)
+    tuned = [by_role[t.role].tensor(t.tuned) for t in op.terms]
+    ready = compute.graft(out[:g], i[:g], tuned, b, [t.alpha for t in op.terms], op.name)
     if g < step.hi - step.lo:  # Instruct's extra vocabulary rows begin inside this step
         compute.convert(out[g:], i[g:])
     return ready
+
+
+def block_terms(op: TensorOp, block: tuple[int, int, int, int], by_role: dict[str, Held], loaded: dict) -> list:
+    """The terms of one block of an op with LoRA terms: FullDelta / LowRankDelta over rows [r0, r1), columns [c0, c1)."""
+    from .kernels.lora import FullDelta, LowRankDelta
+
+    r0, r1, c0, c1 = block
+    terms = []
+    for term in op.terms:
+        if term.update is None:
+            terms.append(FullDelta(by_role[term.role].tensor(term.tuned), term.alpha))
+            continue
+        f = loaded[term.role]
+        axis = term.update.dora_axis
+        dora = None if f.dora_scale is None else f.dora_scale[r0:r1] if axis == "rows" else f.dora_scale[c0:c1]
+        terms.append(LowRankDelta(f.left[r0:r1], f.right[:, c0:c1], f.scale, term.alpha, dora, axis))
+    return terms
 
 
 def check_inputs_unchanged(shard, checkpoints: dict[str, Checkpoint]) -> None:
@@ -401,29 +457,36 @@ def check_inputs_unchanged(shard, checkpoints: dict[str, Checkpoint]) -> None:
 
 
 def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> None:
-    """Raise NonFiniteError for the first tensor of `shard` whose T - B held NaN/Inf (unless allowed)."""
+    """Raise NonFiniteError for the first tensor of `shard` whose deltas held NaN/Inf (unless allowed)."""
     counts = compute.nonfinite()
     if not counts or opts.allow_nonfinite:
         return
     op = next(op for op in shard.ops if op.name in counts)
+    files = "; ".join(f"{t.role}: {checkpoints[t.role].locate(t.tuned.file)}" for t in op.terms if t.tuned is not None)
     raise NonFiniteError(
-        f"{checkpoints['tuned'].locate(op.tuned.file)}: tensor {op.name!r}: {counts[op.name]} element(s) of "
-        f"tuned - base are NaN/Inf (base: {checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
+        f"{files}: tensor {op.name!r}: {counts[op.name]} element(s) of tuned - base are NaN/Inf "
+        f"(base: {checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
     )
 
 
-def load_lora(op: TensorOp, chunk: int, checkpoints: dict[str, Checkpoint], opts):
-    """The factors of a LORA op in float32 (read whole: rank r is small); for DoRA, also magnitude / norm,
-    from one pass over Base's rows read directly (the streamer then reads Base again for the merge)."""
+def load_lora(op: TensorOp, compute, checkpoints: dict[str, Checkpoint], opts) -> dict:
+    """The factors of each LoRA term of `op` in float32, by role, where the math runs (read whole: rank r is
+    small); for DoRA, also magnitude / norm, from one pass over Base's rows read directly (the streamer then
+    reads Base again for the merge)."""
     from .lora import dora_scale
 
-    u = op.update
-    adapter = checkpoints["tuned"]
-    loaded = u.load(lambda info: read_elements(adapter.shard_path(info.file), info), opts.allow_nonfinite)
-    if u.magnitude is not None:
-        i, b = op.instruct, op.base
-        cols = i.numel // max(1, i.shape[0])
-        path = checkpoints["base"].shard_path(b.file)
-        rows = lambda r0, r1: read_elements(path, b, r0 * cols, r1 * cols).view(r1 - r0, cols)  # noqa: E731
-        loaded.dora_scale = dora_scale(loaded, rows, max(1, chunk // cols), opts.allow_nonfinite)
+    loaded = {}
+    for term in op.terms:
+        u = term.update
+        if u is None:
+            continue
+        adapter = checkpoints[term.role]
+        f = u.load(lambda info: read_elements(adapter.shard_path(info.file), info), opts.allow_nonfinite)
+        if u.magnitude is not None:
+            i, b = op.instruct, op.base
+            cols = i.numel // max(1, i.shape[0])
+            path = checkpoints["base"].shard_path(b.file)
+            rows = lambda r0, r1: read_elements(path, b, r0 * cols, r1 * cols).view(r1 - r0, cols)  # noqa: E731
+            f.dora_scale = dora_scale(f, rows, max(1, compute.chunk // cols), opts.allow_nonfinite)
+        loaded[term.role] = compute.place(f)
     return loaded

@@ -36,16 +36,17 @@ class _NullStream:
 
 class _Slot:
     def __init__(self, chunk: int, device: torch.device, pin: bool):
-        def host():
-            return torch.empty(chunk * 4, dtype=torch.uint8, pin_memory=pin)
-
-        def dev():
-            return torch.empty(chunk * 4, dtype=torch.uint8, device=device)
-
-        self.pinned = [host() for _ in range(3)]  # I, T, B staging (bytes, viewed per dtype)
-        self.inputs = [dev() for _ in range(3)]
-        self.out = dev()
+        self.chunk, self.device, self.pin = chunk, device, pin
+        self.pinned: list[torch.Tensor] = []  # I, B, T1, T2, ... staging (bytes, viewed per dtype)
+        self.inputs: list[torch.Tensor] = []
+        self.out = torch.empty(chunk * 4, dtype=torch.uint8, device=device)
         self.h2d_done = self.kernel_done = self.d2h_done = None
+
+    def reserve(self, n: int) -> None:
+        """Staging and device buffers for `n` inputs (allocated on first need: 2 + the number of deltas)."""
+        while len(self.inputs) < n:
+            self.pinned.append(torch.empty(self.chunk * 4, dtype=torch.uint8, pin_memory=self.pin))
+            self.inputs.append(torch.empty(self.chunk * 4, dtype=torch.uint8, device=self.device))
 
 
 class StreamCompute:
@@ -74,7 +75,7 @@ class StreamCompute:
         self.n = 0
         self.input_event = None  # recorded after the last chunk's host-to-device copies (None on a CPU device)
         self.counters: dict[str, torch.Tensor] = {}  # tensor name -> int64 NaN/Inf count on the device
-        self._lora_for = self._lora = self._lora_acc = None  # LoRA: the current tensor's factors, a float32 block
+        self._block_scratch = None  # LoRA blocks: float32 `acc` and `delta` buffers on the device
 
     def __enter__(self):
         return self
@@ -93,15 +94,17 @@ class StreamCompute:
         event.record(stream)
         return event
 
-    def graft(self, out: torch.Tensor, i: torch.Tensor, t: torch.Tensor, b: torch.Tensor, alpha: float, name: str):
-        """Queue `out = I + alpha * (T - B)` for one chunk; returns an event the writer waits on (or None)."""
+    def graft(self, out: torch.Tensor, i: torch.Tensor, tuned: list, b: torch.Tensor, alphas: list[float], name: str):
+        """Queue `out = I + a1 * (T1 - B) + ...` for one chunk; returns an event the writer waits on (or None)."""
         k = out.numel()
         slot = self.slots[self.n % SLOTS]
         self.n += 1
         if slot.h2d_done is not None:
             slot.h2d_done.synchronize()  # the pinned buffers of this slot are free again
+        sources = (i, b, *tuned)
+        slot.reserve(len(sources))
         staged = []
-        for src, pinned in zip((i, t, b), slot.pinned):
+        for src, pinned in zip(sources, slot.pinned):
             if self.cuda and src.is_pinned():  # a read buffer of the input streamer: copied to the GPU as it is
                 staged.append(src)
                 continue
@@ -125,7 +128,8 @@ class StreamCompute:
             counter = self.counters.get(name)
             if counter is None:
                 counter = self.counters[name] = torch.zeros(1, dtype=torch.int64, device=self.device)
-            self.launch(result, *on_device, counter, alpha)
+            dev_i, dev_b, *dev_tuned = on_device
+            self.launch(result, dev_i, dev_tuned, dev_b, counter, alphas)
             slot.kernel_done = self._record(self.kernels)
         with self._stream(self.d2h):
             if self.cuda:
@@ -134,34 +138,32 @@ class StreamCompute:
             slot.d2h_done = self._record(self.d2h)
         return slot.d2h_done
 
-    def lora(self, out, i, update, r0: int, r1: int, alpha: float, c0: int = 0, c1: int | None = None, base=None):
-        """`out = I + alpha * s * (left @ right)[r0:r1, c0:c1]` (or DoRA, given Base's block) on the device.
+    def place(self, loaded):
+        """A LoRA term's factors (a lora.LoadedUpdate) copied to the device, once per tensor."""
+        from dataclasses import replace
 
-        The same block kernels as the CPU path, on device buffers of its own and synchronously: a rank-128
-        merge costs its GEMM (fast here), not its copies. Returns None (`out` is complete).
-        """
+        up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        return replace(loaded, left=up(loaded.left), right=up(loaded.right), dora_scale=up(loaded.dora_scale))
+
+    def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
+        """A block with LoRA terms (kernels.lora.block_cpu) on the device: the same block code as the CPU path, on
+        device buffers of its own and synchronously (a rank-128 merge costs its GEMM, fast here, not its copies).
+        Returns None (`out` is complete)."""
+        from dataclasses import replace
         from types import SimpleNamespace
 
-        from .kernels.lora import dora_cpu, lora_cpu
+        from .kernels.lora import FullDelta, block_cpu
 
-        if self._lora_for is not update:  # factors go up once per tensor
-            up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
-            self._lora = SimpleNamespace(left=up(update.left), right=up(update.right), dora=up(update.dora_scale))
-            self._lora_for = update
-        if self._lora_acc is None:
-            self._lora_acc = SimpleNamespace(delta=torch.empty(self.chunk, dtype=torch.float32, device=self.device))
-        f = self._lora
-        c1 = f.right.shape[1] if c1 is None else c1
-        left, right = f.left[r0:r1], f.right[:, c0:c1]
-        n = left.shape[0] * right.shape[1]  # at most self.chunk: the engine cuts blocks to chunk size
-        dev_i = i.to(self.device)
-        result = torch.empty(n, dtype=out.dtype, device=self.device)
-        if f.dora is None:
-            lora_cpu(result, dev_i, left, right, alpha * update.scale, self._lora_acc)
-        else:
-            axis = update.update.dora_axis
-            scale = f.dora[r0:r1] if axis == "rows" else f.dora[c0:c1]
-            dora_cpu(result, dev_i, base.to(self.device), left, right, update.scale, scale, axis, alpha, self._lora_acc)
+        if self._block_scratch is None:
+            new = lambda: torch.empty(self.chunk, dtype=torch.float32, device=self.device)  # noqa: E731
+            self._block_scratch = SimpleNamespace(acc=new(), delta=new())
+        up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        terms = [replace(t, tuned=up(t.tuned)) if isinstance(t, FullDelta) else t for t in terms]
+        result = torch.empty(out.numel(), dtype=out.dtype, device=self.device)
+        bad = block_cpu(result, up(i), up(b), terms, self._block_scratch)
+        if bad:
+            counter = self.counters.setdefault(name, torch.zeros(1, dtype=torch.int64, device=self.device))
+            counter += bad
         out.copy_(result)
         return None
 

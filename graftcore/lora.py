@@ -354,15 +354,15 @@ def dora_scale(
     return scale
 
 
-def build_lora_plan(instruct: Checkpoint, adapter: Adapter, base: Checkpoint | None, opts: MergeOptions):
-    """Decide LORA / GRAFT / COPY for every Instruct tensor; AdapterError when an adapter tensor has no home.
+def adapter_terms(
+    adapter: Adapter, instruct: Checkpoint, base: Checkpoint | None, notes: list[str]
+) -> tuple[dict[str, TensorInfo], dict[str, "LowRankUpdate"]]:
+    """What the adapter changes, by Instruct tensor name: (full tensors trained on Base, low-rank updates).
+    AdapterError when an adapter tensor has no home in Instruct or needs a Base that was not given.
 
     Example:
-        >>> plan = build_lora_plan(open_checkpoint(i), open_adapter(a), None, MergeOptions())  # doctest: +SKIP
-        >>> print(plan.describe())                                                            # doctest: +SKIP
+        >>> full, updates = adapter_terms(open_adapter("my-lora"), open_checkpoint(i), None, [])  # doctest: +SKIP
     """
-    from .plan import Action, Plan, TensorOp, layout_shards, output_dtype, plan_tensor
-
     cfg, where = adapter.config, str(adapter.weights)
     modules: dict[str, dict[str, TensorInfo]] = {}
     kinds: dict[str, str] = {}
@@ -388,7 +388,6 @@ def build_lora_plan(instruct: Checkpoint, adapter: Adapter, base: Checkpoint | N
             if kinds.setdefault(module, kind) != kind:
                 raise AdapterError(f"{where}: module {module!r} has both Linear and Embedding LoRA tensors ({key!r})")
 
-    notes: list[str] = []
     updates: dict[str, LowRankUpdate] = {}
     for module, parts in modules.items():
         updates.update(plan_module(module, parts, kinds.get(module), cfg, instruct, where))
@@ -414,30 +413,8 @@ def build_lora_plan(instruct: Checkpoint, adapter: Adapter, base: Checkpoint | N
             f"norms, so it needs --base"
         )
 
-    ops = {}
-    for name, i in instruct.tensors.items():
-        out_dtype = output_dtype(i, opts)
-        if name in updates:
-            u = updates[name]
-            if not opts.selects(name):
-                ops[name] = TensorOp(name, Action.COPY, out_dtype, i, reason="not selected (its LoRA update is skipped)")
-                continue
-            b = None
-            if u.magnitude is not None:
-                b = base.tensors.get(name)
-                if b is None or b.shape != i.shape or b.dtype not in FLOAT_DTYPES:
-                    found = "missing" if b is None else f"{b.dtype}{list(b.shape)}"
-                    raise MismatchError(
-                        f"{base.ref}: DoRA target {name!r} is {found} in base, Instruct has {i.dtype}{list(i.shape)}"
-                    )
-            reason = f"LoRA update covers rows ..{u.rows}; Instruct's {i.shape[0] - u.rows} extra rows copied" if u.rows < i.shape[0] else ""
-            ops[name] = TensorOp(name, Action.LORA, out_dtype, i, base=b, reason=reason, update=u)
-        elif name in full:
-            ops[name] = plan_tensor(name, i, full[name], base.tensors.get(name), opts, instruct, adapter.checkpoint, base)
-        else:
-            ops[name] = TensorOp(name, Action.COPY, out_dtype, i, reason="not in the adapter")
     notes.append(f"LoRA adapter {adapter.root}: {len(updates)} low-rank update(s), {len(full)} full tensor(s)")
-    return Plan(*layout_shards(instruct, ops, opts), ignored=[], notes=notes)
+    return full, updates
 
 
 def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg: AdapterConfig, instruct: Checkpoint, where: str):

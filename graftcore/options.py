@@ -14,7 +14,14 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 @dataclass
 class MergeOptions:
-    alpha: float = field(default=1.0, metadata={"help": "scale of the grafted update: W_I + alpha * (W_T - W_B)"})
+    alpha: float | list[float] = field(
+        default=1.0,
+        metadata={
+            "help": "scale of each grafted update: W_I + a1 * (W_T1 - W_B) + ...; one --alpha for every --tuned, or one "
+            "per --tuned in the same order (repeatable)",
+            "metavar": "A",
+        },
+    )
     include: list[str] = field(
         default_factory=list, metadata={"help": "graft only tensors whose name matches REGEX (repeatable)", "metavar": "REGEX"}
     )
@@ -28,7 +35,10 @@ class MergeOptions:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: str = field(
         default="auto",
-        metadata={"help": "output dtype of floating tensors (auto: Instruct's)", "choices": ("auto", "bfloat16", "float16", "float32")},
+        metadata={
+            "help": "output dtype of floating tensors (auto: Instruct's; bf16, fp16, fp32 also read)",
+            "choices": ("auto", "bfloat16", "float16", "float32"),
+        },
     )
     max_shard_size: str | None = field(
         default=None, metadata={"help": "re-shard the output into files of at most SIZE (e.g. 5GB); default: Instruct's layout", "metavar": "SIZE"}
@@ -52,17 +62,33 @@ class MergeOptions:
     )
 
     def __post_init__(self):
-        try:
-            self.alpha = float(self.alpha)
-        except (TypeError, ValueError):
-            raise GraftError(f"--alpha {self.alpha!r}: not a number") from None
-        if not math.isfinite(self.alpha):
-            raise GraftError(f"--alpha {self.alpha}: must be finite (a NaN or infinite alpha writes NaN/Inf weights)")
-        for pattern in [*self.include, *self.exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise GraftError(f"--include/--exclude: bad regular expression {pattern!r} ({e})") from None
+        """Check and normalise every field, so a bad option is a GraftError before any input is opened."""
+        self.alpha = alphas_from(self.alpha)
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # one pattern, not a sequence of one-character patterns
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise GraftError(f"{name}: expected a list of regular expressions, got {value!r}")
+            setattr(self, name, list(value))
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise GraftError(f"--{name}: bad regular expression {pattern!r} ({e})") from None
+        self.dtype = DTYPE_ALIASES.get(str(self.dtype).removeprefix("torch."), self.dtype)
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise GraftError(f"--{flag(f.name)} {value!r}: expected one of {', '.join(meta['choices'])}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise GraftError(f"{f.name}: expected True or False, got {value!r}")
+            if meta.get("type") is int and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise GraftError(f"--{flag(f.name)}: expected a whole number, got {value!r}")
+            if f.type == "str | None" and value is not None and not isinstance(value, str) and f.name != "max_shard_size":
+                raise GraftError(f"--{flag(f.name)}: expected a string, got {value!r}")
+        if not isinstance(self.device, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is None:
+            raise GraftError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise GraftError("--chunk-size must be positive")
         if self.max_shard_size is not None:
@@ -73,6 +99,14 @@ class MergeOptions:
             raise GraftError("--read-depth must be at least 2 (one buffer being read, one being consumed)")
         if self.read_workers is not None and self.read_workers < 1:
             raise GraftError("--read-workers must be at least 1")
+
+    def alphas(self, n: int) -> list[float]:
+        """The coefficient of each of `n` tuned inputs: one alpha for all, or one each."""
+        if len(self.alpha) == 1:
+            return self.alpha * n
+        if len(self.alpha) != n:
+            raise GraftError(f"--alpha: {len(self.alpha)} values for {n} --tuned input(s); give one, or one per --tuned")
+        return list(self.alpha)
 
     def selects(self, name: str) -> bool:
         """Whether tensor `name` is to be grafted (as opposed to copied from Instruct)."""
@@ -92,6 +126,25 @@ class MergeOptions:
             "dtype": self.dtype,
             "max_shard_size": self.max_shard_size,
         }
+
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def alphas_from(value) -> list[float]:
+    """[a1, ...] from one number or a sequence of numbers; GraftError for anything else, NaN or infinite included."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise GraftError("--alpha: no value given")
+    for a in values:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            kind = "not a number" if isinstance(a, bool) or not isinstance(a, (int, float)) else "must be finite (a NaN or infinite alpha writes NaN/Inf weights)"
+            raise GraftError(f"--alpha {a!r}: {kind}")
+    return [float(a) for a in values]
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def option_fields():

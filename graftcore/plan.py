@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from .errors import MismatchError
 from .options import MergeOptions, parse_size
@@ -19,10 +20,21 @@ DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class Action(str, Enum):
-    GRAFT = "graft"  # I + alpha * (T - B)
+    GRAFT = "graft"  # I + a1 * (T1 - B) + ...
     GRAFT_ROWS = "graft rows"  # the leading `rows` rows grafted, Instruct's extra rows copied
     COPY = "copy"  # Instruct's tensor (converted if the output dtype differs)
-    LORA = "lora"  # I + alpha * s * (B @ A), see lora.py
+    LORA = "lora"  # at least one term is a low-rank update: I + alpha * s * (B @ A) + ..., see lora.py
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    """One delta added to a tensor: `alpha * (T - B)` from the full tensor `tuned` of a fine-tuned checkpoint,
+    or from a LoRA adapter's `update` (a lora.LowRankUpdate: `alpha * s * (B @ A)`, DoRA from Base too)."""
+
+    role: str  # the tuned input it comes from: "tuned", then "tuned2", "tuned3", ...
+    alpha: float
+    tuned: TensorInfo | None = None
+    update: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +43,10 @@ class TensorOp:
     action: Action
     out_dtype: str
     instruct: TensorInfo
-    tuned: TensorInfo | None = None
-    base: TensorInfo | None = None
-    rows: int = 0  # GRAFT_ROWS: rows present in base and tuned
+    base: TensorInfo | None = None  # read when a term is a full delta or DoRA
+    terms: tuple[Term, ...] = ()  # in the order of the tuned inputs; the sum adds them left to right
+    rows: int = 0  # GRAFT_ROWS and LORA: the leading rows the terms cover (the rest are Instruct's, copied)
     reason: str = ""  # why a tensor is not simply grafted
-    update: object = None  # LORA: a lora.LowRankUpdate
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -50,11 +61,38 @@ class TensorOp:
         return self.numel * itemsize(self.out_dtype)
 
     @property
+    def low_rank(self) -> bool:
+        """Whether a term is a LoRA update (the op is then computed in blocks of whole rows)."""
+        return any(t.update is not None for t in self.terms)
+
+    @property
+    def reads_base(self) -> bool:
+        return self.base is not None and any(t.update is None or t.update.magnitude is not None for t in self.terms)
+
+    @property
     def grafted_numel(self) -> int:
         """Elements computed from the update; the rest are Instruct's, copied."""
-        if self.action is Action.GRAFT_ROWS:
+        if self.action in (Action.GRAFT_ROWS, Action.LORA):
             return self.rows * (self.numel // self.shape[0])
         return 0 if self.action is Action.COPY else self.numel
+
+
+class Ignored(NamedTuple):
+    """A tensor of Base or a tuned model that Instruct does not have (listed in graftcore.json)."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class DeltaInput:
+    """One tuned input as the planner sees it: a full checkpoint, or a PEFT adapter (`adapter`, a lora.Adapter,
+    whose weights file is `checkpoint`)."""
+
+    role: str
+    alpha: float
+    checkpoint: Checkpoint
+    adapter: object = None
 
 
 @dataclass
@@ -72,7 +110,7 @@ class OutShard:
 class Plan:
     shards: list[OutShard]
     write_index: bool
-    ignored: list[str] = field(default_factory=list)  # in base/tuned but not Instruct
+    ignored: list[Ignored] = field(default_factory=list)  # in base/tuned but not Instruct
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -101,70 +139,120 @@ class Plan:
             lines += [f"  {op.action.value:<11} {op.name}  ({op.reason})" for op in decisions]
         if self.ignored:
             lines.append("ignored (not in Instruct):")
-            lines += [f"  {n}" for n in self.ignored]
+            lines += [f"  {n}  ({reason})" for n, reason in self.ignored]
         lines.append("output shards:")
         lines += [f"  {s.file}  {len(s.ops)} tensors  {human(sum(o.out_nbytes for o in s.ops))}" for s in self.shards]
         return "\n".join(lines)
 
 
-def build_plan(instruct: Checkpoint, tuned: Checkpoint, base: Checkpoint, opts: MergeOptions) -> Plan:
-    """Decide graft / graft rows / copy for every Instruct tensor; raise MismatchError on inconsistent inputs.
+def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, opts: MergeOptions) -> Plan:
+    """Decide graft / graft rows / LoRA / copy for every Instruct tensor; raise MismatchError (or AdapterError)
+    on inconsistent inputs, before anything is written.
 
     Example:
-        >>> plan = build_plan(open_checkpoint(i), open_checkpoint(t), open_checkpoint(b), MergeOptions())  # doctest: +SKIP
-        >>> print(plan.describe())                                                                          # doctest: +SKIP
+        >>> tuned = [DeltaInput("tuned", 1.0, open_checkpoint(t))]                                   # doctest: +SKIP
+        >>> plan = build_plan(open_checkpoint(i), tuned, open_checkpoint(b), MergeOptions())          # doctest: +SKIP
+        >>> print(plan.describe())                                                                    # doctest: +SKIP
     """
+    from .lora import adapter_terms
+
     notes: list[str] = []
-    tuned_t = strip_wrappers(tuned, instruct.tensors, "tuned", notes)
-    base_t = strip_wrappers(base, instruct.tensors, "base", notes)
-    ops = {}
-    for name, i in instruct.tensors.items():
-        ops[name] = plan_tensor(name, i, tuned_t.get(name), base_t.get(name), opts, instruct, tuned, base)
-    ignored = [
-        f"{n}  (in {' and '.join(r for r, t in (('base', base_t), ('tuned', tuned_t)) if n in t)})"
-        for n in dict.fromkeys([*base_t, *tuned_t])
-        if n not in instruct.tensors
-    ]
+    checkpoints = {"instruct": instruct, **({"base": base} if base is not None else {})}
+    sources = []  # (delta, full tensors by Instruct name, low-rank updates by Instruct name)
+    for d in deltas:
+        checkpoints[d.role] = d.checkpoint
+        if d.adapter is None:
+            sources.append((d, strip_wrappers(d.checkpoint, instruct.tensors, d.role, notes), {}))
+        else:
+            sources.append((d, *adapter_terms(d.adapter, instruct, base, notes)))
+    base_t = strip_wrappers(base, instruct.tensors, "base", notes) if base is not None else {}
+
+    def locate(role: str, info: TensorInfo | None) -> str:
+        """Where `info` of input `role` is (its shard file); the input's ref for None."""
+        return checkpoints[role].ref if info is None else checkpoints[role].locate(info.file)
+
+    ops = {name: plan_tensor(name, i, base_t.get(name), sources, opts, locate) for name, i in instruct.tensors.items()}
+    extra: dict[str, list[str]] = {}
+    for role, tensors in [("base", base_t), *((d.role, full) for d, full, _ in sources if d.adapter is None)]:
+        for n in tensors:
+            if n not in instruct.tensors:
+                extra.setdefault(n, []).append(role)
+    ignored = [Ignored(n, f"in {' and '.join(roles)}, not in Instruct") for n, roles in extra.items()]
     return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes)
 
 
-def plan_tensor(name, i: TensorInfo, t: TensorInfo | None, b: TensorInfo | None, opts, instruct, tuned, base) -> TensorOp:
+def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, opts: MergeOptions, locate) -> TensorOp:
+    """The TensorOp of Instruct's tensor `name`: `sources` lists (DeltaInput, full tensors, low-rank updates)."""
     out_dtype = output_dtype(i, opts)
+    found = [(d, full.get(name), updates.get(name)) for d, full, updates in sources]
     if not opts.selects(name):
-        return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected")
+        skipped = " (its LoRA update is skipped)" if any(u is not None for _, _, u in found) else ""
+        return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected" + skipped)
     if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not i.dtype.startswith("F8"):
         return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, not floating point")
-    if t is None and b is None:
-        return TensorOp(name, Action.COPY, out_dtype, i, reason="in Instruct only")
-    if t is None or b is None:
-        (has, has_ck, info), (lacks, lacks_ck) = (("base", base, b), ("tuned", tuned)) if t is None else (("tuned", tuned, t), ("base", base))
-        raise MismatchError(
-            f"{has_ck.locate(info.file)}: tensor {name!r} is in {has} but not in {lacks} ({lacks_ck.ref}); "
-            f"--exclude it to copy Instruct's"
-        )
-    for role, x, ck in (("instruct", i, instruct), ("tuned", t, tuned), ("base", b, base)):
+    for d, t, _ in found:  # a full checkpoint has every tensor Base has and none Base lacks; an adapter's full
+        if (t is None) != (b is None) and (d.adapter is None or t is not None):  # tensors need Base's too
+            has, info, lacks = (d.role, t, "base") if b is None else ("base", b, d.role)
+            raise MismatchError(
+                f"{locate(has, info)}: tensor {name!r} is in {has} but not in {lacks} ({locate(lacks, None)}); "
+                f"--exclude it to copy Instruct's"
+            )
+    terms = tuple(Term(d.role, d.alpha, t, u) for d, t, u in found if t is not None or u is not None)
+    if not terms:
+        adapters_only = all(d.adapter is not None for d, _, _ in found)
+        why = "not in the adapter" + ("s" if len(found) > 1 else "") if adapters_only else "in Instruct only"
+        return TensorOp(name, Action.COPY, out_dtype, i, reason=why)
+    roles = [("instruct", i)] + ([("base", b)] if b is not None else []) + [(t.role, t.tuned) for t in terms if t.tuned]
+    for role, x in roles:
         if x.dtype not in FLOAT_DTYPES:
             raise MismatchError(
-                f"{ck.locate(x.file)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16 or F32 "
+                f"{locate(role, x)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16 or F32 "
                 f"(--exclude it to copy Instruct's)"
             )
+    rows = {term.role: term_rows(name, i, b, term, locate) for term in terms}
+    if len(set(rows.values())) > 1:
+        listed = ", ".join(f"{r} in {role}" for role, r in rows.items())
+        raise MismatchError(f"{locate('instruct', i)}: tensor {name!r}: the tuned inputs cover different rows ({listed})")
+    covered = next(iter(rows.values()))
+    whole = not i.shape or covered == i.shape[0]
+    extra = "" if whole else f"Instruct has {i.shape[0] - covered} more rows than the tuned inputs; rows {covered}.. copied from Instruct"
+    if any(t.update is not None for t in terms):
+        return TensorOp(name, Action.LORA, out_dtype, i, b, terms, rows=covered, reason=extra)
+    if whole:
+        return TensorOp(name, Action.GRAFT, out_dtype, i, b, terms)
+    return TensorOp(name, Action.GRAFT_ROWS, out_dtype, i, b, terms, rows=covered, reason=extra)
+
+
+def term_rows(name: str, i: TensorInfo, b: TensorInfo | None, term: Term, locate) -> int:
+    """How many leading rows of Instruct's tensor `term` covers; MismatchError when its shape cannot graft."""
+    u = term.update
+    if u is not None:
+        if u.magnitude is not None and (b is None or b.shape != i.shape):
+            found = "missing" if b is None else f"{b.dtype}{list(b.shape)}"
+            raise MismatchError(f"{locate('base', None)}: DoRA target {name!r} is {found} in base, Instruct has {i.dtype}{list(i.shape)}")
+        return u.rows
+    t = term.tuned
     if t.shape != b.shape:
         raise MismatchError(
-            f"{tuned.locate(t.file)}: tensor {name!r} is {list(t.shape)} in tuned but {list(b.shape)} in base "
-            f"({base.locate(b.file)})"
+            f"{locate(term.role, t)}: tensor {name!r} is {list(t.shape)} in {term.role} but {list(b.shape)} in base "
+            f"({locate('base', b)}){swapped_hint(i, b, t)}"
         )
     if i.shape == t.shape:
-        return TensorOp(name, Action.GRAFT, out_dtype, i, t, b)
+        return i.shape[0] if i.shape else 0
     if len(i.shape) == len(t.shape) >= 1 and i.shape[1:] == t.shape[1:] and i.shape[0] > t.shape[0]:
-        extra = i.shape[0] - t.shape[0]
-        return TensorOp(
-            name, Action.GRAFT_ROWS, out_dtype, i, t, b, rows=t.shape[0],
-            reason=f"Instruct has {extra} more rows than base/tuned; rows {t.shape[0]}.. copied from Instruct",
-        )
+        return t.shape[0]
     raise MismatchError(
-        f"{instruct.locate(i.file)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(t.shape)} in base "
-        f"and tuned ({tuned.locate(t.file)})"
+        f"{locate('instruct', i)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(t.shape)} in base "
+        f"and {term.role} ({locate(term.role, t)}){swapped_hint(i, b, t)}"
     )
+
+
+def swapped_hint(i: TensorInfo, b: TensorInfo, t: TensorInfo) -> str:
+    """A hint when the shapes would fit with --base and --instruct swapped: the tuned tensor has the shape of
+    what was given as Instruct, and what was given as Base has more leading rows (a grown vocabulary)."""
+    if t.shape == i.shape and len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:] and b.shape[0] > i.shape[0]:
+        return "; were --base and --instruct swapped? (Instruct may have more rows than Base, never fewer)"
+    return ""
 
 
 def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:

@@ -5,10 +5,11 @@ engine executes the steps in plan order; the input streamer (readers.py) walks t
 of it, to read exactly those bytes in exactly that order. Both sides generate the steps lazily, so the
 bookkeeping stays a few objects whatever the model size.
 
-    GRAFT         chunks of `chunk` elements: I, T, B each read over [lo, hi)
+    GRAFT         chunks of `chunk` elements: I, B and every tuned input T1, T2, ... read over [lo, hi)
     GRAFT_ROWS    the same over the shared rows; Instruct's extra rows read from I alone
     COPY          same dtype: the bytes as they are, `raw_bytes` at a time; else chunks of I, converted
-    LORA          blocks of whole output rows (or one row cut into column ranges); I, and Base for DoRA
+    LORA          blocks of whole output rows (or one row cut into column ranges); I, and B and the full
+                  tuned inputs where a term needs them (a LoRA term's factors are read whole)
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Iterator
 from .plan import Action, TensorOp
 from .safetensors_io import TensorInfo, itemsize
 
-ROLES = ("instruct", "tuned", "base")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Read:
 class Step:
     """Output elements [lo, hi) of one tensor.
 
-    `reads` holds Instruct's range first, then tuned's and base's where the step grafts; elements
+    `reads` holds Instruct's range first, then Base's and each full tuned input's where the step grafts; elements
     [lo, grafted) are computed from the update, [grafted, hi) copied from Instruct. `raw`: copied byte for
     byte. `block` (LoRA): output rows [r0, r1) and columns [c0, c1).
     """
@@ -60,14 +60,14 @@ class Step:
 def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
     """The steps of `op` in execution order (`chunk` elements per computed step, `raw_bytes` per copied one)."""
     i = op.instruct
-    if op.action is Action.LORA:
-        yield from lora_steps(op, chunk)
-        return
     if op.action is Action.COPY and op.out_dtype == i.dtype:
         per = max(1, raw_bytes // itemsize(i.dtype))
         for lo in range(0, i.numel, per):
             hi = min(i.numel, lo + per)
             yield Step(lo, hi, (Read("instruct", i, lo, hi),), raw=True)
+        return
+    if op.low_rank:
+        yield from block_steps(op, chunk)
         return
     grafted = op.grafted_numel
     for lo in range(0, op.numel, chunk):
@@ -75,30 +75,36 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
         g = min(hi, max(lo, grafted))
         reads = (Read("instruct", i, lo, hi),)
         if g > lo:
-            reads += (Read("tuned", op.tuned, lo, g), Read("base", op.base, lo, g))
+            reads += delta_reads(op, lo, g)
         yield Step(lo, hi, reads, grafted=g)
 
 
-def lora_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
-    """Blocks of about `chunk` elements: rows_per_block = chunk // cols, or one row cut into column ranges when
-    a row alone is longer. A block never straddles `update.rows` (Instruct's extra vocabulary rows are copied)."""
-    i, u = op.instruct, op.update
+def delta_reads(op: TensorOp, lo: int, hi: int) -> tuple[Read, ...]:
+    """The reads a grafted range needs besides Instruct's: Base's (full deltas, DoRA), then each full delta's."""
+    reads = (Read("base", op.base, lo, hi),) if op.reads_base else ()
+    return reads + tuple(Read(t.role, t.tuned, lo, hi) for t in op.terms if t.tuned is not None)
+
+
+def block_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
+    """An op with a LoRA term, in blocks of about `chunk` elements: rows_per_block = chunk // cols, or one row cut
+    into column ranges when a row alone is longer. A block never straddles `op.rows` (Instruct's extra
+    vocabulary rows are copied)."""
+    i = op.instruct
     rows, cols = (i.shape[0], i.numel // i.shape[0]) if i.shape and i.shape[0] else (0, 0)
     if cols == 0:
         return
     per_block, col_step = max(1, chunk // cols), min(cols, chunk)
     r0 = 0
     while r0 < rows:
-        r1 = min(rows, r0 + per_block, u.rows if r0 < u.rows else rows)
+        r1 = min(rows, r0 + per_block, op.rows if r0 < op.rows else rows)
         for c0 in range(0, cols, col_step):
             c1 = min(cols, c0 + col_step)
             lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
             reads = (Read("instruct", i, lo, hi),)
             grafted = lo
-            if r0 < u.rows:
+            if r0 < op.rows:
                 grafted = hi
-                if op.base is not None:
-                    reads += (Read("base", op.base, lo, hi),)
+                reads += delta_reads(op, lo, hi)
             yield Step(lo, hi, reads, grafted=grafted, block=(r0, r1, c0, c1))
         r0 = r1
 
@@ -115,11 +121,9 @@ def plan_reads(ops: list[TensorOp], role: str, chunk: int, raw_bytes: int) -> It
 def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
     """(role, input tensor) of every tensor the steps of `op` read from."""
     yield "instruct", op.instruct
-    if op.action in (Action.GRAFT, Action.GRAFT_ROWS) and op.grafted_numel:
-        yield "tuned", op.tuned
-        yield "base", op.base
-    elif op.action is Action.LORA and op.base is not None:
-        yield "base", op.base
+    if op.grafted_numel:
+        for read in delta_reads(op, 0, 0):
+            yield read.role, read.info
 
 
 def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:
@@ -129,11 +133,12 @@ def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:
 
 
 def files_depended_on(op: TensorOp) -> Iterator[tuple[str, str]]:
-    """(role, shard file) of every input file the output of `op` depends on: those its steps read, and a LoRA
-    op's adapter file (its factors are read whole, not streamed)."""
+    """(role, shard file) of every input file the output of `op` depends on: those its steps read, and the
+    adapter files of its LoRA terms (their factors are read whole, not streamed)."""
     yield from files_read(op)
-    if op.action is Action.LORA:
-        u = op.update
-        for info in (u.a, u.b, u.magnitude):
-            if info is not None:
-                yield "tuned", info.file
+    for term in op.terms:
+        u = term.update
+        if u is not None:
+            for info in (u.a, u.b, u.magnitude):
+                if info is not None:
+                    yield term.role, info.file

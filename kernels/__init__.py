@@ -1,5 +1,5 @@
 """Graft kernels: `graft_` dispatches to the fused Triton kernel for CUDA tensors and to the CPU twin
-otherwise. Both compute `out = round(I + alpha * (T - B))` in float32 with one rounding.
+otherwise. Both compute `out = round(I + a1 * (T1 - B) + a2 * (T2 - B) + ...)` in float32 with one rounding.
 
 Example:
     >>> import torch
@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .cpu import CHUNK, CpuScratch, graft_cpu, torch_graft
@@ -21,12 +23,18 @@ from .cpu import CHUNK, CpuScratch, graft_cpu, torch_graft
 def graft_(
     out: torch.Tensor,
     instruct: torch.Tensor,
-    tuned: torch.Tensor,
+    tuned: torch.Tensor | Sequence[torch.Tensor],
     base: torch.Tensor,
-    alpha: float = 1.0,
+    alpha: float | Sequence[float] = 1.0,
     scratch: CpuScratch | None = None,
 ) -> int:
-    """In place: `out = I + alpha * (T - B)`; returns the number of elements where T - B is NaN/Inf."""
+    """In place: `out = I + a1 * (T1 - B) + ...` (`tuned` one tensor or several, `alpha` one for all or one each);
+    returns the number of NaN/Inf elements in the deltas. ValueError when `out` is not contiguous or not of
+    Instruct's shape (a non-contiguous `out` could not be written in place)."""
+    if not out.is_contiguous():
+        raise ValueError("graft_: out is not contiguous (graft into a contiguous tensor, then copy)")
+    if out.shape != instruct.shape:
+        raise ValueError(f"graft_: out has shape {list(out.shape)}, instruct {list(instruct.shape)}")
     if out.is_cuda:
         return graft_triton(out, instruct, tuned, base, alpha)
     return graft_cpu(out, instruct, tuned, base, alpha, scratch)

@@ -1,14 +1,17 @@
-"""The CPU twin of the Triton graft kernel: `out = round(I + alpha * (T - B))`, float32 math, one rounding.
+"""The CPU twin of the Triton graft kernel: `out = round(I + a1*(T1 - B) + a2*(T2 - B) + ...)`, float32 math,
+one rounding.
 
 Whole-tensor float32 eager code makes four full-size temporaries and runs at about 1 GB/s on a 2-core
-machine; the same math on cache-sized chunks in two preallocated float32 buffers runs 10x faster. The
-operation order (T - B, then * alpha, then + I, each rounded to float32) is the Triton kernel's, so the bits
-agree; for alpha = 1 the multiply is skipped, which is exact.
+machine; the same math on cache-sized chunks in three preallocated float32 buffers runs 10x faster. The
+operation order is the Triton kernel's: the sum starts as I, then for each delta in turn `d = Tk - B`,
+`d = d * ak` (skipped when ak == 1, which is exact), `sum = sum + d`, each rounded to float32; so the bits
+agree on every path, and one delta gives `I + a*(T - B)` exactly as before.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -16,23 +19,36 @@ CHUNK = 1 << 18  # elements; 256K float32 = 1 MiB per scratch buffer: in L2, mea
 
 
 class CpuScratch:
-    """Two float32 buffers of `chunk` elements, allocated once and reused for every chunk."""
+    """Three float32 buffers of `chunk` elements (the sum, a delta, Base), allocated once and reused."""
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
         self.delta = torch.empty(chunk, dtype=torch.float32)
         self.other = torch.empty(chunk, dtype=torch.float32)
+        self.acc = torch.empty(chunk, dtype=torch.float32)
+
+
+def as_terms(tuned: torch.Tensor | Sequence[torch.Tensor], alpha: float | Sequence[float]) -> tuple[list, list[float]]:
+    """([T1, T2, ...], [a1, a2, ...]) from one tensor or a sequence, and one alpha for all or one per tensor."""
+    tuned = [tuned] if isinstance(tuned, torch.Tensor) else list(tuned)
+    alphas = [float(alpha)] * len(tuned) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if not tuned:
+        raise ValueError("graft: no tuned tensor given")
+    if len(alphas) != len(tuned):
+        raise ValueError(f"graft: {len(alphas)} alphas for {len(tuned)} tuned tensors")
+    return tuned, alphas
 
 
 def graft_cpu(
     out: torch.Tensor,
     instruct: torch.Tensor,
-    tuned: torch.Tensor,
+    tuned: torch.Tensor | Sequence[torch.Tensor],
     base: torch.Tensor,
-    alpha: float = 1.0,
+    alpha: float | Sequence[float] = 1.0,
     scratch: CpuScratch | None = None,
 ) -> int:
-    """Write `I + alpha * (T - B)` into `out` (flat, same length); return how many T - B were NaN/Inf.
+    """Write `I + a1*(T1 - B) + ...` into `out` (same number of elements); return how many elements of the
+    deltas Tk - B were NaN/Inf (summed over the deltas).
 
     Example:
         >>> o = torch.empty(4, dtype=torch.bfloat16)
@@ -40,35 +56,53 @@ def graft_cpu(
         0
         >>> o
         tensor([2., 2., 2., 2.], dtype=torch.bfloat16)
+        >>> graft_cpu(o, torch.ones(4), [torch.full((4,), 3.0), torch.full((4,), 4.0)], torch.full((4,), 2.0), [1.0, 0.5])
+        0
+        >>> o
+        tensor([3., 3., 3., 3.], dtype=torch.bfloat16)
     """
+    tuned, alphas = as_terms(tuned, alpha)
     n = out.numel()
-    if not (instruct.numel() == tuned.numel() == base.numel() == n):
-        raise ValueError(f"graft_cpu: lengths differ: out {n}, I {instruct.numel()}, T {tuned.numel()}, B {base.numel()}")
-    out, instruct, tuned, base = (x.reshape(-1) for x in (out, instruct, tuned, base))
+    if any(x.numel() != n for x in (instruct, base, *tuned)):
+        sizes = ", ".join(f"{x.numel()}" for x in tuned)
+        raise ValueError(f"graft_cpu: lengths differ: out {n}, I {instruct.numel()}, T {sizes}, B {base.numel()}")
+    out, instruct, base = (x.reshape(-1) for x in (out, instruct, base))
+    tuned = [t.reshape(-1) for t in tuned]
     scratch = scratch or CpuScratch(min(CHUNK, max(n, 1)))
     nonfinite = 0
     for lo in range(0, n, scratch.chunk):
         hi = min(n, lo + scratch.chunk)
-        d, o = scratch.delta[: hi - lo], scratch.other[: hi - lo]
+        acc, d, b = scratch.acc[: hi - lo], scratch.delta[: hi - lo], scratch.other[: hi - lo]
         # Widen each input into float32 first: an in-place op with a bf16 operand (d.sub_(b)) gives the same
         # bits but ran 8% slower end to end here, as torch converts through a temporary.
-        d.copy_(tuned[lo:hi])
-        o.copy_(base[lo:hi])
-        d.sub_(o)
-        # A sum is NaN/Inf whenever any term is, so one reduction flags the rare chunk to count exactly.
-        if not math.isfinite(d.sum().item()):
-            nonfinite += int((~torch.isfinite(d)).sum())
-        if alpha != 1.0:
-            d.mul_(alpha)
-        o.copy_(instruct[lo:hi])
-        d.add_(o)
-        out[lo:hi].copy_(d)  # the one rounding: float32 -> output dtype, round-to-nearest-even
+        acc.copy_(instruct[lo:hi])
+        b.copy_(base[lo:hi])
+        for t, a in zip(tuned, alphas):
+            d.copy_(t[lo:hi])
+            d.sub_(b)
+            # A sum is NaN/Inf whenever any term is, so one reduction flags the rare chunk to count exactly.
+            if not math.isfinite(d.sum().item()):
+                nonfinite += int((~torch.isfinite(d)).sum())
+            if a != 1.0:
+                d.mul_(a)
+            acc.add_(d)
+        out[lo:hi].copy_(acc)  # the one rounding: float32 -> output dtype, round-to-nearest-even
     return nonfinite
 
 
-def torch_graft(instruct: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor, alpha: float, dtype: torch.dtype):
+def torch_graft(
+    instruct: torch.Tensor,
+    tuned: torch.Tensor | Sequence[torch.Tensor],
+    base: torch.Tensor,
+    alpha: float | Sequence[float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The formula written plainly (whole tensors, float32): the reference the kernels are checked against."""
-    delta = tuned.float() - base.float()
-    if alpha != 1.0:
-        delta = delta * alpha
-    return (instruct.float() + delta).to(dtype)
+    tuned, alphas = as_terms(tuned, alpha)
+    x = instruct.float()
+    for t, a in zip(tuned, alphas):
+        delta = t.float() - base.float()
+        if a != 1.0:
+            delta = delta * a
+        x = x + delta
+    return x.to(dtype)

@@ -1,8 +1,10 @@
-"""LoRA merge on the CPU, one block of output rows at a time: `out = round(I + scale * left @ right)`.
+"""LoRA merge, one block of output rows at a time: `out = round(I + scale * left @ right)`, and blocks that sum
+several terms (LoRA, DoRA, full deltas) for merges of several fine-tunes in one pass.
 
 The block's float32 sum lives in a preallocated scratch buffer: Instruct's rows are widened into it and
-one GEMM (`addmm_`, beta = 1) adds the scaled low-rank product, so each output element is rounded once,
-from float32 to the output dtype. The factors are small (rank r << rows, cols) and are read whole.
+one GEMM (`addmm_`, beta = 1) adds each scaled low-rank product, so each output element is rounded once,
+from float32 to the output dtype. The factors are small (rank r << rows, cols) and are read whole. The same
+code runs on GPU tensors (the GEMM's summation order is then the device's).
 
 Example:
     >>> import torch
@@ -17,9 +19,74 @@ Example:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from .cpu import CpuScratch
+
+
+@dataclass
+class FullDelta:
+    """A term `alpha * (T - B)` over the block (T: the block's elements of a full tuned checkpoint)."""
+
+    tuned: torch.Tensor
+    alpha: float = 1.0
+
+
+@dataclass
+class LowRankDelta:
+    """A term `alpha * scale * left @ right` (LoRA), or with `dora_scale`, `alpha * (T - B)` where
+    `T = dora_scale * (B + scale * left @ right)` (PEFT's DoRA merge; dora_scale is magnitude / weight norm,
+    [rows] when axis == "rows", [cols] when "cols"). left: [rows, r] float32; right: [r, cols] float32."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    scale: float
+    alpha: float = 1.0
+    dora_scale: torch.Tensor | None = None
+    axis: str = "rows"
+
+
+def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | None, terms: list, scratch) -> int:
+    """In place, for one block of rows x cols elements: `out = round(I + term1 + term2 + ...)`, the sum in
+    float32 and added left to right, one rounding; returns how many elements of full deltas T - B were NaN/Inf.
+
+    Args:
+        out, instruct, base: the block of the output, of Instruct and of Base (any float dtypes; flat or
+            [rows, cols]); base only when a term needs it (a FullDelta or DoRA).
+        terms: FullDelta / LowRankDelta, in the order of the tuned inputs.
+        scratch: CpuScratch (or any object with float32 `acc` and `delta` of at least rows * cols elements,
+            on the tensors' device).
+    """
+    rows = next((t.left.shape[0] for t in terms if isinstance(t, LowRankDelta)), None)
+    cols = out.numel() // rows if rows else out.numel()
+    rows = rows or 1
+    acc = scratch.acc[: rows * cols].view(rows, cols)
+    d = scratch.delta[: rows * cols].view(rows, cols)
+    b = None if base is None else base.reshape(rows, cols)
+    acc.copy_(instruct.reshape(rows, cols))  # widening to float32 is exact
+    nonfinite = 0
+    for term in terms:
+        if isinstance(term, FullDelta):
+            d.copy_(term.tuned.reshape(rows, cols))
+            d.sub_(b)  # mixed dtypes promote to float32: widening is exact, the bits are the flat kernel's
+            if not math.isfinite(d.sum().item()):
+                nonfinite += int((~torch.isfinite(d)).sum())
+        elif term.dora_scale is None:
+            acc.addmm_(term.left, term.right, alpha=term.alpha * term.scale)
+            continue
+        else:
+            d.copy_(b)
+            d.addmm_(term.left, term.right, alpha=term.scale)  # the tuned weight before normalisation
+            d.mul_(term.dora_scale.view(-1, 1) if term.axis == "rows" else term.dora_scale.view(1, -1))
+            d.sub_(b)
+        if term.alpha != 1.0:
+            d.mul_(term.alpha)
+        acc.add_(d)
+    out.view(rows, cols).copy_(acc)  # the one rounding: float32 -> output dtype
+    return nonfinite
 
 
 def lora_cpu(out: torch.Tensor, instruct: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, scratch: CpuScratch) -> None:
@@ -31,40 +98,7 @@ def lora_cpu(out: torch.Tensor, instruct: torch.Tensor, left: torch.Tensor, righ
         scale: alpha * lora_alpha / r (already multiplied: one float32 scalar in the GEMM).
         scratch: CpuScratch with at least rows * cols elements.
     """
-    rows, cols = left.shape[0], right.shape[1]
-    acc = scratch.delta[: rows * cols].view(rows, cols)
-    acc.copy_(instruct.reshape(rows, cols))  # widening to float32 is exact
-    acc.addmm_(left, right, alpha=scale)
-    out.view(rows, cols).copy_(acc)  # the one rounding: float32 -> output dtype
-
-
-def dora_cpu(
-    out: torch.Tensor,
-    instruct: torch.Tensor,
-    base: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
-    scale: float,
-    dora_scale: torch.Tensor,
-    axis: str,
-    alpha: float,
-    scratch: CpuScratch,
-) -> None:
-    """In place: `out = I + alpha * (T - B)` with T = dora_scale * (B + scale * left @ right), PEFT's DoRA merge.
-
-    `dora_scale` is magnitude / weight norm for this block: [rows] when axis == "rows", [cols] when "cols".
-    """
-    rows, cols = left.shape[0], right.shape[1]
-    acc = scratch.delta[: rows * cols].view(rows, cols)
-    b = base.reshape(rows, cols)
-    acc.copy_(b)
-    acc.addmm_(left, right, alpha=scale)  # the tuned weight before normalisation
-    acc.mul_(dora_scale.view(-1, 1) if axis == "rows" else dora_scale.view(1, -1))
-    acc.sub_(b)  # mixed dtypes promote to float32: widening is exact, no second buffer needed
-    if alpha != 1.0:
-        acc.mul_(alpha)
-    acc.add_(instruct.reshape(rows, cols))
-    out.view(rows, cols).copy_(acc)
+    block_cpu(out, instruct, None, [LowRankDelta(left, right, scale)], scratch)
 
 
 def torch_lora(instruct: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

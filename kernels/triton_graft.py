@@ -1,15 +1,17 @@
-"""The fused Triton graft kernel: `out = round(I + alpha * (T - B))` in one pass over flat ranges.
+"""The fused Triton graft kernel: `out = round(I + a1*(T1 - B) + ... + aN*(TN - B))` in one pass over flat ranges.
 
-One program handles BLOCK_SIZE consecutive elements: it loads I, T, B (any of bf16/fp16/fp32, each
+One program handles BLOCK_SIZE consecutive elements: it loads I, B and each Tk (any of bf16/fp16/fp32, each
 independently), widens them to float32 (exact), computes in the CPU twin's order
 
-    d = T - B            float32
-    d = d * alpha        float32, skipped when alpha == 1 (constexpr), never fused into an FMA
-    x = I + d            float32
+    x = I                float32
+    for each delta k:    (unrolled: the kernel is specialised on N = 1..4; more chain launches)
+      d = Tk - B         float32
+      d = d * ak         float32, skipped when ak == 1 (constexpr), never fused into an FMA
+      x = x + d          float32
     out = round(x)       once, round-to-nearest-even, to bf16/fp16/fp32
 
-and, in the same pass, counts elements where d is NaN/Inf into an int64 counter. The kernel is memory
-bound (3 reads + 1 write per element), so the extra integer work below costs nothing measurable.
+and, in the same pass, counts elements where a d is NaN/Inf into an int64 counter. The kernel is memory
+bound (2 + N reads + 1 write per element).
 
 bf16 goes through int16 views both ways and is converted with integer ops on the float32 bits, because
 Triton's interpreter (3.8/3.9) gets both casts wrong: float32 -> bf16 truncates (1 ulp off in about half
@@ -22,10 +24,14 @@ are both round-to-nearest-even, subnormals and overflow to inf included (the tes
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from .cpu import as_terms
+from .cpu import torch_graft as reference_graft
 
 # Read once, at import: the interpreter swaps `@triton.jit` for a numpy emulation when the function is
 # decorated, so setting TRITON_INTERPRET later has no effect on this module.
@@ -61,41 +67,64 @@ def _load_f32(ptr, offsets, mask, IS_BF16_BITS: tl.constexpr):
 
 
 @triton.jit
+def _add_delta(x, bad, t_ptr, b, offsets, mask, alpha, ALPHA_IS_ONE: tl.constexpr, T_BF16_BITS: tl.constexpr):
+    """x + alpha * (T - B) in the CPU twin's order; `bad` marks lanes where T - B is NaN/Inf."""
+    d = _load_f32(t_ptr, offsets, mask, T_BF16_BITS) - b
+    bad = bad | (d != d) | (tl.abs(d) > FLT_MAX)
+    if not ALPHA_IS_ONE:
+        d = d * alpha  # the launcher compiles with enable_fp_fusion=False: no FMA with the add below
+    return x + d, bad
+
+
+@triton.jit
 def triton_graft_kernel(
     out_ptr,  # [n] float32 | float16 | int16 (the bits of a bfloat16 output)
     i_ptr,  # [n] Instruct: fp16 | fp32 | int16 (the bits of a bf16 input)
-    t_ptr,  # [n] tuned, likewise
     b_ptr,  # [n] Base, likewise
-    nonfinite_ptr,  # [1] int64, incremented by the number of NaN/Inf in T - B
+    t1_ptr,  # [n] the first tuned model, likewise; t2..t4 the next ones (unused slots point at Base)
+    t2_ptr,
+    t3_ptr,
+    t4_ptr,
+    nonfinite_ptr,  # [1] int64, incremented by the number of NaN/Inf elements of the deltas
     n_elements,
-    alpha,  # float32
-    ALPHA_IS_ONE: tl.constexpr,
+    alpha1,  # float32, one per delta
+    alpha2,
+    alpha3,
+    alpha4,
+    N_DELTAS: tl.constexpr,  # 1..4: the kernel is specialised on the number of deltas
+    ALPHA1_IS_ONE: tl.constexpr,
+    ALPHA2_IS_ONE: tl.constexpr,
+    ALPHA3_IS_ONE: tl.constexpr,
+    ALPHA4_IS_ONE: tl.constexpr,
     OUT_BF16_BITS: tl.constexpr,  # out_ptr is an int16 view of a bf16 output
-    I_BF16_BITS: tl.constexpr,  # i_ptr is an int16 view of a bf16 input; T_, B_ likewise
-    T_BF16_BITS: tl.constexpr,
+    I_BF16_BITS: tl.constexpr,  # i_ptr is an int16 view of a bf16 input; B_, T1_.. likewise
     B_BF16_BITS: tl.constexpr,
+    T1_BF16_BITS: tl.constexpr,
+    T2_BF16_BITS: tl.constexpr,
+    T3_BF16_BITS: tl.constexpr,
+    T4_BF16_BITS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # int64 before the multiply: a tensor may hold more than 2**31 elements (a 405B model's embedding).
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
-    t = _load_f32(t_ptr, offsets, mask, T_BF16_BITS)
     b = _load_f32(b_ptr, offsets, mask, B_BF16_BITS)
-    i = _load_f32(i_ptr, offsets, mask, I_BF16_BITS)
+    x = _load_f32(i_ptr, offsets, mask, I_BF16_BITS)
+    bad = offsets < 0  # all False
+    x, bad = _add_delta(x, bad, t1_ptr, b, offsets, mask, alpha1, ALPHA1_IS_ONE, T1_BF16_BITS)
+    if N_DELTAS > 1:
+        x, bad = _add_delta(x, bad, t2_ptr, b, offsets, mask, alpha2, ALPHA2_IS_ONE, T2_BF16_BITS)
+    if N_DELTAS > 2:
+        x, bad = _add_delta(x, bad, t3_ptr, b, offsets, mask, alpha3, ALPHA3_IS_ONE, T3_BF16_BITS)
+    if N_DELTAS > 3:
+        x, bad = _add_delta(x, bad, t4_ptr, b, offsets, mask, alpha4, ALPHA4_IS_ONE, T4_BF16_BITS)
 
-    d = t - b
     # One atomic per NaN/Inf element, none in the common all-finite case. Not a block sum: `tl.sum` is
     # itself a @triton.jit function of Triton's library, decorated in whichever mode Triton was first
     # imported; the interpreter cannot call it in compiled mode. Atomics are builtins: fine in both.
-    # The price is a slow kernel on a tensor that is mostly NaN/Inf, an error case anyway. Masked
-    # lanes load 0 - 0 and never count. Relaxed: nothing is ordered against the counter.
-    bad = (d != d) | (tl.abs(d) > FLT_MAX)
+    # Masked lanes load 0 - 0 and never count. Relaxed: nothing is ordered against the counter.
     ones = tl.full([BLOCK_SIZE], 1, tl.int64)
     tl.atomic_add(nonfinite_ptr + tl.full([BLOCK_SIZE], 0, tl.int32), ones, mask=bad & mask, sem="relaxed")
-
-    if not ALPHA_IS_ONE:
-        d = d * alpha  # the launcher compiles with enable_fp_fusion=False: no FMA with the add below
-    x = i + d
 
     if OUT_BF16_BITS:
         # Round-to-nearest-even on the bits: add 0x7FFF plus the lowest kept bit, drop 16 bits. Carries
@@ -116,22 +145,23 @@ _autotuned_kernel = triton.autotune(configs=AUTOTUNE_CONFIGS, key=[], reset_to_z
 )
 _tuned: set[tuple] = set()
 
+MAX_DELTAS = 4  # per launch; more deltas chain launches through an exact float32 partial sum
 
-def _ensure_tuned(out: torch.Tensor, instruct: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor) -> None:
+
+def _ensure_tuned(out: torch.Tensor, instruct: torch.Tensor, tuned: list[torch.Tensor], base: torch.Tensor) -> None:
     """Autotune once per dtype combination and device, on zero-filled scratch buffers of TUNE_NUMEL.
 
     Tuning on the caller's tensors would time whatever chunk comes first (often a 4K-element norm
     weight, where every config ties) and would run the kernel several times on them: wrong if `out`
     aliases `instruct`. Scratch buffers give a representative size and leave the caller's data alone.
     """
-    key = (out.device, out.dtype, instruct.dtype, tuned.dtype, base.dtype)
+    key = (out.device, out.dtype, instruct.dtype, base.dtype, *(t.dtype for t in tuned))
     if key in _tuned:
         return
     # (Triton's own tuning cache is keyed by dtypes only, so a second GPU of another kind reuses this.)
-    scratch = [torch.zeros(TUNE_NUMEL, dtype=x.dtype, device=out.device) for x in (out, instruct, tuned, base)]
+    zeros = lambda x: torch.zeros(TUNE_NUMEL, dtype=x.dtype, device=out.device)  # noqa: E731
     counter = torch.zeros(1, dtype=torch.int64, device=out.device)
-    _launch(*scratch, counter, 1.0)
-    del scratch
+    _launch(zeros(out), zeros(instruct), [zeros(t) for t in tuned], zeros(base), counter, [1.0] * len(tuned))
     _tuned.add(key)
 
 
@@ -140,13 +170,25 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
-def _launch(out: torch.Tensor, instruct, tuned, base, nonfinite: torch.Tensor, alpha: float) -> None:
-    n = out.numel()
-    args = (_bits(out), _bits(instruct), _bits(tuned), _bits(base), nonfinite, n, alpha)
-    bf16 = [x.dtype == torch.bfloat16 for x in (out, instruct, tuned, base)]
-    meta = dict(
-        ALPHA_IS_ONE=alpha == 1.0, OUT_BF16_BITS=bf16[0], I_BF16_BITS=bf16[1], T_BF16_BITS=bf16[2], B_BF16_BITS=bf16[3]
-    )
+def _launch(out: torch.Tensor, instruct, tuned: list, base, nonfinite: torch.Tensor, alphas: list[float]) -> None:
+    """One launch for up to MAX_DELTAS deltas; more go through a float32 partial sum (exact: each launch
+    stores the float32 sum unrounded, so the bits equal one launch over all of them)."""
+    if len(tuned) > MAX_DELTAS:
+        partial = torch.empty(out.numel(), dtype=torch.float32, device=out.device)
+        _launch(partial, instruct, tuned[:MAX_DELTAS], base, nonfinite, alphas[:MAX_DELTAS])
+        for k in range(MAX_DELTAS, len(tuned), MAX_DELTAS):
+            last = k + MAX_DELTAS >= len(tuned)
+            _launch(out if last else partial, partial, tuned[k : k + MAX_DELTAS], base, nonfinite, alphas[k : k + MAX_DELTAS])
+        return
+    n, k = out.numel(), len(tuned)
+    slots = [*tuned, *[base] * (MAX_DELTAS - k)]  # unused slots: any valid pointer, never read
+    coefficients = [*alphas, *[1.0] * (MAX_DELTAS - k)]
+    args = (_bits(out), _bits(instruct), _bits(base), *map(_bits, slots), nonfinite, n, *coefficients)
+    bf16 = lambda x: x.dtype == torch.bfloat16  # noqa: E731
+    meta = dict(N_DELTAS=k, OUT_BF16_BITS=bf16(out), I_BF16_BITS=bf16(instruct), B_BF16_BITS=bf16(base))
+    for j in range(MAX_DELTAS):
+        meta[f"ALPHA{j + 1}_IS_ONE"] = coefficients[j] == 1.0
+        meta[f"T{j + 1}_BF16_BITS"] = bf16(slots[j])
     if INTERPRET:
         triton_graft_kernel[(triton.cdiv(n, INTERPRET_BLOCK),)](*args, **meta, BLOCK_SIZE=INTERPRET_BLOCK)
     else:
@@ -158,40 +200,42 @@ def _launch(out: torch.Tensor, instruct, tuned, base, nonfinite: torch.Tensor, a
 def launch_graft(
     out: torch.Tensor,
     instruct: torch.Tensor,
-    tuned: torch.Tensor,
+    tuned: torch.Tensor | Sequence[torch.Tensor],
     base: torch.Tensor,
     nonfinite: torch.Tensor,
-    alpha: float = 1.0,
+    alpha: float | Sequence[float] = 1.0,
 ) -> None:
     """Like `graft_triton`, but adds the NaN/Inf count to `nonfinite` (int64, one element, same device)
     without synchronizing, so a caller can queue many chunks and read the count once per tensor."""
+    tuned, alphas = as_terms(tuned, alpha)
     _check(out, instruct, tuned, base)
     if nonfinite.dtype != torch.int64 or nonfinite.numel() != 1 or nonfinite.device != out.device:
         raise ValueError("launch_graft: nonfinite must be a one-element int64 tensor on the output's device")
     if out.numel() == 0:
         return
     if not INTERPRET:
-        _ensure_tuned(out, instruct, tuned, base)
-    _launch(out, instruct, tuned, base, nonfinite, float(alpha))
+        _ensure_tuned(out, instruct, tuned[:MAX_DELTAS], base)
+    _launch(out, instruct, tuned, base, nonfinite, alphas)
 
 
 def graft_triton(
     out: torch.Tensor,
     instruct: torch.Tensor,
-    tuned: torch.Tensor,
+    tuned: torch.Tensor | Sequence[torch.Tensor],
     base: torch.Tensor,
-    alpha: float = 1.0,
+    alpha: float | Sequence[float] = 1.0,
 ) -> int:
-    """Write `round(I + alpha * (T - B))` into `out`; return how many elements of T - B were NaN/Inf.
+    """Write `round(I + a1*(T1 - B) + a2*(T2 - B) + ...)` into `out`; return how many elements of the deltas
+    were NaN/Inf.
 
     Args:
         out: contiguous bf16/fp16/fp32 tensor, any shape; may be `instruct` itself (in place).
-        instruct, tuned, base: contiguous bf16/fp16/fp32 tensors (dtypes may differ) of out's numel.
-        alpha: scale of the fine-tune delta; 1.0 skips the multiply and is bit-exact with the float32
-            formula, other values are within 1 ulp of a float64 reference.
+        instruct, base: contiguous bf16/fp16/fp32 tensors (dtypes may differ) of out's numel.
+        tuned: one such tensor, or a sequence of them (one delta each).
+        alpha: one coefficient for every delta, or one per delta; 1.0 skips the multiply.
 
     Returns:
-        The number of NaN/Inf elements in T - B (synchronizes with the device).
+        The number of NaN/Inf elements in the deltas Tk - B (synchronizes with the device).
 
     Example:
         >>> out = torch.empty(3, dtype=torch.bfloat16, device="cuda")
@@ -206,8 +250,8 @@ def graft_triton(
     return int(nonfinite.item())
 
 
-def _check(out: torch.Tensor, instruct: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor) -> None:
-    named = {"out": out, "instruct": instruct, "tuned": tuned, "base": base}
+def _check(out: torch.Tensor, instruct: torch.Tensor, tuned: list[torch.Tensor], base: torch.Tensor) -> None:
+    named = {"out": out, "instruct": instruct, "base": base, **{f"tuned[{k}]": t for k, t in enumerate(tuned)}}
     n = out.numel()
     if any(x.numel() != n for x in named.values()):
         sizes = ", ".join(f"{k} {x.numel()}" for k, x in named.items())
@@ -223,8 +267,4 @@ def _check(out: torch.Tensor, instruct: torch.Tensor, tuned: torch.Tensor, base:
         raise ValueError(f"graft_triton: tensors are on {out.device}; needs CUDA (or TRITON_INTERPRET=1 on CPU)")
 
 
-def torch_graft(instruct: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor, alpha: float, dtype: torch.dtype):
-    """The plain reference (whole tensors, float32, same op order); see graftcore.kernels.cpu."""
-    from .cpu import torch_graft as reference
-
-    return reference(instruct, tuned, base, alpha, dtype)
+torch_graft = reference_graft  # the plain reference (whole tensors, float32, same op order)

@@ -14,7 +14,7 @@ from graftcore.api import run_plan
 from graftcore.errors import NonFiniteError
 from graftcore.gpu import StreamCompute
 from graftcore.options import MergeOptions
-from graftcore.plan import build_plan
+from graftcore.plan import DeltaInput, build_plan
 from graftcore.sources import open_checkpoint
 
 CUDA = torch.cuda.is_available()
@@ -28,7 +28,7 @@ def merge_with_stream_compute(tmp_path, base, tuned, instruct, chunk, **options)
     paths = {r: write_checkpoint(tmp_path / r, sd, k) for r, sd, k in (("base", base, 1), ("tuned", tuned, 2), ("instruct", instruct, 2))}
     cks = {r: open_checkpoint(p) for r, p in paths.items()}
     opts = MergeOptions(quiet=True, **options)
-    plan = build_plan(cks["instruct"], cks["tuned"], cks["base"], opts)
+    plan = build_plan(cks["instruct"], [DeltaInput("tuned", opts.alpha[0], cks["tuned"])], cks["base"], opts)
     report = run_plan(plan, cks, tmp_path / "out", opts, print, compute=StreamCompute(DEVICE, chunk, LAUNCH))
     return report, load_folder(tmp_path / "out")
 

@@ -435,7 +435,8 @@ def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
     """The GPU path's lora() (here on a CPU device, null streams: the same code a CUDA device runs)."""
     from graftcore.api import run_plan
     from graftcore.gpu import StreamCompute
-    from graftcore.lora import build_lora_plan, open_adapter
+    from graftcore.lora import open_adapter
+    from graftcore.plan import DeltaInput, build_plan
     from graftcore.options import MergeOptions
     from graftcore.sources import open_checkpoint
 
@@ -443,7 +444,7 @@ def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=PROJ, use_dora=dora)
     ad, opts = open_adapter(adapter), MergeOptions(quiet=True)
     cks = {"instruct": open_checkpoint(instruct), "tuned": ad.checkpoint, "base": open_checkpoint(base)}
-    plan = build_lora_plan(cks["instruct"], ad, cks["base"] if dora else None, opts)
+    plan = build_plan(cks["instruct"], [DeltaInput("tuned", 1.0, ad.checkpoint, ad)], cks["base"] if dora else None, opts)
     run_plan(plan, cks, tmp_path / "gpu", opts, print, compute=StreamCompute("cpu", 1000, launch=lambda *a: None))
     graftcore.graft(tuned=adapter, instruct=instruct, base=base if dora else None, output=tmp_path / "cpu", quiet=True)
     got, cpu = load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu")

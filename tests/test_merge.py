@@ -133,7 +133,7 @@ def test_instruct_grown_vocabulary_and_instruct_only_tensors(tmp_path, cli):
     assert same_bits(got["vision_tower.proj.weight"], instruct["vision_tower.proj.weight"])
     assert "model.extra_head.weight" not in got
     manifest = json.loads((tmp_path / "o" / "graftcore.json").read_text())
-    assert any("model.extra_head.weight" in x for x in manifest["ignored"])
+    assert {"name": "model.extra_head.weight", "reason": "in base and tuned, not in Instruct"} in manifest["ignored"]
 
 
 def test_targets_projections_and_include_exclude(tmp_path, cli):

@@ -223,13 +223,13 @@ def test_timings_say_where_the_time_went(tmp_path):
 def test_reader_and_engine_agree_on_every_read(tmp_path):
     """The streamer hands out exactly the bytes each step asks for (checked against the file itself)."""
     from graftcore.options import MergeOptions
-    from graftcore.plan import build_plan
+    from graftcore.plan import DeltaInput, build_plan
     from graftcore.sources import open_checkpoint
     from graftcore.steps import op_steps
 
     trio = odd_trio(tmp_path)
     cks = {r: open_checkpoint(tmp_path / r) for r in trio}
-    plan = build_plan(cks["instruct"], cks["tuned"], cks["base"], MergeOptions())
+    plan = build_plan(cks["instruct"], [DeltaInput("tuned", 1.0, cks["tuned"])], cks["base"], MergeOptions())
     streamer = readers.InputStreamer(cks, plan.ops, chunk=300, pin=False, drop_behind=True, buffer_bytes=4096, depth=2)
     try:
         n = 0
