@@ -454,3 +454,31 @@ def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
         assert_within_ulp(t, cpu[name].double(), f"stream vs cpu {name}")
         changed += not torch.equal(t, inst[name])
     assert changed == 2 * len(PROJ)
+
+
+@pytest.mark.parametrize("order", ["full first", "adapter first"])
+def test_adapter_and_full_checkpoint_in_one_pass(llama, tmp_path, order):
+    """I + a1 * (T - B) + a2 * s * (B @ A): a full fine-tune and a LoRA adapter merged in one pass. Tensors the
+    adapter does not touch are bit-exact with the float32 formula; LoRA targets within one ulp of float64."""
+    base, instruct = llama
+    torch.manual_seed(0)
+    full = perturbed(load_model(base).to(torch.bfloat16), 5, 0.004)
+    full.save_pretrained(tmp_path / "full")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    tuned, alphas = [tmp_path / "full", adapter], [0.5, 1.5]
+    if order == "adapter first":
+        tuned, alphas = tuned[::-1], alphas[::-1]
+    report = graftcore.graft(base=base, tuned=tuned, alpha=alphas, instruct=instruct, output=tmp_path / "out", quiet=True)
+    assert report.lora == 4 and report.grafted == len(load_folder(instruct)) - 4
+    got, inst, b, t = (load_folder(p) for p in (tmp_path / "out", instruct, base, tmp_path / "full"))
+    a_full, a_lora = (0.5, 1.5)
+    lora = lora_reference({n: torch.zeros_like(x) for n, x in inst.items()}, adapter, lambda m: 8)  # s * B @ A alone
+    for name, x in inst.items():
+        if name in lora:
+            want = x.double() + a_full * (t[name].double() - b[name].double()) + a_lora * lora[name]
+            assert_within_ulp(got[name], want, name)
+        else:
+            want = (x.float() + a_full * (t[name].float() - b[name].float())).to(x.dtype)
+            assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
+    manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
+    assert manifest["options"]["alpha"] == alphas and "tuned2" in manifest["inputs"]
