@@ -7,7 +7,7 @@ Example:
     >>> report = graftcore.graft(base="base", tuned="sft", instruct="instruct", output="out")  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import (  # noqa: E402
     AdapterError,

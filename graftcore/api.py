@@ -246,10 +246,12 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
 
 
 def formula(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> str:
-    """The merge as graftcore.json states it, e.g. `instruct + 0.7 * (tuned - base) + 0.5 * (tuned2 - base)`."""
+    """The merge as graftcore.json states it, e.g. `instruct + 0.7 * (tuned - base) + 0.5 * lora(tuned2)`."""
     roles = [r for r in checkpoints if r.startswith("tuned")]
-    terms = [f"{a:g} * ({r} - base)" for r, a in zip(roles, opts.alphas(len(roles)))]
+    adapters = report.plan.adapters if report.plan is not None else []
+    terms = [f"{a:g} * lora({r})" if r in adapters else f"{a:g} * ({r} - base)" for r, a in zip(roles, opts.alphas(len(roles)))]
     text = "instruct + " + " + ".join(terms) + ", float32 math, terms added left to right, one rounding"
-    if report.lora:
-        text += "; a LoRA adapter's term is alpha * lora_alpha/r * (lora_B @ lora_A)"
+    if adapters:
+        text += ("; lora(adapter) = lora_alpha/r * (lora_B @ lora_A) for its LoRA tensors (DoRA as PEFT merges it), "
+                 "tensor - base for full tensors it carries")
     return text

@@ -278,7 +278,7 @@ class CpuCompute:
 
         self.chunk = chunk
         self.scratch = CpuScratch(chunk)
-        self.counts: dict[str, int] = {}
+        self.counts: dict = {}  # tensor name -> kernels.NonFinite
 
     def __enter__(self):
         self._threads = torch.get_num_threads()
@@ -306,15 +306,16 @@ class CpuCompute:
         """A LoRA term's factors where the math runs: here, as they are."""
         return loaded
 
-    def _count(self, name: str, bad: int) -> None:
-        if bad:
-            self.counts[name] = self.counts.get(name, 0) + bad
+    def _count(self, name: str, found) -> None:
+        if found:
+            self.counts[name] = found.plus(self.counts[name]) if name in self.counts else found
 
     def convert(self, out: torch.Tensor, src: torch.Tensor):
         out.copy_(src)
         return None
 
-    def nonfinite(self) -> dict[str, int]:
+    def nonfinite(self) -> dict:
+        """NonFinite counts per tensor since the last call."""
         counts, self.counts = self.counts, {}
         return counts
 
@@ -345,6 +346,7 @@ def execute(
     for _ in range(POOL):
         pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
     bar = ProgressBar(todo, opts.quiet, progress)
+    nonfinite_notes: list[str] = []
     clock = report.timings = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
     with compute:
         try:
@@ -357,8 +359,8 @@ def execute(
                         bar.tensor = op.name
                         stream_op(op, streamer, sink, compute, opts, checkpoints)
                         if not compute.deferred:
-                            check_finite(compute, shard, checkpoints, opts)
-                    check_finite(compute, shard, checkpoints, opts)  # one device sync per shard
+                            check_finite(compute, shard, checkpoints, opts, nonfinite_notes)
+                    check_finite(compute, shard, checkpoints, opts, nonfinite_notes)  # one device sync per shard
                     sink.flush()
                     t_drain = time.perf_counter()
                     writer_thread.drain()
@@ -383,6 +385,7 @@ def execute(
             clock.update(streamer.timings())
             report.reads = streamer.bytes_read()
     report.count(plan)
+    report.notes += nonfinite_notes
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -456,17 +459,32 @@ def check_inputs_unchanged(shard, checkpoints: dict[str, Checkpoint]) -> None:
         checkpoints[role].verify_unchanged(file)
 
 
-def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts) -> None:
-    """Raise NonFiniteError for the first tensor of `shard` whose deltas held NaN/Inf (unless allowed)."""
+def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts, notes: list[str]) -> None:
+    """Raise NonFiniteError for the first tensor of `shard` with NaN/Inf in a delta or produced from finite inputs
+    (unless allowed); NaN/Inf that Instruct itself holds and the merge carried through become notes."""
     counts = compute.nonfinite()
-    if not counts or opts.allow_nonfinite:
-        return
-    op = next(op for op in shard.ops if op.name in counts)
-    files = "; ".join(f"{t.role}: {checkpoints[t.role].locate(t.tuned.file)}" for t in op.terms if t.tuned is not None)
-    raise NonFiniteError(
-        f"{files}: tensor {op.name!r}: {counts[op.name]} element(s) of tuned - base are NaN/Inf "
-        f"(base: {checkpoints['base'].locate(op.base.file)}; pass --allow-nonfinite to keep them)"
-    )
+    for op in shard.ops:
+        found = counts.get(op.name)
+        if not found:
+            continue
+        if found.instruct:
+            notes.append(f"{checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.instruct} NaN/Inf "
+                         f"value(s) of Instruct carried into the output")
+        if opts.allow_nonfinite:
+            continue
+        if found.deltas:
+            files = "; ".join(f"{t.role}: {checkpoints[t.role].locate(t.tuned.file)}" for t in op.terms if t.tuned is not None)
+            raise NonFiniteError(
+                f"{files or checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.deltas} "
+                f"element(s) of tuned - base are NaN/Inf (base: {checkpoints['base'].locate(op.base.file) if op.base else '-'}; "
+                f"pass --allow-nonfinite to keep them)"
+            )
+        if found.overflow:
+            raise NonFiniteError(
+                f"{checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.overflow} element(s) of "
+                f"the result are NaN/Inf in {op.out_dtype} although every input is finite (a large alpha or delta "
+                f"overflowed; --dtype float32 has more range; pass --allow-nonfinite to keep them)"
+            )
 
 
 def load_lora(op: TensorOp, compute, checkpoints: dict[str, Checkpoint], opts) -> dict:

@@ -74,7 +74,7 @@ class StreamCompute:
         self.slots = [_Slot(chunk, self.device, self.cuda) for _ in range(SLOTS)]
         self.n = 0
         self.input_event = None  # recorded after the last chunk's host-to-device copies (None on a CPU device)
-        self.counters: dict[str, torch.Tensor] = {}  # tensor name -> int64 NaN/Inf count on the device
+        self.counters: dict[str, torch.Tensor] = {}  # tensor name -> int64 [3] NonFinite counts on the device
         self._block_scratch = None  # LoRA blocks: float32 `acc` and `delta` buffers on the device
 
     def __enter__(self):
@@ -125,9 +125,7 @@ class StreamCompute:
                 if slot.d2h_done is not None:
                     self.kernels.wait_event(slot.d2h_done)
             result = slot.out[: k * out.element_size()].view(out.dtype)
-            counter = self.counters.get(name)
-            if counter is None:
-                counter = self.counters[name] = torch.zeros(1, dtype=torch.int64, device=self.device)
+            counter = self._counter(name)
             dev_i, dev_b, *dev_tuned = on_device
             self.launch(result, dev_i, dev_tuned, dev_b, counter, alphas)
             slot.kernel_done = self._record(self.kernels)
@@ -160,21 +158,29 @@ class StreamCompute:
         up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
         terms = [replace(t, tuned=up(t.tuned)) if isinstance(t, FullDelta) else t for t in terms]
         result = torch.empty(out.numel(), dtype=out.dtype, device=self.device)
-        bad = block_cpu(result, up(i), up(b), terms, self._block_scratch)
-        if bad:
-            counter = self.counters.setdefault(name, torch.zeros(1, dtype=torch.int64, device=self.device))
-            counter += bad
+        found = block_cpu(result, up(i), up(b), terms, self._block_scratch)
+        if found:
+            self._counter(name).add_(torch.tensor(found, device=self.device))
         out.copy_(result)
         return None
+
+    def _counter(self, name: str) -> torch.Tensor:
+        """The device's NonFinite counts (int64 [3]) of tensor `name`."""
+        counter = self.counters.get(name)
+        if counter is None:
+            counter = self.counters[name] = torch.zeros(3, dtype=torch.int64, device=self.device)
+        return counter
 
     def convert(self, out: torch.Tensor, src: torch.Tensor):
         out.copy_(src)  # a copy (maybe a dtype change) needs no GPU
         return None
 
-    def nonfinite(self) -> dict[str, int]:
-        """NaN/Inf counts of T - B per tensor since the last call (synchronizes once)."""
+    def nonfinite(self) -> dict:
+        """NonFinite counts per tensor since the last call (synchronizes once)."""
+        from .kernels import NonFinite
+
         if self.cuda:
             self.kernels.synchronize()
-        counts = {name: int(c.item()) for name, c in self.counters.items()}
+        counts = {name: NonFinite(*c.tolist()) for name, c in self.counters.items()}
         self.counters.clear()
         return {n: c for n, c in counts.items() if c}

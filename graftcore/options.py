@@ -47,7 +47,10 @@ class MergeOptions:
     cache_dir: str | None = field(default=None, metadata={"help": "hub cache folder (default: $HF_HUB_CACHE)"})
     low_disk: bool = field(default=False, metadata={"help": "hub inputs: keep only the input shards still needed on disk"})
     overwrite: bool = field(default=False, metadata={"help": "replace the weights of a non-empty output folder"})
-    allow_nonfinite: bool = field(default=False, metadata={"help": "keep NaN/Inf that appear in tuned - base instead of failing"})
+    allow_nonfinite: bool = field(
+        default=False,
+        metadata={"help": "keep NaN/Inf that appear in tuned - base, or that finite inputs produce (overflow), instead of failing"},
+    )
     dry_run: bool = field(default=False, metadata={"help": "print the plan and write nothing"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     chunk_size: int | None = field(
@@ -76,7 +79,8 @@ class MergeOptions:
                     re.compile(pattern)
                 except re.error as e:
                     raise GraftError(f"--{name}: bad regular expression {pattern!r} ({e})") from None
-        self.dtype = DTYPE_ALIASES.get(str(self.dtype).removeprefix("torch."), self.dtype)
+        name = str(self.dtype).removeprefix("torch.")  # torch.bfloat16 and "torch.bfloat16" too
+        self.dtype = DTYPE_ALIASES.get(name, name)
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if "choices" in meta and value not in meta["choices"]:

@@ -111,6 +111,7 @@ class Plan:
     shards: list[OutShard]
     write_index: bool
     ignored: list[Ignored] = field(default_factory=list)  # in base/tuned but not Instruct
+    adapters: list[str] = field(default_factory=list)  # the roles of the tuned inputs that are PEFT adapters
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -178,7 +179,8 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
             if n not in instruct.tensors:
                 extra.setdefault(n, []).append(role)
     ignored = [Ignored(n, f"in {' and '.join(roles)}, not in Instruct") for n, roles in extra.items()]
-    return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes)
+    adapters = [d.role for d in deltas if d.adapter is not None]
+    return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters)
 
 
 def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, opts: MergeOptions, locate) -> TensorOp:

@@ -38,7 +38,8 @@ def graft_tensor(
         tuned: one such tensor, or a sequence of them (one delta each).
         alpha: the coefficient of every delta, or one per delta (finite numbers).
         dtype: the result's dtype (torch.bfloat16 / "bfloat16" / "bf16", ...); default: Instruct's.
-        allow_nonfinite: keep NaN/Inf appearing in a delta instead of raising NonFiniteError.
+        allow_nonfinite: keep NaN/Inf appearing in a delta, or produced from finite inputs (overflow), instead
+            of raising NonFiniteError. NaN/Inf of Instruct itself are carried through either way.
 
     Returns:
         A new tensor of Instruct's shape.
@@ -68,9 +69,14 @@ def graft_tensor(
         if x.device != instruct.device:
             raise GraftError(f"graft_tensor: {name} is on {x.device}, instruct on {instruct.device}")
     out = torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device)
-    bad = graft_(out, instruct.contiguous(), [t.contiguous() for t in tuned], base.contiguous(), alphas)
-    if bad and not allow_nonfinite:
-        raise NonFiniteError(f"graft_tensor: {bad} element(s) of tuned - base are NaN/Inf (allow_nonfinite=True keeps them)")
+    found = graft_(out, instruct.contiguous(), [t.contiguous() for t in tuned], base.contiguous(), alphas)
+    if found.deltas and not allow_nonfinite:
+        raise NonFiniteError(f"graft_tensor: {found.deltas} element(s) of tuned - base are NaN/Inf (allow_nonfinite=True keeps them)")
+    if found.overflow and not allow_nonfinite:
+        raise NonFiniteError(
+            f"graft_tensor: {found.overflow} element(s) of the result are NaN/Inf in {out_dtype} although every input is "
+            f"finite (allow_nonfinite=True keeps them)"
+        )
     return out
 
 

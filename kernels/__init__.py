@@ -6,7 +6,7 @@ Example:
     >>> from graftcore.kernels import graft_
     >>> out = torch.empty(3, dtype=torch.bfloat16)
     >>> graft_(out, torch.zeros(3), torch.ones(3), torch.zeros(3), alpha=0.5)
-    0
+    NonFinite(deltas=0, overflow=0, instruct=0)
     >>> out
     tensor([0.5000, 0.5000, 0.5000], dtype=torch.bfloat16)
 """
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .cpu import CHUNK, CpuScratch, graft_cpu, torch_graft
+from .cpu import CHUNK, CpuScratch, NonFinite, graft_cpu, torch_graft
 
 
 def graft_(
@@ -27,10 +27,10 @@ def graft_(
     base: torch.Tensor,
     alpha: float | Sequence[float] = 1.0,
     scratch: CpuScratch | None = None,
-) -> int:
+) -> NonFinite:
     """In place: `out = I + a1 * (T1 - B) + ...` (`tuned` one tensor or several, `alpha` one for all or one each);
-    returns the number of NaN/Inf elements in the deltas. ValueError when `out` is not contiguous or not of
-    Instruct's shape (a non-contiguous `out` could not be written in place)."""
+    returns the NonFinite counts (NaN/Inf in a delta, produced from finite inputs, carried from Instruct).
+    ValueError when `out` is not contiguous or not of Instruct's shape (it could not be written in place)."""
     if not out.is_contiguous():
         raise ValueError("graft_: out is not contiguous (graft into a contiguous tensor, then copy)")
     if out.shape != instruct.shape:
@@ -40,11 +40,11 @@ def graft_(
     return graft_cpu(out, instruct, tuned, base, alpha, scratch)
 
 
-def graft_triton(out, instruct, tuned, base, alpha: float = 1.0) -> int:
+def graft_triton(out, instruct, tuned, base, alpha: float | Sequence[float] = 1.0) -> NonFinite:
     """The fused Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     from .triton_graft import graft_triton as launch
 
     return launch(out, instruct, tuned, base, alpha)
 
 
-__all__ = ["graft_", "graft_cpu", "graft_triton", "torch_graft", "CpuScratch", "CHUNK"]
+__all__ = ["graft_", "graft_cpu", "graft_triton", "torch_graft", "CpuScratch", "NonFinite", "CHUNK"]

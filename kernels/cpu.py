@@ -11,11 +11,40 @@ agree on every path, and one delta gives `I + a*(T - B)` exactly as before.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 CHUNK = 1 << 18  # elements; 256K float32 = 1 MiB per scratch buffer: in L2, measured fastest here
+
+# The NaN policy, the same on every path: a NaN result is written as the canonical quiet NaN of the output
+# dtype (positive, top mantissa bit only), whatever NaN the arithmetic produced, so shard bytes and their
+# sha256 never depend on the device.
+CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+# The smallest float32 magnitude that rounds to inf in each output dtype (round-to-nearest-even: the largest
+# finite value plus half an ulp, a tie that rounds up since the largest finite value has an odd mantissa).
+OVERFLOW = {torch.bfloat16: 3.3961775292304957e38, torch.float16: 65520.0, torch.float32: math.inf}
+
+
+class NonFinite(NamedTuple):
+    """What the kernels count while grafting (per call; the engine adds them up per tensor):
+
+    deltas: elements where some delta Tk - B is NaN/Inf;
+    overflow: results that are NaN/Inf although every input was finite (a scaled delta, the sum, or its
+        rounding to the output dtype overflowed);
+    instruct: NaN/Inf results where Instruct's own value is NaN/Inf (carried through, deltas finite).
+    """
+
+    deltas: int = 0
+    overflow: int = 0
+    instruct: int = 0
+
+    def __bool__(self) -> bool:
+        return any(self)
+
+    def plus(self, other: "NonFinite") -> "NonFinite":
+        return NonFinite(*(a + b for a, b in zip(self, other)))
 
 
 class CpuScratch:
@@ -46,30 +75,31 @@ def graft_cpu(
     base: torch.Tensor,
     alpha: float | Sequence[float] = 1.0,
     scratch: CpuScratch | None = None,
-) -> int:
-    """Write `I + a1*(T1 - B) + ...` into `out` (same number of elements); return how many elements of the
-    deltas Tk - B were NaN/Inf (summed over the deltas).
+) -> NonFinite:
+    """Write `I + a1*(T1 - B) + ...` into `out` (same number of elements); return the NonFinite counts.
 
     Example:
         >>> o = torch.empty(4, dtype=torch.bfloat16)
         >>> graft_cpu(o, torch.ones(4), torch.full((4,), 3.0), torch.full((4,), 2.0))
-        0
+        NonFinite(deltas=0, overflow=0, instruct=0)
         >>> o
         tensor([2., 2., 2., 2.], dtype=torch.bfloat16)
-        >>> graft_cpu(o, torch.ones(4), [torch.full((4,), 3.0), torch.full((4,), 4.0)], torch.full((4,), 2.0), [1.0, 0.5])
-        0
+        >>> bool(graft_cpu(o, torch.ones(4), [torch.full((4,), 3.0), torch.full((4,), 4.0)], torch.full((4,), 2.0), [1.0, 0.5]))
+        False
         >>> o
         tensor([3., 3., 3., 3.], dtype=torch.bfloat16)
     """
     tuned, alphas = as_terms(tuned, alpha)
     n = out.numel()
+    if not out.is_contiguous():  # reshape would copy it: the result would go nowhere
+        raise ValueError("graft_cpu: out is not contiguous")
     if any(x.numel() != n for x in (instruct, base, *tuned)):
         sizes = ", ".join(f"{x.numel()}" for x in tuned)
         raise ValueError(f"graft_cpu: lengths differ: out {n}, I {instruct.numel()}, T {sizes}, B {base.numel()}")
     out, instruct, base = (x.reshape(-1) for x in (out, instruct, base))
     tuned = [t.reshape(-1) for t in tuned]
     scratch = scratch or CpuScratch(min(CHUNK, max(n, 1)))
-    nonfinite = 0
+    counts = NonFinite()
     for lo in range(0, n, scratch.chunk):
         hi = min(n, lo + scratch.chunk)
         acc, d, b = scratch.acc[: hi - lo], scratch.delta[: hi - lo], scratch.other[: hi - lo]
@@ -77,17 +107,39 @@ def graft_cpu(
         # bits but ran 8% slower end to end here, as torch converts through a temporary.
         acc.copy_(instruct[lo:hi])
         b.copy_(base[lo:hi])
+        bad_delta = None
         for t, a in zip(tuned, alphas):
             d.copy_(t[lo:hi])
             d.sub_(b)
-            # A sum is NaN/Inf whenever any term is, so one reduction flags the rare chunk to count exactly.
+            # A sum is NaN/Inf whenever any term is, so one reduction flags the rare chunk to look at exactly.
             if not math.isfinite(d.sum().item()):
-                nonfinite += int((~torch.isfinite(d)).sum())
+                bad_delta = ~torch.isfinite(d) if bad_delta is None else bad_delta | ~torch.isfinite(d)
             if a != 1.0:
                 d.mul_(a)
             acc.add_(d)
-        out[lo:hi].copy_(acc)  # the one rounding: float32 -> output dtype, round-to-nearest-even
-    return nonfinite
+        counts = counts.plus(round_into(out[lo:hi], acc, instruct[lo:hi], bad_delta))
+    return counts
+
+
+def round_into(out: torch.Tensor, acc: torch.Tensor, instruct: torch.Tensor, bad_delta: torch.Tensor | None) -> NonFinite:
+    """The one rounding, float32 `acc` -> `out`'s dtype (round-to-nearest-even), with the NaN policy and the
+    NonFinite counts of this chunk (`bad_delta`: where some delta was NaN/Inf, or None). One min/max reduction
+    flags the rare chunk whose result is not finite in the output dtype; only that one is looked at closely."""
+    out.copy_(acc.view(out.shape))
+    low, high = torch.aminmax(acc)
+    limit = OVERFLOW[out.dtype]
+    if bad_delta is None and -limit < low.item() and high.item() < limit:  # NaN compares False: flagged
+        return NonFinite()
+    flat = out.reshape(-1)
+    bad_out = ~torch.isfinite(flat)
+    nan = torch.isnan(flat)
+    if nan.any():
+        flat.view(BITS[out.dtype])[nan] = CANONICAL_NAN[out.dtype]
+    bad_delta = torch.zeros_like(bad_out) if bad_delta is None else bad_delta.reshape(-1)
+    bad_i = ~torch.isfinite(instruct.reshape(-1))
+    return NonFinite(
+        int(bad_delta.sum()), int((bad_out & ~bad_i & ~bad_delta).sum()), int((bad_out & bad_i & ~bad_delta).sum())
+    )
 
 
 def torch_graft(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu import CpuScratch
+from .cpu import CpuScratch, NonFinite, round_into
 
 
 @dataclass
@@ -49,9 +49,10 @@ class LowRankDelta:
     axis: str = "rows"
 
 
-def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | None, terms: list, scratch) -> int:
+def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | None, terms: list, scratch) -> NonFinite:
     """In place, for one block of rows x cols elements: `out = round(I + term1 + term2 + ...)`, the sum in
-    float32 and added left to right, one rounding; returns how many elements of full deltas T - B were NaN/Inf.
+    float32 and added left to right, one rounding, the NaN policy of kernels.cpu; returns the NonFinite counts
+    (`deltas`: elements where a full delta T - B or a DoRA delta is NaN/Inf).
 
     Args:
         out, instruct, base: the block of the output, of Instruct and of Base (any float dtypes; flat or
@@ -67,13 +68,11 @@ def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | No
     d = scratch.delta[: rows * cols].view(rows, cols)
     b = None if base is None else base.reshape(rows, cols)
     acc.copy_(instruct.reshape(rows, cols))  # widening to float32 is exact
-    nonfinite = 0
+    bad_delta = None
     for term in terms:
         if isinstance(term, FullDelta):
             d.copy_(term.tuned.reshape(rows, cols))
             d.sub_(b)  # mixed dtypes promote to float32: widening is exact, the bits are the flat kernel's
-            if not math.isfinite(d.sum().item()):
-                nonfinite += int((~torch.isfinite(d)).sum())
         elif term.dora_scale is None:
             acc.addmm_(term.left, term.right, alpha=term.alpha * term.scale)
             continue
@@ -82,11 +81,12 @@ def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | No
             d.addmm_(term.left, term.right, alpha=term.scale)  # the tuned weight before normalisation
             d.mul_(term.dora_scale.view(-1, 1) if term.axis == "rows" else term.dora_scale.view(1, -1))
             d.sub_(b)
+        if not math.isfinite(d.sum().item()):
+            bad_delta = ~torch.isfinite(d) if bad_delta is None else bad_delta | ~torch.isfinite(d)
         if term.alpha != 1.0:
             d.mul_(term.alpha)
         acc.add_(d)
-    out.view(rows, cols).copy_(acc)  # the one rounding: float32 -> output dtype
-    return nonfinite
+    return round_into(out.reshape(-1), acc.reshape(-1), instruct, bad_delta)  # the one rounding
 
 
 def lora_cpu(out: torch.Tensor, instruct: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, scratch: CpuScratch) -> None:
