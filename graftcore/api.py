@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence, Union
 
 from . import __version__, interrupts
-from .engine import CpuCompute, Progress, Report, execute
+from .devices import out_of_memory_is_an_error, select_compute
+from .engine import Progress, Report, execute
 from .errors import GraftError, OutputError
 from .lora import is_adapter, open_adapter
 from .options import MergeOptions, option_fields
@@ -111,7 +112,7 @@ def run_plan(
     plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None, progress=None
 ) -> Report:
     """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device)."""
-    compute = compute or select_compute(opts, log)
+    compute = compute or select_compute(opts.device, opts.chunk_size, log)
     if opts.dry_run:
         report = Report(output, compute.name, dry_run=True)
         report.count(plan)
@@ -119,7 +120,8 @@ def run_plan(
     check_output_is_not_an_input(output, checkpoints)
     folder = OutputFolder(output, job_fingerprint(checkpoints, opts))
     try:
-        return write_output(plan, checkpoints, output, folder, opts, log, compute, progress)
+        with out_of_memory_is_an_error(compute):
+            return write_output(plan, checkpoints, output, folder, opts, log, compute, progress)
     finally:
         folder.release()
 
@@ -157,43 +159,6 @@ def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str
                     order.setdefault(role, {})[file] = None
     for role, ck in checkpoints.items():
         ck.schedule(list(order[role]), output / ".graftcore-downloads" / role)
-
-
-def select_compute(opts: MergeOptions, log):
-    """CpuCompute or the GPU StreamCompute for `--device`; auto takes CUDA when CUDA and Triton are there."""
-    from .kernels import CHUNK
-
-    import torch
-
-    device = opts.device
-    if device == "auto":
-        why = cuda_unavailable(None)
-        if why and torch.version.cuda:  # a CUDA build of torch: the user expected the GPU, so say why not
-            log(f"{why}: merging on the CPU (bit-identical, slower)")
-        device = "cpu" if why else "cuda"
-    if device == "cpu":
-        return CpuCompute(opts.chunk_size or CHUNK)
-    why = cuda_unavailable(device)
-    if why:
-        raise GraftError(f"--device {device}: {why}")
-    from .gpu import GPU_CHUNK, StreamCompute
-
-    return StreamCompute(device, opts.chunk_size or GPU_CHUNK)
-
-
-def cuda_unavailable(device: str | None) -> str | None:
-    """Why `device` (None: any CUDA device) cannot run the Triton kernel, or None if it can."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if device and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-        return f"only {torch.cuda.device_count()} CUDA device(s)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed (pip install triton)"
-    return None
 
 
 def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint]) -> None:

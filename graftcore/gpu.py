@@ -24,6 +24,18 @@ GPU_CHUNK = 1 << 22  # elements: 16 MiB of float32 per buffer; large transfers r
 SLOTS = 2  # double-buffered staging
 
 
+@contextlib.contextmanager
+def full_float32_matmul():
+    """The LoRA GEMM in full float32 on CUDA whatever the calling program chose: TF32 (on by torch's
+    `set_float32_matmul_precision("high")`) would round the factors to 10 mantissa bits."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class _NullStream:
     """Stands in for torch.cuda.Stream on a CPU device: everything is already synchronous."""
 
@@ -158,7 +170,8 @@ class StreamCompute:
         up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
         terms = [replace(t, tuned=up(t.tuned)) if isinstance(t, FullDelta) else t for t in terms]
         result = torch.empty(out.numel(), dtype=out.dtype, device=self.device)
-        found = block_cpu(result, up(i), up(b), terms, self._block_scratch)
+        with full_float32_matmul():
+            found = block_cpu(result, up(i), up(b), terms, self._block_scratch)
         if found:
             self._counter(name).add_(torch.tensor(found, device=self.device))
         out.copy_(result)
