@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     MismatchError,
     NonFiniteError,
     OutputError,
+    VerifyError,
 )
 from .options import MergeOptions  # noqa: E402
 
@@ -30,6 +31,8 @@ _LAZY = {
     "Report": "engine",
     "Progress": "engine",
     "Plan": "plan",
+    "verify": "verification",
+    "VerifyReport": "verification",
 }
 
 
@@ -48,6 +51,8 @@ __all__ = [
     "Report",
     "Progress",
     "Plan",
+    "verify",
+    "VerifyReport",
     "open_checkpoint",
     "Checkpoint",
     "MergeOptions",
@@ -58,5 +63,6 @@ __all__ = [
     "OutputError",
     "DownloadError",
     "AdapterError",
+    "VerifyError",
     "__version__",
 ]

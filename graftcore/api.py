@@ -27,6 +27,7 @@ from .plan import DeltaInput, Plan, build_plan
 from .safetensors_io import planned_file_size
 from .sources import Checkpoint, open_checkpoint
 from .steps import files_depended_on, files_read
+from .verification import entries_digest, plan_entries
 
 
 Ref = Union[str, os.PathLike]
@@ -80,18 +81,28 @@ def graft(
     for role, ref in (("instruct", instruct), ("output", output), ("base", base)):
         if not isinstance(ref, (str, os.PathLike)) and not (role == "base" and ref is None):
             raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
-    alphas = opts.alphas(len(refs))
     log = log or (lambda _msg: None)
+    checkpoints, deltas = open_inputs(instruct, refs, base, opts)
+    plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
+    return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress)
+
+
+def open_inputs(
+    instruct: Ref, tuned: list[Ref], base: Ref | None, opts: MergeOptions
+) -> tuple[dict[str, Checkpoint], list[DeltaInput]]:
+    """Resolve the REFs (headers only): role -> Checkpoint (instruct, base, tuned, tuned2, ...) and the tuned inputs
+    as the planner takes them, each with its alpha. GraftError when Base is needed and missing."""
+    alphas = opts.alphas(len(tuned))
     hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk, "quiet": opts.quiet}
-    adapters = [is_adapter(ref) for ref in refs]
+    adapters = [is_adapter(ref) for ref in tuned]
     if base is None and not all(adapters):
-        ref = next(r for r, a in zip(refs, adapters) if not a)
+        ref = next(r for r, a in zip(tuned, adapters) if not a)
         raise GraftError(f"--base is required: the update is tuned - base ({ref} is not a PEFT adapter folder)")
     checkpoints = {"instruct": open_checkpoint(instruct, **hub)}
     if base is not None:
         checkpoints["base"] = open_checkpoint(base, **hub)
     deltas = []
-    for k, (ref, alpha_k, adapter) in enumerate(zip(refs, alphas, adapters)):
+    for k, (ref, alpha_k, adapter) in enumerate(zip(tuned, alphas, adapters)):
         role = tuned_role(k)
         if adapter:
             ad = open_adapter(ref)
@@ -99,8 +110,7 @@ def graft(
         else:
             deltas.append(DeltaInput(role, alpha_k, open_checkpoint(ref, **hub)))
         checkpoints[role] = deltas[-1].checkpoint
-    plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
-    return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress)
+    return checkpoints, deltas
 
 
 def tuned_role(k: int) -> str:
@@ -199,6 +209,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
             for role, ck in checkpoints.items()
         },
         "options": options,
+        "plan": {"tensors": len(report.plan.ops), "sha256": entries_digest(plan_entries(report.plan))},
         "counts": {"grafted": report.grafted, "grafted_rows": report.grafted_rows, "lora": report.lora, "copied": report.copied},
         "ignored": [{"name": name, "reason": reason} for name, reason in report.ignored],
         "notes": report.notes,

@@ -60,7 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
             merge.add_argument(
                 flag, type=kind, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text
             )
+    add_verify_parser(sub)
     return parser
+
+
+def add_verify_parser(sub) -> None:
+    verify = sub.add_parser(
+        "verify",
+        help="check that an output folder is what graftcore wrote",
+        description="Re-hash every shard against graftcore.json, check headers, the index and the planned tensors; "
+        "with --recompute K, re-open the recorded inputs and compute K random chunks (and the first and last chunk "
+        "of every shard) again, comparing bits. Exit 0 when all hold, 2 at the first discrepancy.",
+    )
+    verify.add_argument("output", metavar="OUT", help="a folder written by graftcore merge")
+    verify.add_argument("--recompute", type=int, default=0, metavar="K", help="chunks to recompute from the inputs (default 0)")
+    verify.add_argument("--seed", type=int, default=None, help="seed for the choice of chunks (default: random, printed)")
+    verify.add_argument("--token", default=None, help="Hugging Face token for hub inputs")
+    verify.add_argument("--cache-dir", default=None, help="hub cache folder (default: $HF_HUB_CACHE)")
 
 
 def raise_interrupt(signum, frame):
@@ -136,7 +152,26 @@ def quiet_exit_on_closed_pipe(error: BrokenPipeError) -> int:
     return 128 + signal.SIGPIPE
 
 
+def run_verify(args: argparse.Namespace) -> int:
+    from .verification import verify
+
+    if args.recompute < 0:
+        print("graftcore: error: --recompute must be 0 or more", file=sys.stderr)
+        return 2
+    try:
+        report = verify(args.output, args.recompute, args.seed, token=args.token, cache_dir=args.cache_dir)
+    except GraftError as e:
+        print(f"graftcore: error: {e}", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(f"graftcore: {note}", file=sys.stderr)
+    print(report.summary())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "verify":
+        return run_verify(args)
     from .api import graft
 
     option_names = {f.name for f in option_fields()}

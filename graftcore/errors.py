@@ -30,3 +30,7 @@ class DownloadError(GraftError):
 
 class AdapterError(GraftError):
     """A PEFT adapter is malformed or does not fit the Instruct model."""
+
+
+class VerifyError(GraftError):
+    """An output folder is not what graftcore wrote (a changed shard, index or input), found by `graftcore verify`."""

@@ -1,0 +1,318 @@
+"""`graftcore verify OUT`: is this folder what graftcore wrote, and (with --recompute) what it would write again?
+
+    every shard:  size and sha256 as graftcore.json records them; header valid (the strict parser)
+    the index:    names exactly the tensors the shards hold, each in the shard that holds it
+    the plan:     the (shard, tensor, dtype, shape) list hashes to graftcore.json's `plan` digest
+    --recompute K: the recorded inputs re-opened (hub inputs pinned to their recorded commits), the plan rebuilt
+                  from them and the recorded options (the same tensors, dtypes, shapes, shard for shard), and
+                  K random chunks plus the first and last chunk of every shard computed again and compared,
+                  bit for bit (LoRA blocks merged on a GPU: within one ulp, the GEMM's order being the device's)
+
+The first discrepancy is a VerifyError naming the file (and tensor): exit 2.
+
+Example:
+    >>> report = graftcore.verify("Llama-3.1-8B-Instruct-shadow", recompute=16)   # doctest: +SKIP
+    >>> print(report.summary())                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .errors import GraftError, VerifyError
+from .options import MergeOptions
+from .output import MANIFEST, file_sha256
+from .plan import Plan, build_plan
+from .readers import read_elements
+from .safetensors_io import TensorInfo, read_header, torch_dtype
+from .steps import Step, op_steps
+
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked (it raises VerifyError at the first discrepancy)."""
+
+    output: Path
+    shards: int = 0
+    tensors: int = 0
+    bytes_hashed: int = 0
+    chunks_recomputed: int = 0
+    within_ulp: int = 0  # of them, LoRA blocks merged on a GPU compared within one ulp
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        what = f"{self.shards} shard(s), {self.tensors} tensors, {self.bytes_hashed / 1e9:.2f} GB: sha256, headers, index and plan hold"
+        if self.chunks_recomputed:
+            exact = self.chunks_recomputed - self.within_ulp
+            what += f"; {self.chunks_recomputed} chunk(s) recomputed from the inputs: {exact} bit-exact"
+            what += f", {self.within_ulp} LoRA block(s) within one ulp" if self.within_ulp else ""
+        return f"{self.output}: verified: {what} ({self.seconds:.1f} s)"
+
+
+def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = None, **hub_options) -> VerifyReport:
+    """Check the graftcore output folder `output` (see the module docstring); VerifyError at the first discrepancy.
+
+    Args:
+        output: a folder written by `graftcore merge` / `graftcore.graft`.
+        recompute: how many random chunks to compute again from the recorded inputs (0: files only); the first
+            and last chunk of every shard are recomputed too whenever recompute > 0.
+        seed: for the choice of chunks (default: a fresh one, printed in the summary's notes).
+        **hub_options: token, cache_dir, quiet for hub inputs.
+
+    Example:
+        >>> graftcore.verify("out").shards                                         # doctest: +SKIP
+        2
+    """
+    t0 = time.perf_counter()
+    folder = Path(output)
+    manifest = read_manifest(folder)
+    report = VerifyReport(folder)
+    headers = check_shards(folder, manifest, report)
+    check_index(folder, manifest, headers)
+    digest = (manifest.get("plan") or {}).get("sha256")
+    if digest is not None and digest != entries_digest(headers_entries(headers)):
+        raise VerifyError(f"{folder / MANIFEST}: the shards' tensors (names, dtypes, shapes) are not the planned ones")
+    report.tensors = sum(len(h.tensors) for h in headers.values())
+    if recompute > 0:
+        recompute_chunks(folder, manifest, headers, recompute, seed, report, hub_options)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: missing; {folder} is not a finished graftcore output (or it was interrupted)") from None
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"{path}: unreadable ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), dict) or not doc["shards"]:
+        raise VerifyError(f"{path}: lists no shards; not a graftcore output")
+    return doc
+
+
+def check_shards(folder: Path, manifest: dict, report: VerifyReport) -> dict:
+    """Every recorded shard: present, its size and sha256 as recorded, its header valid. Returns name -> header."""
+    headers = {}
+    for file, rec in sorted(manifest["shards"].items()):
+        path = folder / file
+        if not path.is_file():
+            raise VerifyError(f"{path}: missing (graftcore.json lists it)")
+        size = path.stat().st_size
+        if size != rec.get("size"):
+            raise VerifyError(f"{path}: {size} bytes, graftcore.json records {rec.get('size')} (truncated or rewritten)")
+        if file_sha256(path) != rec.get("sha256"):
+            raise VerifyError(f"{path}: sha256 differs from graftcore.json (the file changed after the merge)")
+        try:
+            headers[file] = read_header(path)
+        except GraftError as e:
+            raise VerifyError(f"{path}: bad header: {e}") from None
+        report.shards += 1
+        report.bytes_hashed += size
+    for rel in manifest.get("files", []):
+        if isinstance(rel, str) and not (folder / rel).is_file():
+            raise VerifyError(f"{folder / rel}: missing (graftcore.json lists it)")
+    return headers
+
+
+def check_index(folder: Path, manifest: dict, headers: dict) -> None:
+    """The index (when the output has one) maps exactly the tensors the shards hold, each to its shard."""
+    held = {name: file for file, h in headers.items() for name in h.tensors}
+    index = folder / INDEX
+    if not index.exists():
+        if len(headers) > 1:
+            raise VerifyError(f"{index}: missing, and the output has {len(headers)} shards")
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VerifyError(f"{index}: unreadable ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise VerifyError(f"{index}: weight_map is not an object")
+    for name, file in weight_map.items():
+        if held.get(name) != file:
+            where = f"in {held[name]}" if name in held else "in no shard"
+            raise VerifyError(f"{index}: maps tensor {name!r} to {file}, but it is {where}")
+    missing = [n for n in held if n not in weight_map]
+    if missing:
+        raise VerifyError(f"{index}: does not list tensor {missing[0]!r} ({held[missing[0]]}) ({len(missing)} missing)")
+
+
+def headers_entries(headers: dict) -> list:
+    return [[file, name, info.dtype, list(info.shape)] for file, h in headers.items() for name, info in h.tensors.items()]
+
+
+def plan_entries(plan: Plan) -> list:
+    return [[s.file, op.name, op.out_dtype, list(op.shape)] for s in plan.shards for op in s.ops]
+
+
+def entries_digest(entries: list) -> str:
+    """The plan as graftcore.json records it: sha256 of the sorted (shard, tensor, dtype, shape) list."""
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
+# ---- recompute ---------------------------------------------------------------------------------------------
+
+
+def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, report: VerifyReport, hub: dict) -> None:
+    from .api import open_inputs
+
+    opts = recorded_options(manifest, hub)
+    refs = pinned_refs(manifest)
+    tuned = [refs[r] for r in sorted((r for r in refs if r.startswith("tuned")), key=tuned_order)]
+    checkpoints, deltas = open_inputs(refs["instruct"], tuned, refs.get("base"), opts)
+    plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
+    for role, ck in checkpoints.items():
+        recorded = manifest["inputs"].get(role, {})
+        if recorded.get("fingerprint") != ck.fingerprint:
+            raise VerifyError(
+                f"{ck.ref}: the {role} input is not the one the merge read (its files or headers changed since; "
+                f"graftcore.json records fingerprint {str(recorded.get('fingerprint'))[:12]}.., now {ck.fingerprint[:12]}..)"
+            )
+    if sorted(plan_entries(plan)) != sorted(headers_entries(headers)):
+        raise VerifyError(f"{folder}: the plan rebuilt from the recorded inputs and options names other tensors, dtypes or shapes")
+    rng = random.Random(seed)
+    if seed is None:
+        seed = rng.randrange(1 << 31)
+        rng = random.Random(seed)
+    report.notes.append(f"chunks chosen with seed {seed}")
+    chunk, merged_on_gpu = recorded_chunk(manifest)
+    chosen = choose_steps(plan, chunk, k, rng)
+    from .engine import CpuCompute
+
+    compute = CpuCompute(chunk)
+    files = {(role, info.file) for _, _, step in chosen for r in step.reads for role, info in [(r.role, r.info)]}
+    for role, ck in checkpoints.items():
+        ck.schedule(sorted(f for rr, f in files if rr == role), folder / ".graftcore-downloads" / role)
+    loaded_for: dict[str, dict] = {}
+    with compute:
+        for shard, op, step in chosen:
+            if op.low_rank and op.name not in loaded_for:
+                from .engine import load_lora
+
+                loaded_for[op.name] = load_lora(op, compute, checkpoints, opts)
+            got = output_elements(folder, headers[shard.file], op.name, step)
+            want = recompute_step(op, step, checkpoints, compute, loaded_for.get(op.name))
+            ulp = op.low_rank and merged_on_gpu
+            if not same(got, want, ulp):
+                raise VerifyError(
+                    f"{folder / shard.file}: tensor {op.name!r}, elements {step.lo}..{step.hi}: the bytes differ from "
+                    f"what the recorded inputs give now (an input's data changed since the merge, or the shard was "
+                    f"written wrong)"
+                )
+            report.chunks_recomputed += 1
+            report.within_ulp += ulp
+
+
+def recorded_options(manifest: dict, hub: dict) -> MergeOptions:
+    names = {f.name for f in fields(MergeOptions)}
+    recorded = {k: v for k, v in (manifest.get("options") or {}).items() if k in names}
+    recorded.update(quiet=True, device="cpu", **{k: v for k, v in hub.items() if k in names})
+    try:
+        return MergeOptions(**recorded)
+    except (GraftError, TypeError) as e:
+        raise VerifyError(f"graftcore.json: the recorded options are unusable ({e})") from None
+
+
+def pinned_refs(manifest: dict) -> dict[str, str]:
+    """role -> REF, hub inputs pinned to the commit the merge resolved them to."""
+    refs = {}
+    for role, rec in (manifest.get("inputs") or {}).items():
+        ref, revision = rec.get("ref"), rec.get("revision")
+        if not isinstance(ref, str):
+            raise VerifyError(f"graftcore.json: input {role!r} has no ref")
+        refs[role] = f"{ref.split('@')[0]}@{revision}" if revision else ref
+    if "instruct" not in refs or not any(r.startswith("tuned") for r in refs):
+        raise VerifyError("graftcore.json: the inputs are not recorded (instruct and tuned needed)")
+    return refs
+
+
+def tuned_order(role: str) -> int:
+    return 1 if role == "tuned" else int(role.removeprefix("tuned"))
+
+
+def recorded_chunk(manifest: dict) -> tuple[int, bool]:
+    """The chunk the merge computed with (LoRA blocks follow it) and whether it ran on a GPU."""
+    from .gpu import GPU_CHUNK
+    from .kernels import CHUNK
+
+    on_gpu = str(manifest.get("device", "cpu")).startswith("cuda")
+    chunk = (manifest.get("options") or {}).get("chunk_size")
+    return (chunk if isinstance(chunk, int) and chunk > 0 else GPU_CHUNK if on_gpu else CHUNK), on_gpu
+
+
+def choose_steps(plan: Plan, chunk: int, k: int, rng: random.Random) -> list:
+    """(shard, op, step): the first and last step of every shard, and `k` more at random (ops drawn by size)."""
+    from .readers import BUFFER_BYTES
+
+    chosen = []
+    for shard in plan.shards:
+        if shard.ops:
+            first = next(op_steps(shard.ops[0], chunk, BUFFER_BYTES), None)
+            last = None
+            for last in op_steps(shard.ops[-1], chunk, BUFFER_BYTES):
+                pass
+            chosen += [(shard, shard.ops[0], first), (shard, shard.ops[-1], last)]
+    pool = [(shard, op) for shard in plan.shards for op in shard.ops if op.numel]
+    weights = [op.numel for _, op in pool]
+    for shard, op in rng.choices(pool, weights, k=k) if pool else []:
+        steps = list(op_steps(op, chunk, BUFFER_BYTES))
+        chosen.append((shard, op, rng.choice(steps)))
+    return [c for c in chosen if c[2] is not None]
+
+
+class _Read:
+    """An input range read whole, standing in for the streamer's Held."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        return self.data
+
+    def release(self, event=None) -> None:
+        pass
+
+
+def recompute_step(op, step: Step, checkpoints: dict, compute, loaded) -> torch.Tensor:
+    """The output elements of `step`, computed again from the inputs on the CPU."""
+    from .engine import compute_step
+
+    held = [_Read(read_elements(checkpoints[r.role].shard_path(r.info.file), r.info, r.first, r.stop)) for r in step.reads]
+    if step.raw:
+        return held[0].data
+    out = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
+    compute_step(op, step, held, out, compute, loaded)
+    compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
+    return out
+
+
+def output_elements(folder: Path, header, name: str, step: Step) -> torch.Tensor:
+    info = header.tensors[name]
+    return read_elements(folder / info.file, info, step.lo, step.hi)
+
+
+def same(got: torch.Tensor, want: torch.Tensor, within_ulp: bool) -> bool:
+    """Equal bits; or, for `within_ulp`, every element at most one representable value apart (or both NaN)."""
+    if got.numel() != want.numel():
+        return False
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    a, b = got.contiguous().view(ints).long(), want.contiguous().view(ints).long()
+    if not within_ulp:
+        return torch.equal(a, b)
+    width = 8 * got.element_size()
+    ordered = lambda v: torch.where(v < 0, -(v & ((1 << (width - 1)) - 1)), v)  # noqa: E731  sign-magnitude order
+    close = (ordered(a) - ordered(b)).abs() <= 1
+    return bool((close | (got.isnan() & want.isnan())).all())

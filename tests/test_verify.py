@@ -1,0 +1,129 @@
+"""`graftcore verify`: a fresh merge passes (with chunks recomputed from the inputs), and each kind of damage
+fails with exit 2 and one line naming the file: a flipped byte, a truncated or missing shard, an edited index,
+a changed input's data or header."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import llama_tensors, write_checkpoint
+
+import graftcore
+
+
+@pytest.fixture
+def merged(tmp_path):
+    base = llama_tensors(1)
+    tuned = [llama_tensors(2, torch.float32, noise=2e-3), llama_tensors(3, noise=2e-3)]
+    instruct = llama_tensors(4, noise=5e-3)
+    instruct["lm_head.weight"] = llama_tensors(4, vocab=100, noise=5e-3)["lm_head.weight"]
+    instruct["position_ids"] = torch.arange(7)  # copied byte for byte
+    paths = {"base": write_checkpoint(tmp_path / "base", base), "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2),
+             "tuned": [write_checkpoint(tmp_path / "t1", tuned[0], 3), write_checkpoint(tmp_path / "t2", tuned[1])]}
+    out = tmp_path / "out"
+    graftcore.graft(base=paths["base"], tuned=paths["tuned"], alpha=[0.5, 1.5], instruct=paths["instruct"], output=out,
+                    quiet=True, chunk_size=700, exclude=["norm"])
+    return out, paths, tuned
+
+
+def test_a_fresh_merge_verifies_with_recomputed_chunks(merged, cli):
+    out, *_ = merged
+    report = graftcore.verify(out, recompute=12, seed=3)
+    assert report.shards == 2 and report.tensors == len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert report.chunks_recomputed == 12 + 2 * 2 and report.within_ulp == 0
+    code, stdout, err = cli("verify", out, "--recompute", "4")
+    assert code == 0 and "verified" in stdout and "8 chunk(s) recomputed from the inputs: 8 bit-exact" in stdout, err
+
+
+def test_verify_recomputes_lora_and_copies(tmp_path):
+    """An adapter merged with a full fine-tune: its LoRA blocks recompute to the same bits on the CPU."""
+    peft = pytest.importorskip("peft")  # noqa: F841
+    from test_lora import PROJ, make_adapter  # noqa: F401  (the real PEFT adapter maker)
+    import transformers
+
+    from test_lora import LLAMA
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "instruct")
+    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    graftcore.graft(tuned=adapter, instruct=tmp_path / "instruct", output=tmp_path / "out", quiet=True, chunk_size=64)
+    report = graftcore.verify(tmp_path / "out", recompute=30, seed=1)
+    assert report.chunks_recomputed == 32
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def assert_fails(cli, out, message, *extra):
+    code, stdout, err = cli("verify", out, *extra)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_flipped_byte(merged, cli):
+    out, *_ = merged
+    shard = out / "model-00002-of-00002.safetensors"
+    flip_byte(shard, shard.stat().st_size - 10)
+    err = assert_fails(cli, out, "sha256 differs from graftcore.json")
+    assert "model-00002-of-00002.safetensors" in err
+
+
+def test_truncated_and_missing_shard(merged, cli):
+    out, *_ = merged
+    shard = out / "model-00001-of-00002.safetensors"
+    os.truncate(shard, shard.stat().st_size - 1)
+    assert_fails(cli, out, "bytes, graftcore.json records")
+    shard.unlink()
+    assert_fails(cli, out, "model-00001-of-00002.safetensors: missing")
+
+
+def test_edited_index(merged, cli):
+    out, *_ = merged
+    index = out / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    name = "model.layers.0.mlp.up_proj.weight"
+    doc["weight_map"][name] = "model-00002-of-00002.safetensors" if doc["weight_map"][name].startswith("model-00001") else "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(doc))
+    assert_fails(cli, out, f"maps tensor {name!r}")
+    del doc["weight_map"][name]
+    index.write_text(json.dumps(doc))
+    assert_fails(cli, out, f"does not list tensor {name!r}")
+
+
+def test_missing_manifest_is_not_a_finished_output(merged, cli):
+    out, *_ = merged
+    (out / "graftcore.json").unlink()
+    assert_fails(cli, out, "not a finished graftcore output")
+
+
+def test_recompute_finds_an_input_whose_data_changed(merged, cli):
+    """Same header, other data: the files check passes (the output is what was written), the recompute fails."""
+    out, paths, tuned = merged
+    changed = dict(tuned[1])
+    changed = {n: (t + 0.25 if t.is_floating_point() else t) for n, t in changed.items()}
+    write_checkpoint(paths["tuned"][1], changed)
+    code, _, err = cli("verify", out)
+    assert code == 0, err
+    err = assert_fails(cli, out, "the bytes differ from what the recorded inputs give now", "--recompute", "3", "--seed", "0")
+    assert "tensor" in err
+
+
+def test_recompute_finds_an_input_whose_header_changed(merged, cli):
+    out, paths, tuned = merged
+    changed = dict(tuned[0])
+    changed["model.norm.weight"] = changed["model.norm.weight"].to(torch.bfloat16)  # same values, another dtype
+    write_checkpoint(paths["tuned"][0], changed, 3)
+    assert_fails(cli, out, "the tuned input is not the one the merge read", "--recompute", "1")
