@@ -99,6 +99,11 @@ def graftcore_rows(trio: dict, work: Path) -> list[Row]:
         out = work / f"graftcore-{dev}"
         cmd = [*graftcore_cmd(), *merge_args(trio, out, dev)]
         rows.append(Row("graftcore" if dev == "cpu" else "graftcore-cuda", f"graftcore (--device {dev})", cmd, out, reference_check(trio)))
+    for k in WORKERS:  # --workers 1,2: the same merge spread over K local processes
+        if k > 1:
+            out = work / f"graftcore-workers{k}"
+            cmd = [*graftcore_cmd(), *merge_args(trio, out, "cpu"), "--workers", str(k)]
+            rows.append(Row(f"workers{k}", f"graftcore --workers {k} (--device cpu)", cmd, out, reference_check(trio)))
     for k, flags in enumerate(VARIANTS):  # --variant: the same merge with other (e.g. hidden tuning) flags
         out = work / f"graftcore-variant{k}"
         cmd = [*graftcore_cmd(), *merge_args(trio, out, "cpu"), *shlex.split(flags)]
@@ -112,6 +117,7 @@ def graftcore_rows(trio: dict, work: Path) -> list[Row]:
 
 
 VARIANTS: list[str] = []  # set from --variant
+WORKERS: list[int] = []  # set from --workers
 BUSY_CACHE: list[Path] = []  # set from --busy-cache: files read into the page cache before each cold run
 BEFORE: Path | None = None  # set from --before
 
@@ -251,6 +257,8 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="print the tables but do not append to bench/RESULTS.md")
     ap.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                     help="an extra graftcore row with these flags (row key variantK), e.g. '--read-buffer 16MiB' (repeatable)")
+    ap.add_argument("--workers", metavar="K,K..", help="graftcore rows with --workers K for each K > 1 (row keys workersK; "
+                    "K = 1 is the graftcore row), e.g. 1,2")
     ap.add_argument("--before", metavar="VENV", help="a venv holding an earlier graftcore: adds its row (key 'before')")
     ap.add_argument("--busy-cache", action="store_true",
                     help="cold runs start with the page cache full of other files (every other trio under bench/data "
@@ -259,6 +267,7 @@ def main() -> None:
     modes = args.modes or ["cold", "warm"]
     global BEFORE
     VARIANTS.extend(args.variant)
+    WORKERS.extend(int(k) for k in (args.workers or "").split(",") if k.strip())
     BEFORE = Path(args.before).resolve() if args.before else None
 
     data = Path(args.data or DATA / args.preset)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence, Union
 
 from . import __version__, interrupts
-from .devices import out_of_memory_is_an_error, select_compute
+from .devices import local_cuda_device, out_of_memory_is_an_error, select_compute
+from .distributed import joined_group, spawn_workers, write_output_distributed
 from .engine import Progress, Report, execute
 from .errors import GraftError, OutputError
 from .lora import is_adapter, open_adapter
@@ -82,9 +83,21 @@ def graft(
         if not isinstance(ref, (str, os.PathLike)) and not (role == "base" and ref is None):
             raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
     log = log or (lambda _msg: None)
-    checkpoints, deltas = open_inputs(instruct, refs, base, opts)
-    plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
-    return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress)
+    group = joined_group()  # torchrun, or a process group the caller initialised
+    if group is None and opts.workers > 1:
+        args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
+        return spawn_workers(opts.workers, {**args, "workers": 1})
+    error = None
+    try:
+        checkpoints, deltas = open_inputs(instruct, refs, base, opts)
+        plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
+    except GraftError as e:
+        if group is None:
+            raise
+        error = e
+    if group is not None:
+        group.agree(error)  # every rank validated the same plan before any rank writes
+    return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
 
 
 def open_inputs(
@@ -119,15 +132,23 @@ def tuned_role(k: int) -> str:
 
 
 def run_plan(
-    plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None, progress=None
+    plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None, progress=None,
+    group=None,
 ) -> Report:
-    """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device)."""
-    compute = compute or select_compute(opts.device, opts.chunk_size, log)
+    """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device);
+    with `group` (distributed.Group), this rank's share of it."""
+    device = opts.device
+    if group is not None and device in ("auto", "cuda"):
+        device = local_cuda_device(group.local_rank) or device  # one GPU per local rank
+    compute = compute or select_compute(device, opts.chunk_size, log)
     if opts.dry_run:
         report = Report(output, compute.name, dry_run=True)
         report.count(plan)
         return report
     check_output_is_not_an_input(output, checkpoints)
+    if group is not None:
+        with out_of_memory_is_an_error(compute):
+            return write_output_distributed(group, plan, checkpoints, output, opts, log, compute, progress)
     folder = OutputFolder(output, job_fingerprint(checkpoints, opts))
     try:
         with out_of_memory_is_an_error(compute):
@@ -142,25 +163,30 @@ def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, f
     kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
     if kept:
         log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
-    schedule_reads(plan, checkpoints, kept, output)
+    schedule_reads(plan, checkpoints, kept, output / ".graftcore-downloads")
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
         report = execute(plan, checkpoints, output, folder, opts, compute, kept, progress)
-        for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
-            report.notes += [n for n in ck.report_notes() if n not in report.notes]
-        instruct = checkpoints["instruct"]
-        index = None
-        if plan.write_index:
-            weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
-            index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
-        extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
-        interrupts.check()
-        folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
+        finish_output(plan, checkpoints, folder, opts, report)
     return report
 
 
-def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str], output: Path) -> None:
+def finish_output(plan: Plan, checkpoints: dict[str, Checkpoint], folder: OutputFolder, opts: MergeOptions, report: Report) -> None:
+    """The index, Instruct's non-weight files and graftcore.json, once every shard is in `folder.finished`."""
+    for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
+        report.notes += [n for n in ck.report_notes() if n not in report.notes]
+    instruct = checkpoints["instruct"]
+    index = None
+    if plan.write_index:
+        weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
+        index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
+    extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
+    interrupts.check()
+    folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
+
+
+def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str], scratch: Path) -> None:
     """Tell each input the order in which the engine will open its shards (hub inputs download in that order,
-    ahead of the merge; --low-disk ones into `output/.graftcore-downloads/ROLE`)."""
+    ahead of the merge; --low-disk ones into `scratch/ROLE`). Shards in `kept` are not written."""
     order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
     for shard in plan.shards:
         if shard.file not in kept:
@@ -168,7 +194,7 @@ def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str
                 for role, file in files_read(op):
                     order.setdefault(role, {})[file] = None
     for role, ck in checkpoints.items():
-        ck.schedule(list(order[role]), output / ".graftcore-downloads" / role)
+        ck.schedule(list(order[role]), scratch / role)
 
 
 def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
@@ -200,7 +226,7 @@ def job_fingerprint(checkpoints: dict[str, Checkpoint], opts: MergeOptions) -> s
 
 
 def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> dict:
-    options = {k: v for k, v in asdict(opts).items() if k not in ("token", "dry_run", "quiet", "overwrite")}
+    options = {k: v for k, v in asdict(opts).items() if k not in ("token", "dry_run", "quiet", "overwrite", "workers")}
     return {
         "graftcore_version": __version__,
         "formula": formula(checkpoints, opts, report),

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, raise_interrupt)
         interrupts.check()  # a signal that came while torch loaded
         code = run(args)
+        if args.command == "merge":
+            from .distributed import shutdown
+
+            shutdown()
     except KeyboardInterrupt:
         print("graftcore: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
         code = 130
@@ -161,7 +165,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         report = verify(args.output, args.recompute, args.seed, token=args.token, cache_dir=args.cache_dir)
     except GraftError as e:
-        print(f"graftcore: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"graftcore: error: {e}\n")  # one write: ranks of a distributed merge share the stream
         return 2
     for note in report.notes:
         print(f"graftcore: {note}", file=sys.stderr)
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = graft(base=args.base, tuned=args.tuned, instruct=args.instruct, output=args.output, log=log, **options)
     except GraftError as e:
-        print(f"graftcore: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"graftcore: error: {e}\n")  # one write: ranks of a distributed merge share the stream
         return 2
     if args.dry_run:
         print(report.plan.describe())

@@ -42,6 +42,13 @@ def select_compute(device: str, chunk: int | None, log: Callable[[str], None]):
     raise GraftError(f"--device {device}: {why}")
 
 
+def local_cuda_device(local_rank: int) -> str | None:
+    """`cuda:N` for a process of a distributed merge: the local ranks share a machine's GPUs round robin."""
+    import torch
+
+    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else None
+
+
 def cuda_unavailable(device: str | None) -> str | None:
     """Why `device` (None: any CUDA device) cannot run the Triton kernel, as far as can be told without a
     launch, or None."""

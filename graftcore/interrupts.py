@@ -22,6 +22,7 @@ POLL = 0.1  # seconds: the longest any wait of the engine's thread goes without 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _requested = threading.Event()
+_failure: list = []  # a GraftError to raise instead of KeyboardInterrupt (another rank failed)
 
 
 def request(signum=None, frame=None) -> None:
@@ -29,14 +30,23 @@ def request(signum=None, frame=None) -> None:
     _requested.set()
 
 
+def fail(error: Exception) -> None:
+    """Stop the engine at its next safe point with `error` (from another thread: a peer rank failed)."""
+    _failure[:] = [error]
+    _requested.set()
+
+
 def requested() -> bool:
-    return _requested.is_set()
+    return _requested.is_set() and not _failure
 
 
 def check() -> None:
-    """Raise KeyboardInterrupt if a stop was requested (call only where no lock or queue operation is open)."""
+    """Raise KeyboardInterrupt if a stop was requested, or the error given to fail() (call only where no lock or
+    queue operation is open)."""
     if _requested.is_set():
         _requested.clear()  # raised once
+        if _failure:
+            raise _failure.pop()
         raise KeyboardInterrupt
 
 

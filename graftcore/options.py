@@ -53,6 +53,10 @@ class MergeOptions:
     )
     dry_run: bool = field(default=False, metadata={"help": "print the plan and write nothing"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+    workers: int = field(
+        default=1,
+        metadata={"help": "merge with K local processes (each writes its share of the output shards)", "metavar": "K", "type": int},
+    )
     chunk_size: int | None = field(
         default=None, metadata={"help": "elements per compute chunk (default: 256K on CPU, 4M on GPU)", "hidden": True, "type": int}
     )
@@ -93,6 +97,8 @@ class MergeOptions:
                 raise GraftError(f"--{flag(f.name)}: expected a string, got {value!r}")
         if not isinstance(self.device, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is None:
             raise GraftError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.workers < 1:
+            raise GraftError("--workers must be at least 1")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise GraftError("--chunk-size must be positive")
         if self.max_shard_size is not None:

@@ -102,12 +102,19 @@ def file_sha256(path: Path) -> str:
 class OutputFolder:
     """Owns the output folder for one job, identified by `fingerprint` (inputs + bit-changing options)."""
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str):
+    def __init__(self, path: str | os.PathLike, fingerprint: str, rank: int | None = None):
+        """`rank`: one process of a merge spread over several (distributed.py); each keeps its own progress file,
+        rank 0 alone locks, claims and finishes the folder."""
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.finished: dict[str, dict] = {}  # shard file -> {"size", "sha256", "key"}
         self.keys: dict[str, str] = {}  # shard file -> key of the inputs it is computed from
         self._lock_fd: int | None = None
+        self.progress = PROGRESS if rank is None else f"graftcore.progress.rank{rank}.json"
+
+    def join(self, shard_keys: dict[str, str]) -> None:
+        """Another rank's share of a folder rank 0 has prepared: record finished shards in this rank's file."""
+        self.keys = shard_keys
 
     def prepare(self, shard_sizes: dict[str, int], overwrite: bool, shard_keys: dict[str, str] | None = None) -> set[str]:
         """Lock and claim the folder; return the shards already finished by an earlier run of the same job
@@ -187,7 +194,7 @@ class OutputFolder:
         except (OSError, ValueError, AttributeError, TypeError):
             pass
         for p in self.path.iterdir():  # the top level only: subfolders are the user's unless listed
-            if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (PROGRESS, MANIFEST, *MODEL_FILES)):
+            if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (MANIFEST, *MODEL_FILES) or is_progress(p.name)):
                 p.unlink()
         root = self.path.resolve()
         for rel in listed:  # only files inside this folder (a crafted graftcore.json must not reach outside it)
@@ -197,14 +204,16 @@ class OutputFolder:
 
     def _earlier_record(self) -> dict | None:
         """Finished shards recorded by an earlier run of this same job (interrupted or complete)."""
-        for name in (PROGRESS, MANIFEST):
+        found = None
+        for path in [*sorted(p for p in self.path.iterdir() if is_progress(p.name)), self.path / MANIFEST]:
             try:
-                doc = json.loads((self.path / name).read_text())
+                doc = json.loads(path.read_text())
             except (OSError, ValueError, RecursionError):
                 continue
             if isinstance(doc, dict) and doc.get("fingerprint") == self.fingerprint and isinstance(doc.get("shards"), dict):
-                return {f: rec for f, rec in doc["shards"].items() if isinstance(rec, dict)}
-        return None
+                found = found or {}  # the progress files of every rank of an earlier run (of any world size)
+                found.update({f: rec for f, rec in doc["shards"].items() if isinstance(rec, dict)})
+        return found
 
     def _verify(self, file: str, rec: dict) -> bool:
         p = self.path / file
@@ -212,7 +221,7 @@ class OutputFolder:
 
     def _save_progress(self) -> None:
         doc = {"fingerprint": self.fingerprint, "shards": self.finished}
-        atomic_write(self.path / PROGRESS, json.dumps(doc, indent=1).encode())
+        atomic_write(self.path / self.progress, json.dumps(doc, indent=1).encode())
 
     def shard_done(self, file: str, size: int, sha256: str) -> None:
         self.finished[file] = {"size": size, "sha256": sha256, "key": self.keys.get(file)}
@@ -237,7 +246,14 @@ class OutputFolder:
         manifest = {**manifest, "fingerprint": self.fingerprint, "shards": self.finished, "files": sorted(written)}
         atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=2).encode())
         with output_errors(self.path, "finish the output folder"):
-            (self.path / PROGRESS).unlink(missing_ok=True)
+            for p in list(self.path.iterdir()):
+                if is_progress(p.name):
+                    p.unlink(missing_ok=True)
             (self.path / LOCK).unlink(missing_ok=True)  # while still held: a waiting merge then takes a new one
             fsync_dir(self.path)
         self.release()
+
+
+def is_progress(name: str) -> bool:
+    """graftcore.progress.json, or a rank's graftcore.progress.rankN.json."""
+    return name == PROGRESS or (name.startswith("graftcore.progress.rank") and name.endswith(".json"))

@@ -124,7 +124,7 @@ def is_extra_file(rel: str) -> bool:
     name = parts[-1]
     return not (
         any(p.startswith(".") for p in parts) or name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(name)
-        or name in ("graftcore.json", "graftcore.progress.json") or name.endswith(".partial")
+        or name == "graftcore.json" or name.startswith("graftcore.progress") or name.endswith(".partial")
     )
 
 

@@ -1,0 +1,140 @@
+"""Merges spread over processes: torchrun (2 and 3 ranks on this 2-core machine) and --workers, bit-identical to
+one process, shard hashes included; a failing rank stops every rank; a bad input fails every rank before any
+write; a rerun of any world size keeps the shards already finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
+
+import graftcore
+
+pytest.importorskip("torch.distributed")
+if not torch.distributed.is_available():
+    pytest.skip("torch without distributed support", allow_module_level=True)
+
+
+@pytest.fixture
+def trio(tmp_path):
+    base, tuned = llama_tensors(1, layers=4), llama_tensors(2, torch.float32, noise=2e-3, layers=4)
+    instruct = llama_tensors(3, noise=5e-3, layers=4)
+    paths = {"base": write_checkpoint(tmp_path / "base", base, 1), "tuned": write_checkpoint(tmp_path / "tuned", tuned, 2),
+             "instruct": write_checkpoint(tmp_path / "instruct", instruct, 5, config={"torch_dtype": "bfloat16"})}
+    return paths, base, tuned, instruct
+
+
+def torchrun(nproc: int, paths: dict, out, *extra, tuned=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "graftcore",
+           "merge", "--base", paths["base"], "--tuned", tuned or paths["tuned"], "--instruct", paths["instruct"],
+           "--output", out, "--quiet", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300)
+
+
+def ours_without_traceback(stderr: str) -> bool:
+    """No stack frame of graftcore's own (torchrun prints its own ChildFailedError traceback when a rank exits
+    non-zero: that is the launcher's report, not ours)."""
+    return not any('File "' in line and "/graftcore/" in line for line in stderr.splitlines())
+
+
+def shards(out) -> dict:
+    return json.loads((out / "graftcore.json").read_text())["shards"]
+
+
+def hashes(out) -> dict:
+    return {f: (r["size"], r["sha256"]) for f, r in shards(out).items()}
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_is_bit_identical_to_one_process(trio, tmp_path, nproc):
+    paths, base, tuned, instruct = trio
+    graftcore.graft(**paths, output=tmp_path / "one", quiet=True)
+    run = torchrun(nproc, paths, tmp_path / "many")
+    assert run.returncode == 0, run.stderr
+    assert hashes(tmp_path / "many") == hashes(tmp_path / "one") and len(shards(tmp_path / "one")) == 5
+    got = load_folder(tmp_path / "many")
+    assert all(same_bits(got[n], reference(instruct[n], tuned[n], base[n])) for n in instruct)
+    for f in ("model.safetensors.index.json", "config.json"):
+        assert (tmp_path / "many" / f).read_bytes() == (tmp_path / "one" / f).read_bytes()
+    leftovers = [p.name for p in (tmp_path / "many").iterdir() if "progress" in p.name or p.name.endswith(".partial") or p.name.startswith(".")]
+    assert leftovers == []
+    assert graftcore.verify(tmp_path / "many", recompute=4, seed=0).shards == 5
+
+
+def test_workers_through_the_api(trio, tmp_path):
+    paths, *_ = trio
+    graftcore.graft(**paths, output=tmp_path / "one", quiet=True)
+    report = graftcore.graft(**paths, output=tmp_path / "two", quiet=True, workers=2)
+    assert report.shards_written == 5 and hashes(tmp_path / "two") == hashes(tmp_path / "one")
+
+
+def test_bad_input_fails_every_rank_before_any_write(trio, tmp_path):
+    paths, base, tuned, instruct = trio
+    broken = dict(tuned)
+    broken["model.layers.2.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    write_checkpoint(tmp_path / "broken", broken, 2)
+    run = torchrun(2, paths, tmp_path / "out", tuned=tmp_path / "broken")
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("graftcore: error:")]
+    assert len(lines) == 2 and all("up_proj" in line for line in lines), run.stderr
+    assert {line.split(":")[2].strip() for line in lines} == {"rank 0 of 2", "rank 1 of 2"}
+    assert ours_without_traceback(run.stderr) and not (tmp_path / "out").exists()
+
+
+def test_a_failing_rank_stops_every_rank_and_a_rerun_resumes(trio, tmp_path):
+    """NaN in one tensor: the rank that grafts it fails, the other stops, both exit 2 naming the failing rank.
+    Fixed, the same merge with 3 ranks keeps what was finished and writes the rest, bit-identical."""
+    paths, base, tuned, instruct = trio
+    bad = dict(tuned)
+    name = "model.layers.3.mlp.down_proj.weight"
+    bad[name] = bad[name].clone()
+    bad[name][0, 0] = float("nan")
+    write_checkpoint(paths["tuned"], bad, 2)
+    run = torchrun(2, paths, tmp_path / "out")
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("graftcore: error:")]
+    assert len(lines) == 2 and all(name in line and "NaN/Inf" in line for line in lines), run.stderr
+    failing = lines[0].split(":")[2].strip()
+    assert all(failing in line for line in lines) and ours_without_traceback(run.stderr)
+    assert not (tmp_path / "out" / "graftcore.json").exists()
+    assert not list((tmp_path / "out").glob("*.partial"))
+    write_checkpoint(paths["tuned"], tuned, 2)
+    run = torchrun(3, paths, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    graftcore.graft(**paths, output=tmp_path / "one", quiet=True)
+    assert hashes(tmp_path / "out") == hashes(tmp_path / "one")
+
+
+def test_rerun_with_another_world_size_keeps_finished_shards(trio, tmp_path):
+    paths, *_ = trio
+    graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=2)
+    before = hashes(tmp_path / "out")
+    (tmp_path / "out" / "model-00003-of-00005.safetensors").unlink()
+    report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=3)
+    assert report.shards_kept == 4 and report.shards_written == 1
+    assert hashes(tmp_path / "out") == before
+
+
+def test_shards_are_dealt_by_bytes_largest_first():
+    from graftcore.distributed import assign
+
+    sizes = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "kept": 99}
+    owner = assign(sizes, {"kept"}, 2)
+    assert "kept" not in owner
+    load = [sum(sizes[f] for f, r in owner.items() if r == rank) for rank in (0, 1)]
+    assert owner["a"] == 0 and owner["b"] == 1 and sorted(load) == [70, 80]
+
+
+def test_workers_return_a_large_report(tmp_path):
+    """A plan of 3000 tensors pickles to far more than a pipe holds: the parent must read the workers' reports
+    while they run, not after (they would block on the full pipe forever)."""
+    tensors = {f"layer.{k}.weight": torch.full((4,), float(k), dtype=torch.bfloat16) for k in range(3000)}
+    paths = {r: write_checkpoint(tmp_path / r, tensors, 3) for r in ("base", "tuned", "instruct")}
+    report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=2)
+    assert report.shards_written == 3 and len(report.plan.ops) == 3000
