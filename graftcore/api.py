@@ -84,7 +84,9 @@ def graft(
             raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
     log = log or (lambda _msg: None)
     group = joined_group()  # torchrun, or a process group the caller initialised
-    if group is None and opts.workers > 1:
+    if group is not None and opts.workers > 1:
+        raise GraftError(f"--workers {opts.workers}: this process is already one of {group.world} ranks (torchrun); use one or the other")
+    if group is None and opts.workers > 1 and not opts.dry_run:
         args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
         return spawn_workers(opts.workers, {**args, "workers": 1})
     error = None

@@ -138,3 +138,11 @@ def test_workers_return_a_large_report(tmp_path):
     paths = {r: write_checkpoint(tmp_path / r, tensors, 3) for r in ("base", "tuned", "instruct")}
     report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=2)
     assert report.shards_written == 3 and len(report.plan.ops) == 3000
+
+
+def test_workers_inside_torchrun_is_refused_and_dry_run_spawns_nothing(trio, tmp_path):
+    paths, *_ = trio
+    run = torchrun(2, paths, tmp_path / "out", "--workers", "2")
+    assert run.returncode != 0 and "--workers 2: this process is already one of 2 ranks" in run.stderr
+    report = graftcore.graft(**paths, output=tmp_path / "dry", workers=2, dry_run=True)
+    assert report.dry_run and not (tmp_path / "dry").exists()
