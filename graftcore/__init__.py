@@ -33,6 +33,8 @@ _LAZY = {
     "Plan": "plan",
     "verify": "verification",
     "VerifyReport": "verification",
+    "similarity": "measure",
+    "SimilarityReport": "measure",
 }
 
 
@@ -53,6 +55,8 @@ __all__ = [
     "Plan",
     "verify",
     "VerifyReport",
+    "similarity",
+    "SimilarityReport",
     "open_checkpoint",
     "Checkpoint",
     "MergeOptions",

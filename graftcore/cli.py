@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     merge = sub.add_parser(
         "merge",
-        help="write instruct + alpha * (tuned - base)",
-        description="W_out = W_instruct + alpha * (W_tuned - W_base), tensor by tensor. REF is a folder, a "
-        ".safetensors file, or a hub repo id org/name[@revision].",
+        help="write instruct + alpha * (tuned - base) (several --tuned: one term each)",
+        description="W_out = W_instruct + a1 * (W_tuned1 - W_base) + a2 * (W_tuned2 - W_base) + ..., tensor by tensor, "
+        "float32 math, one rounding. REF is a folder, a .safetensors file, or a hub repo id org/name[@revision].",
     )
     merge.add_argument(
         "--base", metavar="REF", help="the Base model the tuned model was fine-tuned from (a LoRA adapter needs it only for modules_to_save or DoRA)"
@@ -44,24 +44,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--instruct", metavar="REF", required=True, help="the Instruct model to graft onto")
     merge.add_argument("--output", metavar="DIR", required=True, help="the folder to write")
+    add_option_flags(merge, [f.name for f in option_fields()])
+    add_verify_parser(sub)
+    add_similarity_parser(sub)
+    return parser
+
+
+def add_similarity_parser(sub) -> None:
+    from .options import SIMILARITY_OPTIONS
+
+    similarity = sub.add_parser(
+        "similarity",
+        help="how close Instruct is to Base, and each tuned model's update beside that gap",
+        description="Per tensor, layer, module kind and for the whole model: sigma = sum|I - B| / (sum|I| + sum|B|), "
+        "||I - B|| / ||B||, cosine(I, B); with --tuned, the same for each T against B and ||T - B|| / ||I - B||. "
+        "Reads the inputs as merge does; writes nothing but the report.",
+    )
+    similarity.add_argument("--base", metavar="REF", required=True, help="the Base model")
+    similarity.add_argument("--instruct", metavar="REF", required=True, help="the Instruct model")
+    similarity.add_argument("--tuned", metavar="REF", action="append", help="a fine-tune of Base or a PEFT LoRA adapter (repeatable)")
+    similarity.add_argument("--output", metavar="DIR", help="write DIR/similarity.json (and DIR/similarity.png with matplotlib)")
+    add_option_flags(similarity, SIMILARITY_OPTIONS, {"graft only": "measure only",
+                     "copy tensors whose name matches REGEX from Instruct": "skip tensors whose name matches REGEX"})
+
+
+def add_option_flags(parser: argparse.ArgumentParser, names, reworded: dict[str, str] | None = None) -> None:
+    """A flag for each MergeOptions field in `names`, from its declaration (help, type, choices, metavar);
+    `reworded` replaces words in the help texts (another command's meaning of the same option)."""
     for f in option_fields():
+        if f.name not in names:
+            continue
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
-        help_text = argparse.SUPPRESS if meta.get("hidden") else meta["help"]
+        help_text = meta["help"]
+        for old, new in (reworded or {}).items():
+            help_text = help_text.replace(old, new)
+        help_text = argparse.SUPPRESS if meta.get("hidden") else help_text
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.type in ("bool", bool):
-            merge.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(flag, action="store_true", help=help_text)
         elif f.name in ("include", "exclude"):
-            merge.add_argument(flag, action="append", default=[], metavar=meta.get("metavar"), help=help_text)
+            parser.add_argument(flag, action="append", default=[], metavar=meta.get("metavar"), help=help_text)
         elif f.name == "alpha":  # repeatable; absent: the default
-            merge.add_argument(flag, action="append", type=float, metavar=meta.get("metavar"), help=help_text)
+            parser.add_argument(flag, action="append", type=float, metavar=meta.get("metavar"), help=help_text)
         else:
             kind = meta.get("type") or {"float": float, "int": int}.get(str(f.type), str)
-            merge.add_argument(
-                flag, type=kind, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text
-            )
-    add_verify_parser(sub)
-    return parser
+            parser.add_argument(flag, type=kind, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text)
 
 
 def add_verify_parser(sub) -> None:
@@ -90,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     # once. While data moves, interrupts.deferred() turns it back into a flag the engine checks between steps.
     for s in interrupts.SIGNALS:
         signal.signal(s, interrupts.request)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         from . import api  # noqa: F401  (torch)
@@ -103,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
             shutdown()
     except KeyboardInterrupt:
-        print("graftcore: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        resume = "; finished shards are kept, rerun the same command to resume" if getattr(args, "command", None) == "merge" else ""
+        print(f"graftcore: interrupted{resume}", file=sys.stderr)
         code = 130
     for s in interrupts.SIGNALS:  # from here on a signal only marks the exit as interrupted: no traceback
         signal.signal(s, interrupts.request)
@@ -173,9 +203,33 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_similarity(args: argparse.Namespace) -> int:
+    from .options import SIMILARITY_OPTIONS
+    from .measure import similarity
+
+    options = {k: v for k, v in vars(args).items() if k in SIMILARITY_OPTIONS and v is not None}
+
+    def log(msg: str) -> None:
+        print(f"graftcore: {msg}", file=sys.stderr)
+
+    try:
+        report = similarity(base=args.base, instruct=args.instruct, tuned=args.tuned, output=args.output, **options)
+    except GraftError as e:
+        print(f"graftcore: error: {e}", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        log(note)
+    print(report.table())
+    if report.json_path is not None:
+        log(f"wrote {report.json_path}" + (f" and {report.png_path}" if report.png_path is not None else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         return run_verify(args)
+    if args.command == "similarity":
+        return run_similarity(args)
     from .api import graft
 
     option_names = {f.name for f in option_fields()}

@@ -139,6 +139,10 @@ class MergeOptions:
 
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+# the MergeOptions fields `graftcore similarity` (and graftcore.similarity) takes: selection, hub access, the
+# progress bar, and the streaming knobs; it writes no model, so none of the output or arithmetic options apply
+SIMILARITY_OPTIONS = ("include", "exclude", "targets", "token", "cache_dir", "quiet", "chunk_size", "read_buffer",
+                      "read_depth", "read_workers")
 
 
 def alphas_from(value) -> list[float]:
