@@ -220,28 +220,6 @@ def test_json_png_and_the_missing_matplotlib(family, tmp_path, monkeypatch):
     assert [n for n in report.notes if "matplotlib" in n] == ["matplotlib is not installed: no similarity.png (pip install 'graftcore[plot]')"]
 
 
-def make_adapter(base_dir, out, seed: int = 7, **lora):
-    """A PEFT adapter trained (here: randomised) on Base, as tests/test_lora.py makes them."""
-    import peft
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(**lora))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
-            elif "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))  # modules_to_save
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """A tiny random Llama saved by transformers as Base (bf16), a perturbed Instruct, a full fine-tune (fp32)."""
@@ -268,6 +246,11 @@ def hf_models(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`", "ignore::FutureWarning")
 def test_a_full_fine_tune_and_a_peft_adapter(hf_models, tmp_path):
+    from test_lora import make_adapter
+
+    pytest.importorskip("peft")
+    from test_lora import make_adapter  # the PEFT adapter maker the LoRA tests use
+
     root = hf_models
     adapter = make_adapter(root / "base", tmp_path / "lora", r=4, lora_alpha=8,
                            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
