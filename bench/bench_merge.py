@@ -39,6 +39,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    add_run_options,
     BENCH, DATA, MERGEKIT_VENV, Run, Series, append_results, check_lora_output, check_output, evict, files_under, fsync_files, gb, log,
     measure, prewarm, table,
 )
@@ -245,12 +246,7 @@ def report(rows: list[Row], results: dict[str, Series], checks: dict[str, str], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="2gb", choices=PRESETS)
-    ap.add_argument("--reps", type=int, default=3)
-    cache = ap.add_mutually_exclusive_group()
-    cache.add_argument("--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run")
-    cache.add_argument("--warm", dest="modes", action="store_const", const=["warm"], help="inputs read before each run")
-    cache.add_argument("--both", dest="modes", action="store_const", const=["cold", "warm"], help="(default)")
+    add_run_options(ap, PRESETS)
     ap.add_argument("--only", help="comma-separated row keys: floor, graftcore, graftcore-cuda, naive, mergekit, mergekit-fast, "
                     "mergekit-fp32, before, variantK, lora keys")
     ap.add_argument("--data", help="trio folder (default bench/data/PRESET)")

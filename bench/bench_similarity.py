@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, Series, append_results, evict, gb, log, measure, prewarm, table  # noqa: E402
+from common import DATA, Series, add_run_options, append_results, evict, gb, log, measure, prewarm, table  # noqa: E402
 from make_checkpoints import PRESETS, ROLES, make_trio  # noqa: E402
 
 
@@ -137,12 +137,7 @@ def report(rows: list[Row], results: dict[str, Series], mode: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="2gb", choices=PRESETS)
-    ap.add_argument("--reps", type=int, default=3)
-    cache = ap.add_mutually_exclusive_group()
-    cache.add_argument("--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run")
-    cache.add_argument("--warm", dest="modes", action="store_const", const=["warm"], help="inputs read before each run")
-    cache.add_argument("--both", dest="modes", action="store_const", const=["cold", "warm"], help="(default)")
+    add_run_options(ap, PRESETS)
     ap.add_argument("--only", help="comma-separated row keys: floor, similarity, output (default: floor,similarity)")
     ap.add_argument("--data", help="trio folder (default bench/data/PRESET)")
     ap.add_argument("--no-check", action="store_true", help="skip the untimed float64 check")

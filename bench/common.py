@@ -458,3 +458,13 @@ def check_lora_output(out: str | Path, instruct: str | Path, adapter: str | Path
     if differ == 0:
         return True, "yes"
     return False, f"{differ / total:.2e} of elements differ, by at most {worst} ulp (float32 matmul order)"
+
+
+def add_run_options(ap, presets) -> None:
+    """The options every end-to-end benchmark takes: the preset, repetitions, and the page cache's state."""
+    ap.add_argument("--preset", default="2gb", choices=presets)
+    ap.add_argument("--reps", type=int, default=3)
+    cache = ap.add_mutually_exclusive_group()
+    cache.add_argument("--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run")
+    cache.add_argument("--warm", dest="modes", action="store_const", const=["warm"], help="inputs read before each run")
+    cache.add_argument("--both", dest="modes", action="store_const", const=["cold", "warm"], help="(default)")
