@@ -86,9 +86,6 @@ def graft(
     group = joined_group()  # torchrun, or a process group the caller initialised
     if group is not None and opts.workers > 1:
         raise GraftError(f"--workers {opts.workers}: this process is already one of {group.world} ranks (torchrun); use one or the other")
-    if group is None and opts.workers > 1 and not opts.dry_run:
-        args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
-        return spawn_workers(opts.workers, {**args, "workers": 1})
     error = None
     try:
         checkpoints, deltas = open_inputs(instruct, refs, base, opts)
@@ -99,6 +96,10 @@ def graft(
         error = e
     if group is not None:
         group.agree(error)  # every rank validated the same plan before any rank writes
+    workers = min(opts.workers, len(plan.shards))  # a worker per output shard at most
+    if group is None and workers > 1 and not opts.dry_run:  # the inputs are valid: start the processes
+        args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
+        return spawn_workers(workers, {**args, "workers": 1}, log, progress)
     return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
 
 
@@ -233,7 +234,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         "graftcore_version": __version__,
         "formula": formula(checkpoints, opts, report),
         "inputs": {
-            role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint}
+            role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint, **local_path(ck)}
             for role, ck in checkpoints.items()
         },
         "options": options,
@@ -259,3 +260,12 @@ def formula(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Repo
         text += ("; lora(adapter) = lora_alpha/r * (lora_B @ lora_A) for its LoRA tensors (DoRA as PEFT merges it), "
                  "tensor - base for full tensors it carries")
     return text
+
+
+def local_path(ck: Checkpoint) -> dict:
+    """{"path": the absolute path} of a local input (its REF may be relative), for `graftcore verify` run from
+    anywhere; {} for a hub input."""
+    if ck.revision is not None:
+        return {}
+    path = Path(ck.ref).expanduser()
+    return {"path": str(path.resolve())} if path.exists() else {}

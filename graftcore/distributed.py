@@ -190,19 +190,21 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
             log(f"{output}: {len(kept_records)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
         skip = {f for f in sizes if owner.get(f) != group.rank}
         schedule_reads(plan, checkpoints, skip, output / ".graftcore-downloads" / f"rank{group.rank}")
-        total = sum(sizes[f] for f in owner)
+        total = sum(op.out_nbytes for s in plan.shards if s.file in owner for op in s.ops)  # tensor bytes, as counted
         bar = GroupProgress(group, total, quiet=opts.quiet or group.rank != 0, callback=progress)
         quiet = replace(opts, quiet=True)
         with group.watching(), interrupts.deferred():
             report = execute(plan, checkpoints, output, folder, quiet, compute, skip, bar.engine_callback)
             report.shards_kept = len(kept_records)
             bar.flush()
-            group.set(f"records/{group.rank}", json.dumps(folder.finished))
+            share = {"shards": folder.finished, "notes": report.notes, "reads": report.reads,
+                     "written": [report.shards_written, report.bytes_written]}
+            group.set(f"records/{group.rank}", json.dumps(share))
             group.add("done", 1)
             if group.rank == 0:
                 group.wait(lambda: group.add("done", 0) >= group.world, bar.show)
                 for r in range(1, group.world):
-                    folder.finished.update(json.loads(group.get(f"records/{r}") or "{}"))
+                    add_share(report, folder, json.loads(group.get(f"records/{r}") or "{}"))
                 folder.finished.update(kept_records)
                 finish_output(plan, checkpoints, folder, opts, report)
                 group.set("finalized", "1")
@@ -217,22 +219,35 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
         folder.release()
 
 
+def add_share(report, folder, share: dict) -> None:
+    """Rank 0 takes another rank's finished shards, notes, read counts and written bytes into its report, so
+    graftcore.json and the returned Report are those of one process."""
+    folder.finished.update(share.get("shards", {}))
+    report.notes += [n for n in share.get("notes", []) if n not in report.notes]
+    for role, ways in share.get("reads", {}).items():
+        mine = report.reads.setdefault(role, {})
+        for way, n in ways.items():
+            mine[way] = mine.get(way, 0) + n
+    shards, nbytes = share.get("written", [0, 0])
+    report.shards_written += shards
+    report.bytes_written += nbytes
+
+
 class GroupProgress:
     """One progress bar for all ranks (on rank 0): every rank adds its bytes to the store about every POLL seconds;
-    rank 0 shows their sum. The caller's own `progress` callback sees this rank's bytes."""
+    rank 0 shows their sum, and calls the caller's `progress` callback with it (other ranks call none)."""
 
     def __init__(self, group: Group, total: int, quiet: bool, callback=None):
         from tqdm.auto import tqdm
 
-        self.group, self.callback = group, callback
-        self.pending, self.seen, self.last = 0, 0, time.monotonic()
+        self.group, self.callback, self.total = group, callback if group.rank == 0 else None, total
+        self.pending, self.seen, self.last, self.where = 0, 0, time.monotonic(), ("", "")
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"graft x{group.world}", disable=True if quiet else None, leave=False)
 
     def engine_callback(self, p) -> None:
         self.pending += p.done - self.seen
         self.seen = p.done
-        if self.callback is not None:
-            self.callback(p)
+        self.where = (p.shard, p.tensor)
         if time.monotonic() - self.last > POLL:
             self.flush()
             self.show()
@@ -244,9 +259,16 @@ class GroupProgress:
         self.last = time.monotonic()
 
     def show(self) -> None:
+        if self.bar.disable and self.callback is None:
+            return
+        done = self.group.add("bytes", 0)
         if not self.bar.disable:
-            self.bar.n = self.group.add("bytes", 0)
+            self.bar.n = done
             self.bar.refresh()
+        if self.callback is not None:
+            from .engine import Progress
+
+            self.callback(Progress(done, self.total, *self.where))
 
     def close(self) -> None:
         self.show()
@@ -256,23 +278,33 @@ class GroupProgress:
 # ---- --workers K: local processes ---------------------------------------------------------------------------
 
 
-def spawn_workers(workers: int, kwargs: dict):
+def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
     """`graft(**kwargs)` in `workers` local processes joined in a gloo group (torch.multiprocessing, a file
-    rendezvous); returns rank 0's Report with the shards and bytes of all; the first failure as a GraftError."""
+    rendezvous); returns rank 0's Report (it counts the shards and bytes of all). Rank 0's log lines and progress
+    reach `log` and `progress` here, through the same queue; the first failure is raised as a GraftError.
+
+    torch.multiprocessing starts the workers with "spawn": a script calling this must guard its entry point with
+    `if __name__ == "__main__":`, as for any multiprocessing program."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="graftcore-workers-") as tmp:
         init = f"file://{Path(tmp) / 'rendezvous'}"
-        results = mp.get_context("spawn").SimpleQueue()
-        context = mp.start_processes(_worker, args=(workers, init, kwargs, results), nprocs=workers, join=False, start_method="spawn")
+        messages = mp.get_context("spawn").SimpleQueue()
+        context = mp.start_processes(_worker, args=(workers, init, kwargs, messages), nprocs=workers, join=False, start_method="spawn")
         outcomes = {}
 
         def drain():  # while waiting: a Report larger than the pipe's buffer blocks its worker until read
-            while not results.empty():
-                rank, error, report = results.get()
-                outcomes[rank] = (error, report)
+            while not messages.empty():
+                kind, *rest = messages.get()
+                if kind == "log" and log is not None:
+                    log(rest[0])
+                elif kind == "progress" and progress is not None:
+                    progress(rest[0])
+                elif kind == "done":
+                    rank, error, report = rest
+                    outcomes[rank] = (error, report)
 
         try:
             while not context.join(timeout=POLL):
@@ -292,16 +324,12 @@ def spawn_workers(workers: int, kwargs: dict):
         if first == "interrupted":
             raise KeyboardInterrupt
         raise GraftError(first)
-    report = outcomes[0][1]
-    for rank, (_, other) in outcomes.items():
-        if rank != 0:
-            report.shards_written += other.shards_written
-            report.bytes_written += other.bytes_written
-    return report
+    return outcomes[0][1]
 
 
-def _worker(index: int, world: int, init: str, kwargs: dict, results) -> None:
-    """One --workers process: join the group, run graft, put (rank, error or None, Report or None) on `results`."""
+def _worker(index: int, world: int, init: str, kwargs: dict, messages) -> None:
+    """One --workers process: join the group, run graft, put ("done", rank, error or None, Report or None) on
+    `messages`; rank 0 also forwards its log lines and the progress of all ranks."""
     import datetime
 
     import torch.distributed as dist
@@ -309,17 +337,20 @@ def _worker(index: int, world: int, init: str, kwargs: dict, results) -> None:
     from .api import graft
 
     error, report = None, None
+    forward = {}
+    if index == 0:
+        forward = {"log": lambda msg: messages.put(("log", msg)), "progress": lambda p: messages.put(("progress", p))}
     try:
         dist.init_process_group("gloo", init_method=init, rank=index, world_size=world, timeout=datetime.timedelta(hours=24))
-        report = graft(**kwargs)
+        report = graft(**kwargs, **forward)
     except GraftError as e:
         error = str(e)
     except KeyboardInterrupt:
         error = "interrupted"
     finally:
         if report is not None and index != 0:
-            report.plan = None  # rank 0's carries the plan; the others' counts are all that is used
-        results.put((index, error, report))
+            report.plan = None  # rank 0's carries the plan and the counts of all
+        messages.put(("done", index, error, report))
         if dist.is_initialized():
             dist.destroy_process_group()
 

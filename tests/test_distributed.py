@@ -146,3 +146,29 @@ def test_workers_inside_torchrun_is_refused_and_dry_run_spawns_nothing(trio, tmp
     assert run.returncode != 0 and "--workers 2: this process is already one of 2 ranks" in run.stderr
     report = graftcore.graft(**paths, output=tmp_path / "dry", workers=2, dry_run=True)
     assert report.dry_run and not (tmp_path / "dry").exists()
+
+
+def test_workers_report_what_one_process_reports(trio, tmp_path):
+    """Every rank's notes and read counts reach graftcore.json and the Report; rank 0's log lines and the
+    progress of all ranks reach the caller's callbacks."""
+    paths, base, tuned, instruct = trio
+    carried = {n: t.clone() for n, t in instruct.items()}
+    carried["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")  # a note, from whichever rank grafts it
+    write_checkpoint(paths["instruct"], carried, 5, config={"torch_dtype": "bfloat16"})
+    one = graftcore.graft(**paths, output=tmp_path / "one", quiet=True)
+    logged, seen = [], []
+    two = graftcore.graft(**paths, output=tmp_path / "two", quiet=True, workers=2, log=logged.append, progress=seen.append)
+    manifests = [json.loads((tmp_path / d / "graftcore.json").read_text()) for d in ("one", "two")]
+    assert manifests[0]["notes"] == manifests[1]["notes"] and any("carried" in n for n in manifests[1]["notes"])
+    assert manifests[0]["reads"] == manifests[1]["reads"]
+    assert two.notes == one.notes and two.shards_written == 5 and two.bytes_written == one.bytes_written
+    assert seen and seen[-1].done == seen[-1].total == sum(t.numel() * t.element_size() for t in instruct.values())
+    (tmp_path / "two" / "model-00002-of-00005.safetensors").unlink()
+    graftcore.graft(**paths, output=tmp_path / "two", quiet=True, workers=2, log=logged.append)
+    assert any("4 of 5 shard(s) already finished" in line for line in logged)
+
+
+def test_workers_are_capped_at_the_shards_to_write(trio, tmp_path):
+    paths, *_ = trio
+    report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=64)
+    assert report.shards_written == 5

@@ -127,3 +127,17 @@ def test_recompute_finds_an_input_whose_header_changed(merged, cli):
     changed["model.norm.weight"] = changed["model.norm.weight"].to(torch.bfloat16)  # same values, another dtype
     write_checkpoint(paths["tuned"][0], changed, 3)
     assert_fails(cli, out, "the tuned input is not the one the merge read", "--recompute", "1")
+
+
+def test_verify_from_another_folder_finds_relative_inputs(tmp_path, cli, monkeypatch):
+    """REFs typed relative to where the merge ran are recorded with their absolute paths."""
+    base, tuned = llama_tensors(1), llama_tensors(2, noise=2e-3)
+    write_checkpoint(tmp_path / "work" / "demo" / "base", base)
+    write_checkpoint(tmp_path / "work" / "demo" / "tuned", tuned)
+    write_checkpoint(tmp_path / "work" / "demo" / "instruct", llama_tensors(3, noise=5e-3))
+    monkeypatch.chdir(tmp_path / "work")
+    code, _, err = cli("merge", "--base", "demo/base", "--tuned", "demo/tuned", "--instruct", "demo/instruct", "--output", "out", "--quiet")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = cli("verify", "work/out", "--recompute", "3")
+    assert code == 0 and "bit-exact" in stdout, err
