@@ -24,7 +24,7 @@ from .errors import GraftError, OutputError
 from .lora import is_adapter, open_adapter
 from .options import MergeOptions, option_fields
 from .output import OutputFolder
-from .plan import DeltaInput, Plan, build_plan
+from .plan import DeltaInput, Plan, build_plan, tuned_role
 from .safetensors_io import planned_file_size
 from .sources import Checkpoint, open_checkpoint
 from .steps import files_depended_on, files_read
@@ -127,11 +127,6 @@ def open_inputs(
             deltas.append(DeltaInput(role, alpha_k, open_checkpoint(ref, **hub)))
         checkpoints[role] = deltas[-1].checkpoint
     return checkpoints, deltas
-
-
-def tuned_role(k: int) -> str:
-    """The name of the k-th tuned input (0-based) in messages and graftcore.json: tuned, tuned2, tuned3, ..."""
-    return "tuned" if k == 0 else f"tuned{k + 1}"
 
 
 def run_plan(

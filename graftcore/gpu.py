@@ -152,8 +152,11 @@ class StreamCompute:
         """A LoRA term's factors (a lora.LoadedUpdate) copied to the device, once per tensor."""
         from dataclasses import replace
 
-        up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        up = self._on_device
         return replace(loaded, left=up(loaded.left), right=up(loaded.right), dora_scale=up(loaded.dora_scale))
+
+    def _on_device(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(self.device)
 
     def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
         """A block with LoRA terms (kernels.lora.block_cpu) on the device: the same block code as the CPU path, on
@@ -167,7 +170,7 @@ class StreamCompute:
         if self._block_scratch is None:
             new = lambda: torch.empty(self.chunk, dtype=torch.float32, device=self.device)  # noqa: E731
             self._block_scratch = SimpleNamespace(acc=new(), delta=new())
-        up = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        up = self._on_device
         terms = [replace(t, tuned=up(t.tuned)) if isinstance(t, FullDelta) else t for t in terms]
         result = torch.empty(out.numel(), dtype=out.dtype, device=self.device)
         with full_float32_matmul():

@@ -41,8 +41,7 @@ from typing import Callable
 
 import torch
 
-from .errors import AdapterError, CheckpointError, MismatchError, NonFiniteError
-from .options import MergeOptions
+from .errors import AdapterError, CheckpointError, NonFiniteError
 from .safetensors_io import FLOAT_DTYPES, TensorInfo
 from .sources import Checkpoint, open_local
 

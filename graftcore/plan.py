@@ -84,6 +84,11 @@ class Ignored(NamedTuple):
     reason: str
 
 
+def tuned_role(k: int) -> str:
+    """The name of the k-th tuned input (0-based) in messages and graftcore.json: tuned, tuned2, tuned3, ..."""
+    return "tuned" if k == 0 else f"tuned{k + 1}"
+
+
 @dataclass
 class DeltaInput:
     """One tuned input as the planner sees it: a full checkpoint, or a PEFT adapter (`adapter`, a lora.Adapter,

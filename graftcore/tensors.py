@@ -16,7 +16,7 @@ import torch
 
 from .errors import GraftError, MismatchError, NonFiniteError
 from .options import MergeOptions, alphas_from
-from .plan import Action, DeltaInput, plan_tensor
+from .plan import Action, DeltaInput, plan_tensor, tuned_role
 from .safetensors_io import TORCH_TO_CODE, TensorInfo
 
 GRAFTABLE = (torch.bfloat16, torch.float16, torch.float32)
@@ -109,7 +109,7 @@ def graft_state_dict(
     if set(options) - allowed:
         raise GraftError(f"graft_state_dict: unknown option(s) {', '.join(sorted(set(options) - allowed))}")
     opts = MergeOptions(alpha=alpha, **options)
-    roles = ["tuned" if k == 0 else f"tuned{k + 1}" for k in range(len(tuned))]
+    roles = [tuned_role(k) for k in range(len(tuned))]
     deltas = [DeltaInput(role, a, None) for role, a in zip(roles, opts.alphas(len(tuned)))]
     infos = {"base": infos_of(base), **{role: infos_of(sd) for role, sd in zip(roles, tuned)}}
     sources = [(d, infos[d.role], {}) for d in deltas]

@@ -190,18 +190,16 @@ def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, 
     report.notes.append(f"chunks chosen with seed {seed}")
     chunk, merged_on_gpu = recorded_chunk(manifest)
     chosen = choose_steps(plan, chunk, k, rng)
-    from .engine import CpuCompute
+    from .engine import CpuCompute, load_lora
 
     compute = CpuCompute(chunk)
-    files = {(role, info.file) for _, _, step in chosen for r in step.reads for role, info in [(r.role, r.info)]}
+    files = {(r.role, r.info.file) for _, _, step in chosen for r in step.reads}
     for role, ck in checkpoints.items():
         ck.schedule(sorted(f for rr, f in files if rr == role), folder / ".graftcore-downloads" / role)
     loaded_for: dict[str, dict] = {}
     with compute:
         for shard, op, step in chosen:
             if op.low_rank and op.name not in loaded_for:
-                from .engine import load_lora
-
                 loaded_for[op.name] = load_lora(op, compute, checkpoints, opts)
             got = output_elements(folder, headers[shard.file], op.name, step)
             want = recompute_step(op, step, checkpoints, compute, loaded_for.get(op.name))

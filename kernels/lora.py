@@ -9,9 +9,10 @@ code runs on GPU tensors (the GEMM's summation order is then the device's).
 Example:
     >>> import torch
     >>> from graftcore.kernels import CpuScratch
-    >>> from graftcore.kernels.lora import lora_cpu
+    >>> from graftcore.kernels.lora import LowRankDelta, block_cpu
     >>> out = torch.empty(2, 3, dtype=torch.bfloat16)
-    >>> lora_cpu(out, torch.zeros(2, 3), torch.ones(2, 1), torch.ones(1, 3), 0.5, CpuScratch(6))
+    >>> block_cpu(out, torch.zeros(2, 3), None, [LowRankDelta(torch.ones(2, 1), torch.ones(1, 3), 0.5)], CpuScratch(6))
+    NonFinite(deltas=0, overflow=0, instruct=0)
     >>> out
     tensor([[0.5000, 0.5000, 0.5000],
             [0.5000, 0.5000, 0.5000]], dtype=torch.bfloat16)
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu import CpuScratch, NonFinite, round_into
+from .cpu import NonFinite, round_into
 
 
 @dataclass
@@ -87,18 +88,6 @@ def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | No
             d.mul_(term.alpha)
         acc.add_(d)
     return round_into(out.reshape(-1), acc.reshape(-1), instruct, bad_delta)  # the one rounding
-
-
-def lora_cpu(out: torch.Tensor, instruct: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, scratch: CpuScratch) -> None:
-    """In place: `out = I + scale * left @ right` for a block; out and instruct hold rows x cols elements.
-
-    Args:
-        out, instruct: the block of the output and of Instruct (any float dtypes; flat or [rows, cols]).
-        left: [rows, r] float32. right: [r, cols] float32.
-        scale: alpha * lora_alpha / r (already multiplied: one float32 scalar in the GEMM).
-        scratch: CpuScratch with at least rows * cols elements.
-    """
-    block_cpu(out, instruct, None, [LowRankDelta(left, right, scale)], scratch)
 
 
 def torch_lora(instruct: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
