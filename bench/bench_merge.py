@@ -40,6 +40,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_run_options,
+    run_interleaved,
     BENCH, DATA, MERGEKIT_VENV, Run, Series, append_results, check_lora_output, check_output, evict, files_under, fsync_files, gb, log,
     measure, prewarm, table,
 )
@@ -288,15 +289,8 @@ def main() -> None:
     checks: dict[str, str] = {}
     sections = []
     for mode in modes:
-        results = {r.name: Series() for r in rows}
-        failed: set[str] = set()
-        for rep in range(args.reps):
-            for row in rows if rep % 2 == 0 else rows[::-1]:
-                if row.name in failed:
-                    continue
-                log(f"{mode} rep {rep + 1}/{args.reps}: {row.name}")
-                if not run_row(row, mode == "cold", inputs, results[row.name], checks):
-                    failed.add(row.name)
+        cold = mode == "cold"
+        results = run_interleaved(rows, args.reps, mode, lambda row, series: run_row(row, cold, inputs, series, checks))
         sections.append(report(rows, results, checks, mode))
 
     files = {r: len(trio["roles"][r]["files"]) for r in ROLES}

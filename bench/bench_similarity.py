@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, Series, add_run_options, append_results, evict, gb, log, measure, prewarm, table  # noqa: E402
+from common import DATA, Series, add_run_options, run_interleaved, append_results, evict, gb, log, measure, prewarm, table  # noqa: E402
 from make_checkpoints import PRESETS, ROLES, make_trio  # noqa: E402
 
 
@@ -162,15 +162,8 @@ def main() -> None:
     sections = []
     try:
         for mode in modes:
-            results = {r.name: Series() for r in rows}
-            failed: set[str] = set()
-            for rep in range(args.reps):
-                for row in rows if rep % 2 == 0 else rows[::-1]:
-                    if row.name in failed:
-                        continue
-                    log(f"{mode} rep {rep + 1}/{args.reps}: {row.name}")
-                    if not run_row(row, mode == "cold", inputs, results[row.name]):
-                        failed.add(row.name)
+            cold = mode == "cold"
+            results = run_interleaved(rows, args.reps, mode, lambda row, series: run_row(row, cold, inputs, series))
             sections.append(report(rows, results, mode))
     finally:
         shutil.rmtree(work, ignore_errors=True)

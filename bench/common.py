@@ -468,3 +468,19 @@ def add_run_options(ap, presets) -> None:
     cache.add_argument("--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run")
     cache.add_argument("--warm", dest="modes", action="store_const", const=["warm"], help="inputs read before each run")
     cache.add_argument("--both", dest="modes", action="store_const", const=["cold", "warm"], help="(default)")
+
+
+def run_interleaved(rows: list, reps: int, mode: str, run) -> dict:
+    """row name -> Series of `reps` runs of each row, the order reversed every other rep (so a drift of the
+    machine's state spreads over every row alike); a row that fails is not run again. `run(row, series)` runs
+    one and returns whether it succeeded."""
+    results = {r.name: Series() for r in rows}
+    failed: set[str] = set()
+    for rep in range(reps):
+        for row in rows if rep % 2 == 0 else rows[::-1]:
+            if row.name in failed:
+                continue
+            log(f"{mode} rep {rep + 1}/{reps}: {row.name}")
+            if not run(row, results[row.name]):
+                failed.add(row.name)
+    return results

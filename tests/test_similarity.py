@@ -246,8 +246,6 @@ def hf_models(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`", "ignore::FutureWarning")
 def test_a_full_fine_tune_and_a_peft_adapter(hf_models, tmp_path):
-    from test_lora import make_adapter
-
     pytest.importorskip("peft")
     from test_lora import make_adapter  # the PEFT adapter maker the LoRA tests use
 

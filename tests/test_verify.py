@@ -39,12 +39,10 @@ def test_a_fresh_merge_verifies_with_recomputed_chunks(merged, cli):
 
 
 def test_verify_recomputes_lora_and_copies(tmp_path):
-    """An adapter merged with a full fine-tune: its LoRA blocks recompute to the same bits on the CPU."""
-    peft = pytest.importorskip("peft")  # noqa: F841
-    from test_lora import PROJ, make_adapter  # noqa: F401  (the real PEFT adapter maker)
+    """A PEFT adapter merged onto Instruct: its LoRA blocks recompute to the same bits on the CPU."""
+    pytest.importorskip("peft")
     import transformers
-
-    from test_lora import LLAMA
+    from test_lora import LLAMA, make_adapter  # the real PEFT adapter maker
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
