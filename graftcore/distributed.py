@@ -311,9 +311,9 @@ def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
                 drain()
                 interrupts.check()
         except KeyboardInterrupt:
-            for p in context.processes:
-                if p.is_alive():
-                    p.terminate()
+            # Stop them before leaving this block: it deletes the rendezvous file their store lives in, and a
+            # store call on a deleted file waits forever (so would this process, joining them at exit).
+            stop_workers(context.processes, drain)
             raise
         except mp.ProcessExitedException as e:
             raise GraftError(f"worker {e.error_index} of {workers} died ({e})") from None
@@ -325,6 +325,22 @@ def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
             raise KeyboardInterrupt
         raise GraftError(first)
     return outcomes[0][1]
+
+
+def stop_workers(processes, drain, grace: float = 10.0) -> None:
+    """SIGTERM every worker (each stops at its next step, deleting its partial shard), read their messages while
+    they finish (a worker blocked on the full pipe would not), and SIGKILL any left after `grace` seconds."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        drain()
+        time.sleep(0.05)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+        p.join()
 
 
 def _worker(index: int, world: int, init: str, kwargs: dict, messages) -> None:

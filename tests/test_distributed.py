@@ -172,3 +172,31 @@ def test_workers_are_capped_at_the_shards_to_write(trio, tmp_path):
     paths, *_ = trio
     report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=64)
     assert report.shards_written == 5
+
+
+def test_ctrl_c_stops_workers_without_hanging(tmp_path):
+    """SIGINT to the terminal's process group mid-merge: the parent and both workers end within seconds, exit 130,
+    leave no partial shard and no graftcore.json, and a rerun resumes. (The parent once deleted the workers'
+    rendezvous file on its way out, and workers then waited forever on their store.)"""
+    import signal
+    import time
+
+    big = {f"model.layers.{k}.mlp.up_proj.weight": torch.randn(512, 512).bfloat16() for k in range(24)}
+    paths = {r: write_checkpoint(tmp_path / r, big, 4) for r in ("base", "tuned", "instruct")}
+    cmd = [sys.executable, "-m", "graftcore", "merge", "--base", paths["base"], "--tuned", paths["tuned"], "--instruct",
+           paths["instruct"], "--output", tmp_path / "out", "--workers", "2", "--quiet", "--chunk-size", "256"]
+    proc = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("graftcore.progress.rank*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the merge finished before it could be interrupted: the trio needs to be larger"
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("graftcore --workers did not end within 30 s of Ctrl-C")
+    assert proc.returncode == 130 and "interrupted" in err and 'File "' not in err, err
+    assert not list((tmp_path / "out").glob("*.partial")) and not (tmp_path / "out" / "graftcore.json").exists()
+    report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=2)
+    assert report.shards_written + report.shards_kept == 4
