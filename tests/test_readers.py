@@ -14,7 +14,7 @@ from helpers import llama_tensors, load_folder, reference, same_bits, write_chec
 
 import graftcore
 from graftcore import input_file, readers
-from graftcore.input_file import resident
+from graftcore.input_file import PageMap
 from graftcore.errors import CheckpointError
 from graftcore.safetensors_io import TORCH_TO_CODE, ShardWriter, read_header, tensor_bytes
 
@@ -98,14 +98,18 @@ def test_residency_probe(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(os.urandom(1 << 20))
     fd = os.open(path, os.O_RDONLY)
+    pages = PageMap(fd, 1 << 20)
     try:
-        assert resident(fd, 12345, 100_000)  # just written: in the page cache
+        assert pages.resident(12345, 100_000)  # just written: in the page cache
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not resident(fd, 12345, 100_000)
+        assert not pages.resident(12345, 100_000)
         os.pread(fd, 4096, 0)
-        assert resident(fd, 100, 200) and not resident(fd, 100, 100_000)  # page 0 only
+        assert pages.resident(100, 200) and not pages.resident(100, 100_000)  # page 0 only
+        os.pread(fd, 1 << 20, 0)
+        assert pages.resident(0, 1 << 20) and not pages.resident(0, (1 << 20) + 1)  # past the end: unknown
     finally:
+        pages.close()
         os.close(fd)
 
 
