@@ -14,24 +14,23 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 from . import __version__, interrupts
 from .devices import local_cuda_device, out_of_memory_is_an_error, select_compute
 from .distributed import joined_group, spawn_workers, write_output_distributed
 from .engine import Progress, Report, execute
 from .errors import GraftError, OutputError
-from .lora import is_adapter, open_adapter
+from .inputs import Ref, open_inputs
 from .options import MergeOptions, option_fields
 from .output import OutputFolder
-from .plan import DeltaInput, Plan, build_plan, tuned_role
+from .plan import Plan, build_plan
 from .safetensors_io import planned_file_size
-from .sources import Checkpoint, open_checkpoint
+from .sources import Checkpoint
 from .steps import files_depended_on, files_read
 from .verification import entries_digest, plan_entries
 
 
-Ref = Union[str, os.PathLike]
 
 
 def graft(
@@ -101,32 +100,6 @@ def graft(
         args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
         return spawn_workers(workers, {**args, "workers": 1}, log, progress)
     return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
-
-
-def open_inputs(
-    instruct: Ref, tuned: list[Ref], base: Ref | None, opts: MergeOptions
-) -> tuple[dict[str, Checkpoint], list[DeltaInput]]:
-    """Resolve the REFs (headers only): role -> Checkpoint (instruct, base, tuned, tuned2, ...) and the tuned inputs
-    as the planner takes them, each with its alpha. GraftError when Base is needed and missing."""
-    alphas = opts.alphas(len(tuned))
-    hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk, "quiet": opts.quiet}
-    adapters = [is_adapter(ref) for ref in tuned]
-    if base is None and not all(adapters):
-        ref = next(r for r, a in zip(tuned, adapters) if not a)
-        raise GraftError(f"--base is required: the update is tuned - base ({ref} is not a PEFT adapter folder)")
-    checkpoints = {"instruct": open_checkpoint(instruct, **hub)}
-    if base is not None:
-        checkpoints["base"] = open_checkpoint(base, **hub)
-    deltas = []
-    for k, (ref, alpha_k, adapter) in enumerate(zip(tuned, alphas, adapters)):
-        role = tuned_role(k)
-        if adapter:
-            ad = open_adapter(ref)
-            deltas.append(DeltaInput(role, alpha_k, ad.checkpoint, ad))
-        else:
-            deltas.append(DeltaInput(role, alpha_k, open_checkpoint(ref, **hub)))
-        checkpoints[role] = deltas[-1].checkpoint
-    return checkpoints, deltas
 
 
 def run_plan(

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        from . import api  # noqa: F401  (torch)
+        if args.command != "similarity":  # similarity plans first, and loads torch while its inputs are read ahead
+            from . import api  # noqa: F401  (torch)
 
         for s in interrupts.SIGNALS:
             signal.signal(s, raise_interrupt)

@@ -37,13 +37,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .errors import AdapterError, CheckpointError, NonFiniteError
 from .safetensors_io import FLOAT_DTYPES, TensorInfo
 from .sources import Checkpoint, open_local
+
+if TYPE_CHECKING:
+    import torch  # imported where the factors are loaded: planning needs no torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -292,6 +293,8 @@ class LowRankUpdate:
 
     def load(self, view: Callable[[TensorInfo], torch.Tensor], allow_nonfinite: bool = False) -> "LoadedUpdate":
         """Read the factors in float32, laid out for row chunks (left [rows, r], right [r, cols], contiguous)."""
+        import torch  # not at the top: planning (this module's other half) runs while torch still loads
+
         a = view(self.a).to(torch.float32, copy=True)  # a copy: nothing keeps the adapter's map alive
         if self.kind == "bias":
             left, right = a.reshape(-1, 1).contiguous(), torch.ones(1, 1)
@@ -333,6 +336,8 @@ def dora_scale(
     One pass over Base in row chunks, float32 math, column sums of squares accumulated in float64.
     `base_rows(r0, r1)` returns Base's rows [r0, r1) as a [r1 - r0, cols] tensor.
     """
+    import torch
+
     u = loaded.update
     sumsq = torch.zeros(u.rows if u.dora_axis == "rows" else u.cols, dtype=torch.float64)
     for r0 in range(0, u.rows, rows_per_chunk):

@@ -34,7 +34,7 @@ import torch
 from . import interrupts
 from .interrupts import POLL
 from .input_file import BLOCK, InputFile, read_exactly
-from .safetensors_io import DTYPES, TensorInfo, itemsize
+from .safetensors_io import TensorInfo, itemsize, torch_dtype_or_none
 from .steps import Read
 
 BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
@@ -58,7 +58,7 @@ class Held:
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """The bytes as a flat tensor of `info`'s dtype (uint8 for dtypes torch lacks)."""
-        dtype = DTYPES[info.dtype][1]
+        dtype = torch_dtype_or_none(info.dtype)
         if dtype is None or not self.data.numel():
             return self.data
         if self.data.data_ptr() % dtype.itemsize:  # the tensor is misaligned in its file: copy it aligned
@@ -349,5 +349,5 @@ def read_elements(path, info: TensorInfo, first: int = 0, stop: int | None = Non
     if out.numel():
         with open(path, "rb", buffering=0) as f:
             read_exactly(f.fileno(), memoryview(out.numpy()), info.start + first * size, out.numel(), str(path), info.name)
-    dtype = DTYPES[info.dtype][1]
+    dtype = torch_dtype_or_none(info.dtype)
     return out.view(dtype) if dtype is not None and out.numel() else out

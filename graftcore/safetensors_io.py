@@ -21,47 +21,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-import torch
-
 from .errors import CheckpointError, OutputError
 
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
 WRITEBACK_EVERY = 32 << 20  # start writing dirty pages to disk after this many bytes, so fsync finds little left
 
-# safetensors dtype code -> (bytes per element, torch dtype or None when torch has none)
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "BOOL": (1, torch.bool),
-    "U8": (1, torch.uint8),
-    "I8": (1, torch.int8),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "I16": (2, torch.int16),
-    "U16": (2, getattr(torch, "uint16", None)),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I32": (4, torch.int32),
-    "U32": (4, getattr(torch, "uint32", None)),
-    "F32": (4, torch.float32),
-    "I64": (8, torch.int64),
-    "U64": (8, getattr(torch, "uint64", None)),
-    "F64": (8, torch.float64),
+# safetensors dtype code -> bytes per element. This module imports no torch: inputs are resolved and planned
+# (and bad input refused) before torch loads
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+# safetensors dtype code -> the torch dtype's attribute name (absent from older torch versions for some)
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
-TORCH_TO_CODE = {t: code for code, (_, t) in DTYPES.items() if t is not None}
-DTYPE_SIZES = {code: size for code, (size, _) in DTYPES.items()}
-DTYPE_NAMES = {code: code for code in DTYPES}
+DTYPE_NAMES = {code: code for code in DTYPE_SIZES}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype][0]
+    return DTYPE_SIZES[dtype]
 
 
-def torch_dtype(dtype: str) -> torch.dtype:
-    t = DTYPES[dtype][1]
+def torch_dtype_or_none(dtype: str):
+    """The torch dtype of a safetensors dtype code, None where this torch version has none (imports torch)."""
+    try:
+        return _TORCH_DTYPES[dtype]
+    except KeyError:
+        import torch
+
+        return _TORCH_DTYPES.setdefault(dtype, getattr(torch, _TORCH_NAMES[dtype], None))
+
+
+_TORCH_DTYPES: dict = {}
+
+
+def torch_dtype(dtype: str):
+    t = torch_dtype_or_none(dtype)
     if t is None:
         raise CheckpointError(f"dtype {dtype} has no torch equivalent in this torch version")
     return t
+
+
+def __getattr__(name: str):
+    if name == "TORCH_TO_CODE":  # torch dtype -> safetensors code (imports torch on first use)
+        table = {t: code for code in DTYPE_SIZES if (t := torch_dtype_or_none(code)) is not None}
+        globals()[name] = table
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def numel(shape: Iterable[int]) -> int:
@@ -318,7 +331,7 @@ class ShardWriter:
 
     def append(self, data) -> None:
         """Append raw bytes (anything with the buffer protocol, or a CPU tensor)."""
-        if isinstance(data, torch.Tensor):
+        if not isinstance(data, (bytes, bytearray, memoryview)) and hasattr(data, "data_ptr"):  # a tensor
             data = tensor_bytes(data)
         if self._written + memoryview(data).nbytes > self.size:
             raise OutputError(f"{self.partial}: more data than the planned {self.size} bytes")
@@ -350,8 +363,10 @@ class ShardWriter:
         self.partial.unlink(missing_ok=True)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (works for bfloat16, which numpy lacks)."""
+    import torch
+
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")

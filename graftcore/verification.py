@@ -167,7 +167,7 @@ def entries_digest(entries: list) -> str:
 
 
 def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, report: VerifyReport, hub: dict) -> None:
-    from .api import open_inputs
+    from .inputs import open_inputs
 
     opts = recorded_options(manifest, hub)
     refs = pinned_refs(manifest)

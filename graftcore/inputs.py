@@ -1,0 +1,49 @@
+"""The inputs of a merge or a measurement, resolved to Checkpoints (headers only) and planned without torch.
+
+Nothing here imports torch: `graftcore similarity` resolves and plans (and refuses bad input) before torch
+loads, in a fraction of a second.
+
+Example:
+    >>> checkpoints, deltas = open_inputs("instruct", ["sft"], "base", MergeOptions())   # doctest: +SKIP
+    >>> sorted(checkpoints)                                                             # doctest: +SKIP
+    ['base', 'instruct', 'tuned']
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+from .errors import GraftError
+from .lora import is_adapter, open_adapter
+from .options import MergeOptions
+from .plan import DeltaInput, tuned_role
+from .sources import Checkpoint, open_checkpoint
+
+Ref = Union[str, os.PathLike]
+
+
+def open_inputs(
+    instruct: Ref, tuned: list[Ref], base: Ref | None, opts: MergeOptions
+) -> tuple[dict[str, Checkpoint], list[DeltaInput]]:
+    """Resolve the REFs (headers only): role -> Checkpoint (instruct, base, tuned, tuned2, ...) and the tuned inputs
+    as the planner takes them, each with its alpha. GraftError when Base is needed and missing."""
+    alphas = opts.alphas(len(tuned))
+    hub = {"token": opts.token, "cache_dir": opts.cache_dir, "low_disk": opts.low_disk, "quiet": opts.quiet}
+    adapters = [is_adapter(ref) for ref in tuned]
+    if base is None and not all(adapters):
+        ref = next(r for r, a in zip(tuned, adapters) if not a)
+        raise GraftError(f"--base is required: the update is tuned - base ({ref} is not a PEFT adapter folder)")
+    checkpoints = {"instruct": open_checkpoint(instruct, **hub)}
+    if base is not None:
+        checkpoints["base"] = open_checkpoint(base, **hub)
+    deltas = []
+    for k, (ref, alpha_k, adapter) in enumerate(zip(tuned, alphas, adapters)):
+        role = tuned_role(k)
+        if adapter:
+            ad = open_adapter(ref)
+            deltas.append(DeltaInput(role, alpha_k, ad.checkpoint, ad))
+        else:
+            deltas.append(DeltaInput(role, alpha_k, open_checkpoint(ref, **hub)))
+        checkpoints[role] = deltas[-1].checkpoint
+    return checkpoints, deltas

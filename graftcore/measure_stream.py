@@ -1,0 +1,275 @@
+"""The streaming pass of `graftcore similarity`: every measured tensor's float64 sums, chunk by chunk.
+
+The inputs are streamed as a merge streams them (readers.InputStreamer, the same buffers and memory bound);
+each step's chunk goes to one of a few compute threads (ComputePool) and its sums are added to its tensor's
+accumulator in step order, so the result does not depend on which thread computed what.
+
+Numerics: each chunk is widened to float32 (rows X, B and D = X - B); per row, the sum of |x| and of x^2 are
+taken in float32 blocks of 256 elements (an abs pass then block sums; a fused L2 norm per block, squared), and
+the block results are reduced in float64 (one float64 reduction per accumulator and chunk) into float64 sums
+per tensor (ChunkMath). An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each
+chunk covers (lowrank_into).
+
+This module imports torch; measure.py imports it only once the inputs are planned (and being read ahead).
+
+Example:
+    >>> sums, reads, timings = measure(plan, checkpoints, ["instruct", "tuned"], MergeOptions())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from . import interrupts
+from .engine import drop_behind
+from .interrupts import POLL
+from .kernels import CHUNK
+from .options import MergeOptions, parse_size
+from .readers import BUFFER_BYTES, DEPTH, WORKERS, InputStreamer, read_elements
+from .safetensors_io import itemsize
+from .sources import Checkpoint
+from .steps import files_read, op_inputs, op_steps
+
+if TYPE_CHECKING:
+    from .measure import Measured, MeasurePlan
+
+BLOCK = 256  # float32 terms summed into one partial sum before the float64 reduction
+
+
+class ChunkMath:
+    """The accumulators of one chunk in a few passes over preallocated float32 rows.
+
+    Rows of `x`: X_0 .. X_m-1 (Instruct, then each tuned input), B, then D_k = X_k - B. Per row, in float32
+    blocks of BLOCK elements: the sum of |x| (one abs pass over all rows, then block sums) and the L2 norm (one
+    fused square-and-add pass over all rows, squared afterwards); the block results are reduced in float64:
+    [sum|X_k|.., sum|B|, sum|D_k|.., sum X_k^2.., sum B^2, sum D_k^2..]. sum X_k*B follows (Sums.dot).
+    """
+
+    def __init__(self, chunk: int, m: int):
+        self.m = m
+        cap = -(-chunk // BLOCK) * BLOCK
+        width = 1 + 2 * m
+        self.x = torch.empty(width, cap)
+        self.blocks = torch.empty(2 * width, cap // BLOCK)
+
+    def rows(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(B's row, the X rows, the X - B rows), `n` elements each, for the caller to fill."""
+        m = self.m
+        return self.x[m, :n], [self.x[k, :n] for k in range(m)], [self.x[m + 1 + k, :n] for k in range(m)]
+
+    def sums(self, n: int, diffs: list[int]) -> torch.Tensor:
+        """The float64 sums of the first `n` elements, once B and the X rows are filled; `diffs`: the k whose
+        X_k - B is computed here (the others were filled by the caller)."""
+        m, width = self.m, 1 + 2 * self.m
+        pad = -(-n // BLOCK) * BLOCK
+        if pad > n:  # zeros add nothing to any sum
+            self.x[:, n:pad].zero_()
+        x = self.x[:, :pad]
+        if len(diffs) == m:
+            torch.sub(x[:m], x[m: m + 1], out=x[m + 1:])
+        else:
+            for k in diffs:
+                torch.sub(x[k], x[m], out=x[m + 1 + k])
+        nb = pad // BLOCK
+        blocks = self.blocks[:, :nb]
+        torch.linalg.vector_norm(x.view(width, nb, BLOCK), 2, dim=2, out=blocks[width:])
+        torch.sum(x.abs_().view(width, nb, BLOCK), dim=2, out=blocks[:width])  # the rows are refilled next chunk
+        blocks[width:].square_()
+        return blocks.sum(dim=1, dtype=torch.float64)
+
+
+def lowrank_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, lo: int, hi: int, cols: int) -> None:
+    """out = scale * (left @ right) over the flat elements [lo, hi) of the [rows, cols] update: the end of a row
+    begun in an earlier chunk, whole rows, the start of a row the next chunk ends (each a float32 GEMM)."""
+    r0, c0 = divmod(lo, cols)
+    n, pos = hi - lo, 0
+    if c0:
+        c1 = min(cols, c0 + n)
+        torch.mm(left[r0: r0 + 1], right[:, c0:c1], out=out[: c1 - c0].view(1, c1 - c0))
+        pos, r0 = c1 - c0, r0 + 1
+    whole = (n - pos) // cols
+    if whole:
+        torch.mm(left[r0: r0 + whole], right, out=out[pos: pos + whole * cols].view(whole, cols))
+        pos, r0 = pos + whole * cols, r0 + whole
+    if pos < n:
+        torch.mm(left[r0: r0 + 1], right[:, : n - pos], out=out[pos:n].view(1, n - pos))
+    out.mul_(scale)
+
+
+def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[str], opts: MergeOptions):
+    """Stream every op of `plan` through the input streamer; return (each tensor's float64 sums in plan order, in
+    the order ChunkMath.sums gives them; bytes read per input; seconds). The main thread takes each step's reads in plan order and hands the step to the compute threads."""
+    ops = [m.op for m in plan.measured]
+    chunk = opts.chunk_size or CHUNK
+    order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
+    for op in ops:
+        for role, file in files_read(op):
+            order[role][file] = None
+    for role, ck in checkpoints.items():  # hub inputs download ahead, in the order they are read
+        ck.schedule(list(order[role]), Path(".graftcore-downloads") / role)
+    total = sum(info.nbytes if info.numel else 0 for op in ops for _, info in op_inputs(op))
+    buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="similarity", disable=True if opts.quiet else None, leave=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over chunks (ComputePool), not inside each op: OpenMP threads spinning
+    streamer = pool = None  # beside the readers made a 2-core machine several times slower
+    try:
+        with interrupts.deferred():
+            streamer = InputStreamer(checkpoints, ops, chunk, False, drop_behind(total), buffer_bytes,
+                                     opts.read_depth or DEPTH + 1, opts.read_workers or WORKERS)  # + 1: the buffers
+            # the steps in flight in the ComputePool hold would otherwise leave the readers waiting for a free one
+            pool = ComputePool(COMPUTE_THREADS, chunk, len(roles))
+            # The steps the main thread has taken but not yet handed over pin their read buffers: they must span
+            # fewer buffers than a reader's ring holds, or the next take() would wait for one only it can free.
+            depth = max(opts.read_depth or DEPTH + 1, (opts.read_workers or WORKERS) + 1)
+            largest = max(min(info.numel, chunk) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op))
+            per_task = next(s for s in range(STEPS_PER_TASK, 0, -1)
+                            if s == 1 or min(s, -(-s * largest // streamer.raw_bytes) + 1) <= depth - 1)
+            t0 = time.perf_counter()
+            accs = [stream_tensor(m, streamer, pool, checkpoints, chunk, per_task, bar) for m in plan.measured]
+            pool.drain()
+            waited = streamer.waited()
+            timings = {"stream": time.perf_counter() - t0, "wait_input": waited, "wait_compute": pool.waited,
+                       **streamer.timings()}
+            reads = streamer.bytes_read()
+            streamer.close()
+            streamer = None
+        for role, file in sorted({rf for op in ops for rf in files_read(op)}):  # nothing changed under us
+            checkpoints[role].verify_unchanged(file)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+        if pool is not None:
+            pool.close()
+        if streamer is not None:
+            streamer.close()
+    return [acc.tolist() for acc in accs], reads, timings
+
+
+COMPUTE_THREADS = min(4, os.cpu_count() or 1)  # torch releases the GIL inside each op: chunks compute in parallel
+
+
+class ComputePool:
+    """Chunks computed on a few threads, each with its own ChunkMath; each task's float64 sums (a few consecutive
+    steps of one tensor, added in step order) are added to its tensor's accumulator by the main thread in
+    submission order, so the sums do not depend on which thread computed what. At most `threads + 1` tasks are
+    in flight (each holds its reads' buffers until computed)."""
+
+    def __init__(self, threads: int, chunk: int, m: int):
+        self.chunk, self.m = chunk, m
+        self.local = threading.local()
+        self.executor = futures.ThreadPoolExecutor(threads, thread_name_prefix="graftcore-similarity")
+        self.pending: deque = deque()
+        self.limit = threads + 1
+        self.waited = 0.0  # seconds the main thread waited for a chunk to be computed
+
+    def math(self) -> ChunkMath:
+        """This thread's ChunkMath."""
+        math_ = getattr(self.local, "math", None)
+        if math_ is None:
+            math_ = self.local.math = ChunkMath(self.chunk, self.m)
+        return math_
+
+    def submit(self, acc: torch.Tensor, fn, *args) -> None:
+        """Compute `fn(self.math(), *args)` (float64 sums) on a thread; add it to `acc` in submission order."""
+        self.pending.append((self.executor.submit(lambda: fn(self.math(), *args)), acc))
+        while len(self.pending) > self.limit:
+            self._collect()
+
+    def _collect(self) -> None:
+        done, acc = self.pending.popleft()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                sums = done.result(timeout=POLL)
+                break
+            except futures.TimeoutError:
+                interrupts.check()
+        self.waited += time.perf_counter() - t0
+        acc += sums
+
+    def drain(self) -> None:
+        while self.pending:
+            self._collect()
+
+    def close(self) -> None:
+        """Wait for the chunks being computed (they release their buffers); drop the others."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def stream_tensor(m: Measured, streamer: InputStreamer, pool: ComputePool, checkpoints, chunk: int, per_task: int,
+                  bar) -> torch.Tensor:
+    """Take the reads of every step of `m` in order and hand them to the pool `per_task` steps at a time; returns
+    the tensor's accumulator (complete once the pool is drained)."""
+    op = m.op
+    loaded = {}
+    for role, how, u in m.sources:
+        if how == "lowrank":
+            ck = checkpoints[role]
+            loaded[role] = u.load(lambda info, ck=ck: read_elements(ck.shard_path(info.file), info), allow_nonfinite=True)
+    acc = torch.zeros(2 + 4 * pool.m, dtype=torch.float64)  # ChunkMath.sums: 2 * (1 + 2m)
+    cols = op.numel // op.shape[0] if op.shape and op.shape[0] else 1
+    diffs = [0] + [k for k, (_, how, _) in enumerate(m.sources, start=1) if how == "full"]  # X - B to compute
+    batch: list = []
+    for step in op_steps(op, chunk, streamer.raw_bytes):
+        interrupts.check()
+        batch.append((step, [streamer.take(r) for r in step.reads]))
+        if len(batch) == per_task:
+            pool.submit(acc, compute_steps, m.sources, batch, loaded, cols, diffs)
+            batch = []
+        bar.update(sum(r.end_byte - r.start_byte for r in step.reads))
+    if batch:
+        pool.submit(acc, compute_steps, m.sources, batch, loaded, cols, diffs)
+    return acc
+
+
+STEPS_PER_TASK = 4  # steps handed to a compute thread at once (at most): fewer thread hand-offs per byte
+
+
+def compute_steps(math_: ChunkMath, sources, batch: list, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
+    """The float64 sums of a few consecutive steps of one tensor (on a compute thread), added in step order;
+    each step's read buffers are released once it is computed."""
+    total = None
+    for k, (step, held) in enumerate(batch):
+        try:
+            sums = compute_step(math_, sources, step, held, loaded, cols, diffs)
+        except BaseException:
+            for _, later in batch[k + 1:]:
+                for h in later:
+                    h.release()
+            raise
+        total = sums if total is None else total.add_(sums)
+    return total
+
+
+def compute_step(math_: ChunkMath, sources, step, held, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
+    """The float64 sums of one step; releases the step's read buffers."""
+    try:
+        views = {read.role: h.tensor(read.info) for read, h in zip(step.reads, held)}
+        n = step.hi - step.lo
+        b, xs, ds = math_.rows(n)
+        b.copy_(views["base"])
+        xs[0].copy_(views["instruct"])
+        for k, (role, how, _) in enumerate(sources, start=1):
+            if how == "full":
+                xs[k].copy_(views[role])
+                continue
+            if how == "lowrank":
+                f = loaded[role]
+                lowrank_into(ds[k], f.left, f.right, f.scale, step.lo, step.hi, cols)
+            else:
+                ds[k].zero_()
+            torch.add(b, ds[k], out=xs[k])
+        return math_.sums(n, diffs)
+    finally:
+        for h in held:
+            h.release()
