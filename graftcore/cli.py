@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import select
 import signal
@@ -163,7 +164,28 @@ def entry() -> None:
         code = quiet_exit_on_closed_pipe(e)
     for s in interrupts.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    sys.exit(130 if interrupts.requested() else code)
+    exit_now(130 if interrupts.requested() else code)
+
+
+def exit_now(code) -> None:
+    """Exit with `code` (as sys.exit takes it) once the atexit handlers have run (hub downloads cancelled, their
+    temporary files removed) and output is flushed, without the interpreter's teardown of the modules: with
+    torch loaded that took 0.35 s of every command's wall time on the development machine."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:  # not CPython: the ordinary exit
+        sys.exit(code)
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone, or a stream closed: nothing left to deliver
+            pass
+    os._exit(code)
 
 
 def closed_pipes() -> list[int]:
