@@ -327,6 +327,24 @@ def test_cli_table_and_exit_codes(family, tmp_path, cli):
     assert "model.layers.1.mlp.up_proj.weight" in err and str(paths["instruct"]) in err and str(tmp_path / "broken") in err
 
 
+def test_a_bad_input_is_refused_before_torch_loads(family, tmp_path):
+    """Resolving and planning import no torch: a mismatched input is named in the time it takes to read headers."""
+    paths, base, instruct, tuned = family
+    broken = dict(base, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(64, 31, dtype=torch.bfloat16)})
+    write_checkpoint(tmp_path / "broken", broken, 1)
+    code = ("import sys, graftcore\n"
+            "try:\n"
+            f"    graftcore.similarity(base={str(tmp_path / 'broken')!r}, instruct={str(paths['instruct'])!r}, quiet=True)\n"
+            "except graftcore.MismatchError as e:\n"
+            "    print('refused:', e)\n"
+            "print('torch loaded:', 'torch' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    refused, loaded = run.stdout.splitlines()
+    assert refused.startswith("refused:") and "model.layers.1.mlp.up_proj.weight" in refused
+    assert loaded == "torch loaded: False"
+
+
 def test_hub_inputs_resolve_as_for_merge(family, tmp_path):
     """Hub ids (one pinned to a revision) through a loopback hub, as tests/test_hub.py serves them; the CLI in a
     subprocess (huggingface_hub reads HF_ENDPOINT at import)."""
