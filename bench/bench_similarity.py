@@ -25,6 +25,7 @@ import argparse
 import json
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -120,18 +121,28 @@ def run_row(row: Row, cold: bool, inputs: list[Path], series: Series) -> bool:
     return True
 
 
+def paired_ratio(s: Series, floor: Series) -> str:
+    """The median over repetitions of (this run / the floor run of the same repetition): the two ran back to
+    back, so a disk whose speed drifts between repetitions (2x here) moves both alike."""
+    if len(s.runs) != len(floor.runs):
+        return ""
+    return f"{statistics.median(a.seconds / b.seconds for a, b in zip(s.runs, floor.runs)):.2f}"
+
+
 def report(rows: list[Row], results: dict[str, Series], mode: str) -> str:
     done = {name: s for name, s in results.items() if s.runs}
-    floor = next((done[r.name].median for r in rows if r.floor and not r.reference and r.name in done), None)
-    header = ["method", "wall s min", "wall s median", "x read floor", "peak RssAnon", "peak RSS"]
+    floor_series = next((done[r.name] for r in rows if r.floor and not r.reference and r.name in done), None)
+    floor = floor_series.median if floor_series else None
+    header = ["method", "wall s min", "wall s median", "x read floor", "x floor, paired", "peak RssAnon", "peak RSS"]
     lines = []
     for r in rows:
         s = done.get(r.name)
         if s is None:
-            lines.append([r.name, "failed", "", "", "", ""])
+            lines.append([r.name, "failed", "", "", "", "", ""])
             continue
         ratio = "1.00" if r.floor and not r.reference else "" if r.reference or not floor else f"{s.median / floor:.2f}"
-        lines.append([r.name, f"{s.min:.2f}", f"{s.median:.2f}", ratio, gb(s.peak_anon), gb(s.peak_rss)])
+        paired = ratio if not ratio or r.floor else paired_ratio(s, floor_series)
+        lines.append([r.name, f"{s.min:.2f}", f"{s.median:.2f}", ratio, paired, gb(s.peak_anon), gb(s.peak_rss)])
     return f"**{mode}** page cache\n\n" + table(header, lines)
 
 
@@ -172,7 +183,8 @@ def main() -> None:
     intro = (
         f"Trio `{args.preset}`: Base {gb(total['base'])} in {files['base']} shard(s), tuned {gb(total['tuned'])} in "
         f"{files['tuned']}, Instruct {gb(total['instruct'])} in {files['instruct']} ({trio['roles']['instruct']['dtype']}); "
-        f"{args.reps} reps per row, order reversed every other rep. `x read floor` = median wall / median read floor "
+        f"{args.reps} reps per row, order reversed every other rep. `x read floor` = median wall / median read floor; "
+        f"`x floor, paired` = median over reps of wall / the same rep's read floor "
         f"(similarity writes no model, so the floor is reading the three inputs). The startup row is the "
         f"interpreter and torch import that every graftcore command pays first (not part of the floor). "
         f"Metrics against float64 sums (first, middle and last tensor): {check}."
