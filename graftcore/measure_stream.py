@@ -10,7 +10,7 @@ the block results are reduced in float64 (one float64 reduction per accumulator 
 per tensor (ChunkMath). An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each
 chunk covers (lowrank_into).
 
-This module imports torch; measure.py imports it only once the inputs are planned (and being read ahead).
+This module imports torch; measure.py imports it only once the inputs are resolved and planned.
 
 Example:
     >>> sums, reads, timings = measure(plan, checkpoints, ["instruct", "tuned"], MergeOptions())   # doctest: +SKIP
@@ -51,7 +51,7 @@ class ChunkMath:
     Rows of `x`: X_0 .. X_m-1 (Instruct, then each tuned input), B, then D_k = X_k - B. Per row, in float32
     blocks of BLOCK elements: the sum of |x| (one abs pass over all rows, then block sums) and the L2 norm (one
     fused square-and-add pass over all rows, squared afterwards); the block results are reduced in float64:
-    [sum|X_k|.., sum|B|, sum|D_k|.., sum X_k^2.., sum B^2, sum D_k^2..]. sum X_k*B follows (Sums.dot).
+    [sum|X_k|.., sum|B|, sum|D_k|.., sum X_k^2.., sum B^2, sum D_k^2..]. sum X_k*B follows (measure.Sums.dot).
     """
 
     def __init__(self, chunk: int, m: int):
