@@ -14,21 +14,22 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__, interrupts
 from .devices import local_cuda_device, out_of_memory_is_an_error, select_compute
 from .distributed import joined_group, spawn_workers, write_output_distributed
-from .engine import Progress, Report, execute
 from .errors import GraftError, OutputError
 from .inputs import Ref, open_inputs
 from .options import MergeOptions, option_fields
 from .output import OutputFolder
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, entries_digest, plan_entries
 from .safetensors_io import planned_file_size
 from .sources import Checkpoint
 from .steps import files_depended_on, files_read
-from .verification import entries_digest, plan_entries
+
+if TYPE_CHECKING:
+    from .engine import Progress, Report  # torch: loaded once the inputs are planned (load_engine)
 
 
 
@@ -95,11 +96,19 @@ def graft(
         error = e
     if group is not None:
         group.agree(error)  # every rank validated the same plan before any rank writes
+    load_engine()
     workers = min(opts.workers, len(plan.shards))  # a worker per output shard at most
     if group is None and workers > 1 and not opts.dry_run:  # the inputs are valid: start the processes
         args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
         return spawn_workers(workers, {**args, "workers": 1}, log, progress)
     return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
+
+
+def load_engine() -> None:
+    """Import the engine (and torch), once the inputs are resolved and planned: a bad input is refused in the
+    time it takes to read headers. A signal while torch loads only sets the flag (raised after the import)."""
+    with interrupts.deferred():
+        from . import engine  # noqa: F401
 
 
 def run_plan(
@@ -112,6 +121,8 @@ def run_plan(
     if group is not None and device in ("auto", "cuda"):
         device = local_cuda_device(group.local_rank) or device  # one GPU per local rank
     compute = compute or select_compute(device, opts.chunk_size, log)
+    from .engine import Report
+
     if opts.dry_run:
         report = Report(output, compute.name, dry_run=True)
         report.count(plan)
@@ -135,6 +146,8 @@ def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, f
     if kept:
         log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
     schedule_reads(plan, checkpoints, kept, output / ".graftcore-downloads")
+    from .engine import execute
+
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
         report = execute(plan, checkpoints, output, folder, opts, compute, kept, progress)
         finish_output(plan, checkpoints, folder, opts, report)

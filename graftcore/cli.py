@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        if args.command != "similarity":  # similarity plans first, and loads torch while its inputs are read ahead
-            from . import api  # noqa: F401  (torch)
+        if args.command == "verify":  # merge and similarity plan first and load torch after (deferred())
+            from . import verification  # noqa: F401  (torch)
 
         for s in interrupts.SIGNALS:
             signal.signal(s, raise_interrupt)

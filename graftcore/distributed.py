@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -130,6 +131,9 @@ class Group:
 def joined_group() -> Group | None:
     """The process group this process belongs to (world > 1): one the caller initialised, or torchrun's
     (WORLD_SIZE, MASTER_ADDR in the environment: initialised here, gloo); None for a single process."""
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+    if not torchrun and "torch" not in sys.modules:  # no group without torch loaded: planning stays torch-free
+        return None
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover (torch without distributed support)
@@ -137,7 +141,7 @@ def joined_group() -> Group | None:
     if not dist.is_available():
         return None
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        if not torchrun:
             return None
         dist.init_process_group("gloo")
         _initialised_here.append(True)

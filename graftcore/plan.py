@@ -6,6 +6,8 @@ the TensorOps in the order their bytes go into the file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -323,3 +325,13 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return str(n)
+
+
+def plan_entries(plan: Plan) -> list:
+    """(shard, tensor, dtype, shape) of every output tensor: what graftcore.json's plan digest covers."""
+    return [[s.file, op.name, op.out_dtype, list(op.shape)] for s in plan.shards for op in s.ops]
+
+
+def entries_digest(entries: list) -> str:
+    """The plan as graftcore.json records it: sha256 of the sorted (shard, tensor, dtype, shape) list."""
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,7 @@ import torch
 from .errors import GraftError, VerifyError
 from .options import MergeOptions
 from .output import MANIFEST, file_sha256
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, entries_digest, plan_entries
 from .readers import read_elements
 from .safetensors_io import TensorInfo, read_header, torch_dtype
 from .steps import Step, op_steps
@@ -152,15 +151,6 @@ def check_index(folder: Path, manifest: dict, headers: dict) -> None:
 
 def headers_entries(headers: dict) -> list:
     return [[file, name, info.dtype, list(info.shape)] for file, h in headers.items() for name, info in h.tensors.items()]
-
-
-def plan_entries(plan: Plan) -> list:
-    return [[s.file, op.name, op.out_dtype, list(op.shape)] for s in plan.shards for op in s.ops]
-
-
-def entries_digest(entries: list) -> str:
-    """The plan as graftcore.json records it: sha256 of the sorted (shard, tensor, dtype, shape) list."""
-    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
 
 
 # ---- recompute ---------------------------------------------------------------------------------------------

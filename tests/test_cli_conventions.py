@@ -215,6 +215,22 @@ def test_build_parser_does_not_import_torch():
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
 
 
+def test_merge_refuses_a_bad_input_before_torch_loads(tmp_path):
+    """Resolving and planning import no torch: a shape mismatch is named, exit 2, and torch never loaded."""
+    b, t, i = trio(tmp_path)
+    tensors = llama_tensors(1)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = torch.zeros(3, 5, dtype=tensors[name].dtype)
+    bad = write_checkpoint(tmp_path / "bad-base", tensors)
+    code = ("import sys; from graftcore.cli import main; "
+            "code = main(sys.argv[1:]); print(code, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, "merge", "--base", str(bad), "--tuned", str(t), "--instruct", str(i),
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, env=offline_env(tmp_path), timeout=120)
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
+    assert name in run.stderr and str(bad) in run.stderr and run.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args", [["--version"], ["merge", "--help"]], ids=["version", "help"])
 def test_help_and_version_do_not_import_torch(args):
     """The whole command, as run: no torch (nor huggingface_hub) in Python's import log."""
