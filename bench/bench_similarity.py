@@ -122,8 +122,8 @@ def run_row(row: Row, cold: bool, inputs: list[Path], series: Series) -> bool:
 
 
 def paired_ratio(s: Series, floor: Series) -> str:
-    """The median over repetitions of (this run / the floor run of the same repetition): the two ran back to
-    back, so a disk whose speed drifts between repetitions (2x here) moves both alike."""
+    """The median over repetitions of (this run / the floor run of the same repetition): both ran within seconds
+    of each other, so a disk whose speed drifts between repetitions (2x here) moves both alike."""
     if len(s.runs) != len(floor.runs):
         return ""
     return f"{statistics.median(a.seconds / b.seconds for a, b in zip(s.runs, floor.runs)):.2f}"

@@ -21,7 +21,7 @@ from .errors import (  # noqa: E402
 )
 from .options import MergeOptions  # noqa: E402
 
-# these import torch: loaded on first use, so `graftcore --version` and `--help` start in a fraction of a second
+# loaded on first use (some import torch), so `graftcore --version` and `--help` start in a fraction of a second
 _LAZY = {
     "graft": "api",
     "graft_tensor": "tensors",

@@ -177,8 +177,8 @@ def exit_now(code) -> None:
         print(code, file=sys.stderr)
         code = 1
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:  # not CPython: the ordinary exit
-        sys.exit(code)
+    if run_exit_handlers is None or sys.getprofile() or sys.gettrace():  # not CPython, or under a profiler or
+        sys.exit(code)  # tracer that writes its results at the interpreter's own exit: the ordinary exit
     run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -135,7 +135,8 @@ def joined_group() -> Group | None:
     if not torchrun and "torch" not in sys.modules:  # no group without torch loaded: planning stays torch-free
         return None
     try:
-        import torch.distributed as dist
+        with interrupts.deferred():  # torch may load here (torchrun): a signal meanwhile only sets the flag
+            import torch.distributed as dist
     except ImportError:  # pragma: no cover (torch without distributed support)
         return None
     if not dist.is_available():

@@ -27,20 +27,21 @@ PAGE = mmap.PAGESIZE
 
 
 def _libc():
+    """(libc for mmap/munmap, which releases the GIL: a mapping of a file on NFS may wait on the server; libc for
+    mincore, which keeps it: mincore answers in microseconds, and releasing the GIL around it cost every probe
+    a wait to take it back behind the compute threads, seconds per GB on 2 cores), or None."""
     try:
-        # PyDLL keeps the GIL across the call: mincore answers in microseconds, and releasing the GIL around it
-        # cost every probe a wait to take it back behind the compute threads (seconds per GB on 2 cores)
-        libc = ctypes.PyDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
-        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-        return libc
+        maps, probe = ctypes.CDLL(None, use_errno=True), ctypes.PyDLL(None, use_errno=True)
+        maps.mmap.restype = ctypes.c_void_p
+        maps.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+        maps.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        probe.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        return maps, probe
     except (OSError, AttributeError):  # not Linux/glibc: no residency probe, buffered reads only
         return None
 
 
-_LIBC = _libc()
+_LIBC = _libc()  # (maps, probe) or None
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _ODD = bytes(range(1, 256, 2))  # mincore's "resident" bit is the lowest one
 
@@ -60,7 +61,7 @@ class PageMap:
         self.size = size
         self.addr = None
         if _LIBC is not None and size > 0:
-            addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            addr = _LIBC[0].mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
             self.addr = None if addr in (None, _MAP_FAILED) else addr
 
     def resident(self, start: int, length: int) -> bool:
@@ -70,14 +71,14 @@ class PageMap:
         lo = start - start % PAGE
         n = start + length - lo
         vec = ctypes.create_string_buffer((n + PAGE - 1) // PAGE)
-        if _LIBC.mincore(self.addr + lo, n, vec) != 0:
+        if _LIBC[1].mincore(self.addr + lo, n, vec) != 0:
             return False
         return not vec.raw.translate(None, _ODD)  # no even byte left: every page resident
 
     def close(self) -> None:
         addr, self.addr = self.addr, None
         if addr is not None:
-            _LIBC.munmap(addr, self.size)
+            _LIBC[0].munmap(addr, self.size)
 
 
 def read_exactly(fd: int, into: memoryview, offset: int, need: int, where: str, tensor: str) -> None:

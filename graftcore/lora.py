@@ -293,7 +293,7 @@ class LowRankUpdate:
 
     def load(self, view: Callable[[TensorInfo], torch.Tensor], allow_nonfinite: bool = False) -> "LoadedUpdate":
         """Read the factors in float32, laid out for row chunks (left [rows, r], right [r, cols], contiguous)."""
-        import torch  # not at the top: planning (this module's other half) runs while torch still loads
+        import torch  # not at the top: planning (this module's other half) needs no torch
 
         a = view(self.a).to(torch.float32, copy=True)  # a copy: nothing keeps the adapter's map alive
         if self.kind == "bias":
