@@ -215,7 +215,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         "graftcore_version": __version__,
         "formula": formula(checkpoints, opts, report),
         "inputs": {
-            role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint, **local_path(ck)}
+            role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint, **local_path(ck), **file_states(ck)}
             for role, ck in checkpoints.items()
         },
         "options": options,
@@ -241,6 +241,14 @@ def formula(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Repo
         text += ("; lora(adapter) = lora_alpha/r * (lora_B @ lora_A) for its LoRA tensors (DoRA as PEFT merges it), "
                  "tensor - base for full tensors it carries")
     return text
+
+
+def file_states(ck: Checkpoint) -> dict:
+    """{"file_states": shard -> identity (device, inode, size, mtime, ctime) when the merge read it} of a local
+    input, for `graftcore verify --recompute` to refuse a file changed since; {} for a hub input (its commit
+    pins it)."""
+    states = {f: ck.file_state(f) for f in sorted(ck.identities) if ck.file_state(f)}
+    return {"file_states": states} if states and ck.revision is None else {}
 
 
 def local_path(ck: Checkpoint) -> dict:

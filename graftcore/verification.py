@@ -171,6 +171,13 @@ def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, 
                 f"{ck.ref}: the {role} input is not the one the merge read (its files or headers changed since; "
                 f"graftcore.json records fingerprint {str(recorded.get('fingerprint'))[:12]}.., now {ck.fingerprint[:12]}..)"
             )
+        for file, state in sorted((recorded.get("file_states") or {}).items()):  # a header can stay, the data not
+            if ck.file_state(file) != state:
+                raise VerifyError(
+                    f"{ck.locate(file)}: the {role} input's file changed since the merge (replaced or rewritten: its "
+                    f"inode, size or times differ from graftcore.json's record), so the output may not be what it gives "
+                    f"now; rerun the same merge to bring the output up to date"
+                )
     if sorted(plan_entries(plan)) != sorted(headers_entries(headers)):
         raise VerifyError(f"{folder}: the plan rebuilt from the recorded inputs and options names other tensors, dtypes or shapes")
     rng = random.Random(seed)

@@ -4,6 +4,7 @@ a changed input's data or header."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -107,16 +108,38 @@ def test_missing_manifest_is_not_a_finished_output(merged, cli):
     assert_fails(cli, out, "not a finished graftcore output")
 
 
-def test_recompute_finds_an_input_whose_data_changed(merged, cli):
-    """Same header, other data: the files check passes (the output is what was written), the recompute fails."""
+def test_recompute_refuses_an_input_rewritten_with_the_same_header(merged, cli):
+    """One element of one tuned input changed, header identical: the files check passes (the output is what was
+    written); --recompute refuses the input file whatever chunks it would have drawn."""
     out, paths, tuned = merged
     changed = dict(tuned[1])
-    changed = {n: (t + 0.25 if t.is_floating_point() else t) for n, t in changed.items()}
+    name = "model.layers.1.mlp.up_proj.weight"
+    changed[name] = changed[name].clone()
+    changed[name].view(-1)[5] += 1
+    shard = paths["tuned"][1] / "model.safetensors"
+    header = shard.read_bytes()[:64]
     write_checkpoint(paths["tuned"][1], changed)
+    assert shard.read_bytes()[:64] == header
     code, _, err = cli("verify", out)
     assert code == 0, err
-    err = assert_fails(cli, out, "the bytes differ from what the recorded inputs give now", "--recompute", "3", "--seed", "0")
-    assert "tensor" in err
+    err = assert_fails(cli, out, "the tuned2 input's file changed since the merge", "--recompute", "1", "--seed", "0")
+    assert str(shard) in err
+
+
+def test_recompute_compares_bits(merged, cli):
+    """A shard whose bytes are wrong but recorded as right (its sha256 in graftcore.json updated to match): the
+    files check passes, and the recomputed chunks name the tensor."""
+    out, *_ = merged
+    doc = json.loads((out / "graftcore.json").read_text())
+    shard = out / "model-00001-of-00002.safetensors"
+    header_end = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+    flip_byte(shard, header_end + 3)  # the first tensor's first chunk, always recomputed
+    doc["shards"][shard.name]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (out / "graftcore.json").write_text(json.dumps(doc))
+    code, _, err = cli("verify", out)
+    assert code == 0, err
+    err = assert_fails(cli, out, "the bytes differ from what the recorded inputs give now", "--recompute", "1", "--seed", "0")
+    assert str(shard) in err and "tensor" in err
 
 
 def test_recompute_finds_an_input_whose_header_changed(merged, cli):
