@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import os
+import re
 import select
 import signal
 import sys
@@ -16,10 +18,43 @@ from .options import option_fields
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line on stderr and exit 2, like every other bad input."""
+    """argparse, but usage errors are one line on stderr and exit 2, like every other bad input; a mistyped
+    option is named as such (with the closest real one), by the subcommand, before any missing required one
+    (argparse alone says `--output` is required when `--ouput` was typed)."""
+
+    _argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self._subparsers is None and extras:  # a subcommand: its own unknown arguments, under its own name
+            self.error(self.unrecognized(extras))
+        return namespace, extras
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            typos = [a for a in self._argv if self.unknown_option(a)]
+            message = self.unrecognized(typos) if typos else message
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unknown_option(self, arg: str) -> bool:
+        if not arg.startswith("-") or arg == "-" or NUMBER.fullmatch(arg):
+            return False
+        name = arg.split("=", 1)[0]
+        return name not in self._option_string_actions and not any(o.startswith(name) for o in self._option_string_actions)
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """'unrecognized argument(s) ...': the unknown options if any (their values left out), with the closest
+        known option of each, else the stray values."""
+        extras = [a for a in extras if a.startswith("-") and not NUMBER.fullmatch(a)] or extras
+        words = []
+        for arg in extras:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], [o for o in self._option_string_actions if o.startswith("--")], n=1)
+            words.append(f"{arg} (did you mean {close[0]}?)" if close and arg.startswith("-") else arg)
+        return f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(words)}"
+
+
+NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")  # a negative value (--alpha -0.5), not an option
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import llama_tensors, write_checkpoint
 
+from graftcore.cli import main
 from graftcore.output import config_with_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,6 +214,29 @@ def test_build_parser_does_not_import_torch():
     code = "import graftcore.cli, sys; graftcore.cli.build_parser(); print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["merge", "--base", "b", "--tuned", "t", "--instruct", "i", "--ouput", "o"], "--ouput (did you mean --output?)"),
+    (["merge", "--tunned", "t", "--instruct", "i", "--output", "o"], "--tunned (did you mean --tuned?)"),
+    (["merge", "--base", "b", "--tuned", "t", "--instruct", "i", "--output", "o", "--alpah", "2"], "--alpah (did you mean --alpha?)"),
+    (["verify", "o", "--recompte", "3"], "--recompte (did you mean --recompute?)"),
+    (["similarity", "--base", "b", "--instruct", "i", "stray"], "unrecognized argument stray"),
+], ids=["typo-of-a-required-option", "typo-among-missing", "typo-with-a-value", "verify", "stray-value"])
+def test_a_mistyped_option_is_named_by_its_subcommand(argv, named, capsys):
+    """Not 'the following arguments are required: --output' for a typed --ouput, and always under the
+    subcommand's own name: one line, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and named in err, err
+    assert err.startswith(f"graftcore {argv[0]}: error: ") and "required" not in err
+
+
+def test_negative_values_are_not_taken_for_options(tmp_path, cli):
+    b, t, i = trio(tmp_path)
+    code, out, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--alpha", "-0.5", "--dry-run")
+    assert code == 0 and out.startswith("plan: "), err
 
 
 def test_merge_refuses_a_bad_input_before_torch_loads(tmp_path):
