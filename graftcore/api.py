@@ -107,8 +107,7 @@ def graft(
 def load_engine() -> None:
     """Import the engine (and torch), once the inputs are resolved and planned: a bad input is refused in the
     time it takes to read headers. A signal while torch loads only sets the flag (raised after the import)."""
-    with interrupts.deferred():
-        from . import engine  # noqa: F401
+    interrupts.import_deferred(".engine")
 
 
 def run_plan(

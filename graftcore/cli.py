@@ -149,20 +149,18 @@ def raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """The `graftcore` command: returns the exit code (0 done, 2 bad input or environment, 130 interrupted)."""
-    # While torch loads, a signal only sets a flag: a KeyboardInterrupt raised inside its C++ import code
-    # aborts the process. While inputs are resolved and planned (pure Python, network waits), it raises at
-    # once. While data moves, interrupts.deferred() turns it back into a flag the engine checks between steps.
+    # While inputs are resolved and planned (pure Python, network waits), a signal raises at once. torch loads
+    # only after that, through interrupts.import_deferred(): meanwhile a signal only sets a flag (a
+    # KeyboardInterrupt raised inside its C++ import code aborts the process). While data moves,
+    # interrupts.deferred() turns it into a flag the engine checks between steps.
     for s in interrupts.SIGNALS:
         signal.signal(s, interrupts.request)
     args = None
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "verify":  # merge and similarity plan first and load torch after (deferred())
-            from . import verification  # noqa: F401  (torch)
-
         for s in interrupts.SIGNALS:
             signal.signal(s, raise_interrupt)
-        interrupts.check()  # a signal that came while torch loaded
+        interrupts.check()  # a signal that came while the arguments were parsed
         code = run(args)
         if args.command == "merge":
             from .distributed import shutdown

@@ -67,3 +67,12 @@ def deferred():
         for s, handler in previous.items():
             signal.signal(s, handler)
     check()
+
+
+def import_deferred(name: str):
+    """Import the graftcore module `name` (".engine", ".recompute": one that loads torch) within deferred(): a
+    KeyboardInterrupt raised inside torch's C++ import code would abort the process. Returns the module."""
+    from importlib import import_module
+
+    with deferred():
+        return import_module(name, __package__)

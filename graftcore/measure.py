@@ -459,8 +459,7 @@ def similarity(
             raise OutputError(f"{out}: not writable")
     roles = ["instruct", *(d.role for d in deltas)]
     t_load = time.perf_counter()
-    with interrupts.deferred():  # a signal while torch loads only sets the flag (raised after)
-        from .measure_stream import measure  # torch: not needed to resolve and plan, so bad input fails fast
+    measure = interrupts.import_deferred(".measure_stream").measure  # torch: not needed to resolve and plan
     t_load = time.perf_counter() - t_load
     sums, reads, timings = measure(plan, checkpoints, roles, opts)
     timings = {"load_torch": t_load, **timings}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,6 +58,16 @@ def test_verify_recomputes_lora_and_copies(tmp_path):
     graftcore.graft(tuned=adapter, instruct=tmp_path / "instruct", output=tmp_path / "out", quiet=True, chunk_size=64)
     report = graftcore.verify(tmp_path / "out", recompute=30, seed=1)
     assert report.chunks_recomputed == 32
+
+
+def test_the_files_check_needs_no_torch(merged):
+    """verify without --recompute reads headers and hashes files: torch never loads (it starts in a fraction of a
+    second); --recompute loads it."""
+    out, *_ = merged
+    code = "import sys; from graftcore.cli import main; code = main(sys.argv[1:]); print(code, 'torch' in sys.modules)"
+    for extra, loaded in (([], "False"), (["--recompute", "1"], "True")):
+        run = subprocess.run([sys.executable, "-c", code, "verify", str(out), *extra], capture_output=True, text=True, timeout=120)
+        assert run.stdout.split()[-2:] == ["0", loaded], run.stdout + run.stderr
 
 
 def flip_byte(path, offset):

@@ -1,0 +1,188 @@
+"""`graftcore verify --recompute K`: the recorded inputs re-opened and chunks of the output computed again.
+
+The inputs are opened as graftcore.json records them (hub inputs pinned to their recorded commits, local ones
+at their recorded absolute paths); each must have its recorded fingerprint (headers) and, for a local input,
+each file the identity the merge saw. The plan is rebuilt from them and the recorded options (the same
+tensors, dtypes, shapes, shard for shard), and K random chunks plus the first and last chunk of every shard
+are computed again on the CPU and compared bit for bit (LoRA blocks merged on a GPU: within one ulp, the
+GEMM's order being the device's). This module imports torch; verification.py loads it only for --recompute.
+
+Example:
+    >>> recompute_chunks(folder, manifest, headers, 8, None, report, {})   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .errors import GraftError, VerifyError
+from .options import MergeOptions
+from .plan import Plan, build_plan, plan_entries
+from .readers import read_elements
+from .safetensors_io import TensorInfo, torch_dtype
+from .steps import Step, op_steps
+from .verification import VerifyReport, headers_entries
+
+
+def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, report: VerifyReport, hub: dict) -> None:
+    from .inputs import open_inputs
+
+    opts = recorded_options(manifest, hub)
+    refs = pinned_refs(manifest)
+    tuned = [refs[r] for r in sorted((r for r in refs if r.startswith("tuned")), key=tuned_order)]
+    checkpoints, deltas = open_inputs(refs["instruct"], tuned, refs.get("base"), opts)
+    plan = build_plan(checkpoints["instruct"], deltas, checkpoints.get("base"), opts)
+    for role, ck in checkpoints.items():
+        recorded = manifest["inputs"].get(role, {})
+        if recorded.get("fingerprint") != ck.fingerprint:
+            raise VerifyError(
+                f"{ck.ref}: the {role} input is not the one the merge read (its files or headers changed since; "
+                f"graftcore.json records fingerprint {str(recorded.get('fingerprint'))[:12]}.., now {ck.fingerprint[:12]}..)"
+            )
+        for file, state in sorted((recorded.get("file_states") or {}).items()):  # a header can stay, the data not
+            if ck.file_state(file) != state:
+                raise VerifyError(
+                    f"{ck.locate(file)}: the {role} input's file changed since the merge (replaced or rewritten: its "
+                    f"inode, size or times differ from graftcore.json's record), so the output may not be what it gives "
+                    f"now; rerun the same merge to bring the output up to date"
+                )
+    if sorted(plan_entries(plan)) != sorted(headers_entries(headers)):
+        raise VerifyError(f"{folder}: the plan rebuilt from the recorded inputs and options names other tensors, dtypes or shapes")
+    rng = random.Random(seed)
+    if seed is None:
+        seed = rng.randrange(1 << 31)
+        rng = random.Random(seed)
+    report.notes.append(f"chunks chosen with seed {seed}")
+    chunk, merged_on_gpu = recorded_chunk(manifest)
+    chosen = choose_steps(plan, chunk, k, rng)
+    from .engine import CpuCompute, load_lora
+
+    compute = CpuCompute(chunk)
+    files = {(r.role, r.info.file) for _, _, step in chosen for r in step.reads}
+    for role, ck in checkpoints.items():
+        ck.schedule(sorted(f for rr, f in files if rr == role), folder / ".graftcore-downloads" / role)
+    loaded_for: dict[str, dict] = {}
+    with compute:
+        for shard, op, step in chosen:
+            if op.low_rank and op.name not in loaded_for:
+                loaded_for[op.name] = load_lora(op, compute, checkpoints, opts)
+            got = output_elements(folder, headers[shard.file], op.name, step)
+            want = recompute_step(op, step, checkpoints, compute, loaded_for.get(op.name))
+            ulp = op.low_rank and merged_on_gpu
+            if not same(got, want, ulp):
+                raise VerifyError(
+                    f"{folder / shard.file}: tensor {op.name!r}, elements {step.lo}..{step.hi}: the bytes differ from "
+                    f"what the recorded inputs give now (an input's data changed since the merge, or the shard was "
+                    f"written wrong)"
+                )
+            report.chunks_recomputed += 1
+            report.within_ulp += ulp
+
+
+def recorded_options(manifest: dict, hub: dict) -> MergeOptions:
+    names = {f.name for f in fields(MergeOptions)}
+    recorded = {k: v for k, v in (manifest.get("options") or {}).items() if k in names}
+    recorded.update(quiet=True, device="cpu", **{k: v for k, v in hub.items() if k in names})
+    try:
+        return MergeOptions(**recorded)
+    except (GraftError, TypeError) as e:
+        raise VerifyError(f"graftcore.json: the recorded options are unusable ({e})") from None
+
+
+def pinned_refs(manifest: dict) -> dict[str, str]:
+    """role -> REF: local inputs by absolute path, hub inputs pinned to the commit the merge resolved them to."""
+    refs = {}
+    for role, rec in (manifest.get("inputs") or {}).items():
+        ref, revision, path = rec.get("ref"), rec.get("revision"), rec.get("path")
+        if not isinstance(ref, str):
+            raise VerifyError(f"graftcore.json: input {role!r} has no ref")
+        if isinstance(path, str) and not revision:
+            refs[role] = path  # a local input, by the absolute path the merge resolved (its ref may be relative)
+        else:
+            refs[role] = f"{ref.split('@')[0]}@{revision}" if revision else ref
+    if "instruct" not in refs or not any(r.startswith("tuned") for r in refs):
+        raise VerifyError("graftcore.json: the inputs are not recorded (instruct and tuned needed)")
+    return refs
+
+
+def tuned_order(role: str) -> int:
+    return 1 if role == "tuned" else int(role.removeprefix("tuned"))
+
+
+def recorded_chunk(manifest: dict) -> tuple[int, bool]:
+    """The chunk the merge computed with (LoRA blocks follow it) and whether it ran on a GPU."""
+    from .gpu import GPU_CHUNK
+    from .kernels import CHUNK
+
+    on_gpu = str(manifest.get("device", "cpu")).startswith("cuda")
+    chunk = (manifest.get("options") or {}).get("chunk_size")
+    return (chunk if isinstance(chunk, int) and chunk > 0 else GPU_CHUNK if on_gpu else CHUNK), on_gpu
+
+
+def choose_steps(plan: Plan, chunk: int, k: int, rng: random.Random) -> list:
+    """(shard, op, step): the first and last step of every shard, and `k` more at random (ops drawn by size)."""
+    from .readers import BUFFER_BYTES
+
+    chosen = []
+    for shard in plan.shards:
+        if shard.ops:
+            first = next(op_steps(shard.ops[0], chunk, BUFFER_BYTES), None)
+            last = None
+            for last in op_steps(shard.ops[-1], chunk, BUFFER_BYTES):
+                pass
+            chosen += [(shard, shard.ops[0], first), (shard, shard.ops[-1], last)]
+    pool = [(shard, op) for shard in plan.shards for op in shard.ops if op.numel]
+    weights = [op.numel for _, op in pool]
+    for shard, op in rng.choices(pool, weights, k=k) if pool else []:
+        steps = list(op_steps(op, chunk, BUFFER_BYTES))
+        chosen.append((shard, op, rng.choice(steps)))
+    return [c for c in chosen if c[2] is not None]
+
+
+class _Read:
+    """An input range read whole, standing in for the streamer's Held."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        return self.data
+
+    def release(self, event=None) -> None:
+        pass
+
+
+def recompute_step(op, step: Step, checkpoints: dict, compute, loaded) -> torch.Tensor:
+    """The output elements of `step`, computed again from the inputs on the CPU."""
+    from .engine import compute_step
+
+    held = [_Read(read_elements(checkpoints[r.role].shard_path(r.info.file), r.info, r.first, r.stop)) for r in step.reads]
+    if step.raw:
+        return held[0].data
+    out = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
+    compute_step(op, step, held, out, compute, loaded)
+    compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
+    return out
+
+
+def output_elements(folder: Path, header, name: str, step: Step) -> torch.Tensor:
+    info = header.tensors[name]
+    return read_elements(folder / info.file, info, step.lo, step.hi)
+
+
+def same(got: torch.Tensor, want: torch.Tensor, within_ulp: bool) -> bool:
+    """Equal bits; or, for `within_ulp`, every element at most one representable value apart (or both NaN)."""
+    if got.numel() != want.numel():
+        return False
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    a, b = got.contiguous().view(ints).long(), want.contiguous().view(ints).long()
+    if not within_ulp:
+        return torch.equal(a, b)
+    width = 8 * got.element_size()
+    ordered = lambda v: torch.where(v < 0, -(v & ((1 << (width - 1)) - 1)), v)  # noqa: E731  sign-magnitude order
+    close = (ordered(a) - ordered(b)).abs() <= 1
+    return bool((close | (got.isnan() & want.isnan())).all())
