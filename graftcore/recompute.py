@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import GraftError, VerifyError
+from .inputs import open_inputs
 from .options import MergeOptions
 from .plan import Plan, build_plan, plan_entries
 from .readers import read_elements
@@ -29,8 +30,8 @@ from .verification import VerifyReport, headers_entries
 
 
 def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, report: VerifyReport, hub: dict) -> None:
-    from .inputs import open_inputs
-
+    """Recompute `k` random chunks (and the first and last of every shard) of the output `folder` whose
+    graftcore.json is `manifest`; VerifyError at the first difference or changed input; counts into `report`."""
     opts = recorded_options(manifest, hub)
     refs = pinned_refs(manifest)
     tuned = [refs[r] for r in sorted((r for r in refs if r.startswith("tuned")), key=tuned_order)]
