@@ -32,7 +32,6 @@ I + alpha * (T - B), and so need --base; so does DoRA, whose merged weight depen
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import AdapterError, CheckpointError, NonFiniteError
+from .json_files import read_json_file
 from .safetensors_io import FLOAT_DTYPES, TensorInfo
 from .sources import Checkpoint, open_local
 
@@ -164,9 +164,9 @@ def is_finite_number(x) -> bool:
 def read_config(path: Path) -> AdapterConfig:
     """Parse and check `adapter_config.json`; refuse adapter kinds that are not plain LoRA or DoRA."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise AdapterError(f"{path}: cannot read the adapter config ({str(e)[:200]})") from None
+        doc = read_json_file(path, "the adapter config", AdapterError)
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: cannot read the adapter config (no such file)") from None
     if not isinstance(doc, dict):
         raise AdapterError(f"{path}: not a JSON object")
     kind = doc.get("peft_type", "LORA")

@@ -20,7 +20,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import GraftError, OutputError
+from .json_files import read_json_file
 from .safetensors_io import fsync_dir
 
 PROGRESS = "graftcore.progress.json"
@@ -48,20 +49,28 @@ def output_errors(path: Path, doing: str):
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `path` through `path.partial` + fsync + rename, so it is never seen half-written."""
     tmp = path.with_name(path.name + ".partial")
-    with output_errors(tmp, "write"):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    try:
+        with output_errors(tmp, "write"):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:  # an OSError, or Ctrl-C mid-write: no .partial left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    with output_errors(dst, "copy " + str(src) + " to it"):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".partial")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    try:
+        with output_errors(dst, "copy " + str(src) + " to it"):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def config_with_dtype(text: str, dtype: str) -> str:
@@ -190,8 +199,8 @@ class OutputFolder:
         and every file a previous graftcore.json lists; anything else (a README of the user's) stays."""
         listed: set[str] = set()
         try:
-            listed = set(json.loads((self.path / MANIFEST).read_text()).get("files", []))
-        except (OSError, ValueError, AttributeError, TypeError):
+            listed = set(read_json_file(self.path / MANIFEST, "graftcore.json", OutputError).get("files", []))
+        except (OSError, GraftError, AttributeError, TypeError):
             pass
         for p in self.path.iterdir():  # the top level only: subfolders are the user's unless listed
             if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (MANIFEST, *MODEL_FILES) or is_progress(p.name)):
@@ -207,8 +216,8 @@ class OutputFolder:
         found = None
         for path in [*sorted(p for p in self.path.iterdir() if is_progress(p.name)), self.path / MANIFEST]:
             try:
-                doc = json.loads(path.read_text())
-            except (OSError, ValueError, RecursionError):
+                doc = read_json_file(path, "a progress record", OutputError)
+            except (OSError, GraftError):
                 continue
             if isinstance(doc, dict) and doc.get("fingerprint") == self.fingerprint and isinstance(doc.get("shards"), dict):
                 found = found or {}  # the progress files of every rank of an earlier run (of any world size)

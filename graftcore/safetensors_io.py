@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from .errors import CheckpointError, OutputError
+from .json_files import parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
 WRITEBACK_EVERY = 32 << 20  # start writing dirty pages to disk after this many bytes, so fsync finds little left
@@ -214,28 +215,6 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
 
 
 INT64_LIMIT = 1 << 63
-
-
-def parse_json(raw: bytes | str, path, what: str):
-    """JSON of a header or index, or CheckpointError naming `path` (never a RecursionError from JSON nested
-    1000 deep, nor the ValueError of an integer of 4300+ digits)."""
-    try:
-        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw, parse_constant=reject_constant,
-                          parse_float=finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError includes JSONDecodeError
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({str(e)[:200]})") from None
-
-
-def reject_constant(name: str):
-    """NaN and Infinity are not JSON: the reference parser refuses a header holding them, so do we."""
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):  # 1e999: out of range for the reference parser
-        raise ValueError(f"number {text[:40]} out of range")
-    return value
 
 
 def utf8(text: str) -> bool:

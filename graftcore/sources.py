@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .safetensors_io import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, parse_json, read_header, utf8
+from .json_files import parse_json, read_file_bytes
+from .safetensors_io import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, read_header, utf8
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -214,9 +215,9 @@ def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
     """The `weight_map` of a `model.safetensors.index.json`, validated."""
     if text is None:
         try:
-            text = Path(index).read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"{index}: cannot read the index ({e.strerror or e})") from None
+            text = read_file_bytes(index, "the index")
+        except FileNotFoundError:
+            raise CheckpointError(f"{index}: cannot read the index (no such file)") from None
     doc = parse_json(text, index, "the index")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     raw = text if isinstance(text, bytes) else text.encode(errors="surrogatepass")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from graftcore.errors import CheckpointError, OutputError
@@ -59,3 +59,29 @@ def test_metadata_must_be_strings(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
     with pytest.raises(CheckpointError, match="__metadata__"):
         read_header(tmp_path / "m.safetensors")
+
+
+def test_a_name_given_twice_is_refused_as_the_reference_parser_refuses_it(tmp_path, cli):
+    """Python's json keeps the last entry of a name given twice; the reference parser reads every entry and
+    refuses the file. The first entry here is invalid, the second valid: accepting it would read the file as the
+    reference library never would."""
+    import struct
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    raw = ('{"%s": {"dtype": "NOPE"}, "%s": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}' % (name, name)).encode()
+    path = tmp_path / "tuned" / "model.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with pytest.raises(SafetensorError, match="duplicate|twice|NOPE|unknown"):  # the reference library, independently
+        with safe_open(path, "pt") as h:
+            h.keys()
+    with pytest.raises(CheckpointError, match=f"{path}: header names '{name}' twice"):
+        read_header(path)
+    save_file({name: torch.zeros(2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    for role in ("base", "instruct"):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
+    code, _, err = cli("merge", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--instruct",
+                       tmp_path / "instruct", "--output", tmp_path / "out", "--quiet")
+    assert code == 2 and f"header names '{name}' twice" in err and str(path) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
