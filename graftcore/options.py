@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from .errors import GraftError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_CHUNK = 1 << 28  # elements: 1 GiB of float32 per compute buffer
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -99,12 +100,12 @@ class MergeOptions:
             raise GraftError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
         if self.workers < 1:
             raise GraftError("--workers must be at least 1")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise GraftError("--chunk-size must be positive")
+        if self.chunk_size is not None and not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise GraftError(f"--chunk-size must be from 1 to {MAX_CHUNK} elements (each compute buffer holds a chunk in float32)")
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size)
-        if self.read_buffer is not None and parse_size(self.read_buffer, "--read-buffer") < 4096:
-            raise GraftError("--read-buffer must be at least 4KiB")
+        if self.read_buffer is not None and not 4096 <= parse_size(self.read_buffer, "--read-buffer") <= 1 << 30:
+            raise GraftError("--read-buffer must be from 4KiB to 1GiB")
         if self.read_depth is not None and self.read_depth < 2:
             raise GraftError("--read-depth must be at least 2 (one buffer being read, one being consumed)")
         if self.read_workers is not None and self.read_workers < 1:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import fields
 from pathlib import Path
@@ -125,23 +126,39 @@ def recorded_chunk(manifest: dict) -> tuple[int, bool]:
 
 
 def choose_steps(plan: Plan, chunk: int, k: int, rng: random.Random) -> list:
-    """(shard, op, step): the first and last step of every shard, and `k` more at random (ops drawn by size)."""
+    """(shard, op, step): the first and last chunk of every shard, and `k` other distinct chunks drawn uniformly
+    (all of them when the output has no more than that); each chunk at most once, in plan order."""
     from .readers import BUFFER_BYTES
 
+    ops = [(shard, op) for shard in plan.shards for op in shard.ops]
+    starts = [0]  # the index of each op's first chunk among all the output's chunks
+    for _, op in ops:
+        starts.append(starts[-1] + sum(1 for _ in op_steps(op, chunk, BUFFER_BYTES)))
+    fixed: set[int] = set()
+    i = 0
+    for shard in plan.shards:  # a shard's ops are consecutive in `ops`
+        lo, hi = starts[i], starts[i + len(shard.ops)]
+        if hi > lo:
+            fixed.update((lo, hi - 1))
+        i += len(shard.ops)
+    total = starts[-1]
+    others = min(k, total - len(fixed))
+    drawn = set()
+    while len(drawn) < others:  # rejection is cheap while k is small; otherwise draw from what is left
+        if others > (total - len(fixed)) // 2:
+            drawn = set(rng.sample(sorted(set(range(total)) - fixed), others))
+            break
+        g = rng.randrange(total)
+        if g not in fixed:
+            drawn.add(g)
+    wanted = sorted(fixed | drawn)
     chosen = []
-    for shard in plan.shards:
-        if shard.ops:
-            first = next(op_steps(shard.ops[0], chunk, BUFFER_BYTES), None)
-            last = None
-            for last in op_steps(shard.ops[-1], chunk, BUFFER_BYTES):
-                pass
-            chosen += [(shard, shard.ops[0], first), (shard, shard.ops[-1], last)]
-    pool = [(shard, op) for shard in plan.shards for op in shard.ops if op.numel]
-    weights = [op.numel for _, op in pool]
-    for shard, op in rng.choices(pool, weights, k=k) if pool else []:
-        steps = list(op_steps(op, chunk, BUFFER_BYTES))
-        chosen.append((shard, op, rng.choice(steps)))
-    return [c for c in chosen if c[2] is not None]
+    for (shard, op), start, end in zip(ops, starts, starts[1:]):
+        lo = bisect.bisect_left(wanted, start)
+        if lo < len(wanted) and wanted[lo] < end:
+            picks = set(wanted[lo:bisect.bisect_left(wanted, end)])
+            chosen += [(shard, op, step) for j, step in enumerate(op_steps(op, chunk, BUFFER_BYTES)) if start + j in picks]
+    return chosen
 
 
 class _Read:

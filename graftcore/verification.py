@@ -18,14 +18,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import interrupts
 from .errors import GraftError, VerifyError
+from .json_files import read_json_file
 from .output import MANIFEST, file_sha256
 from .plan import entries_digest
 from .safetensors_io import read_header
@@ -60,8 +61,8 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
 
     Args:
         output: a folder written by `graftcore merge` / `graftcore.graft`.
-        recompute: how many random chunks to compute again from the recorded inputs (0: files only); the first
-            and last chunk of every shard are recomputed too whenever recompute > 0.
+        recompute: how many random chunks to compute again from the recorded inputs (0: files only; at most the
+            chunks there are); the first and last chunk of every shard are recomputed too whenever recompute > 0.
         seed: for the choice of chunks (default: a fresh one, printed in the summary's notes).
         **hub_options: token, cache_dir, quiet for hub inputs.
 
@@ -70,13 +71,21 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
         2
     """
     t0 = time.perf_counter()
+    if not isinstance(output, (str, os.PathLike)) or isinstance(output, bytes):
+        raise GraftError(f"verify: output must be a folder path (str or os.PathLike), got {output!r}")
+    if not is_whole(recompute) or recompute < 0:
+        raise GraftError(f"--recompute: expected a whole number >= 0, got {recompute!r}")
+    if seed is not None and not is_whole(seed):
+        raise GraftError(f"--seed: expected a whole number, got {seed!r}")
+    unknown = sorted(set(hub_options) - {"token", "cache_dir", "quiet"})
+    if unknown:
+        raise GraftError(f"verify: unknown option(s) {', '.join(unknown)} (it takes token, cache_dir, quiet)")
     folder = Path(output)
     manifest = read_manifest(folder)
     report = VerifyReport(folder)
     headers = check_shards(folder, manifest, report)
     check_index(folder, manifest, headers)
-    digest = (manifest.get("plan") or {}).get("sha256")
-    if digest is not None and digest != entries_digest(headers_entries(headers)):
+    if manifest["plan"]["sha256"] != entries_digest(headers_entries(headers)):
         raise VerifyError(f"{folder / MANIFEST}: the shards' tensors (names, dtypes, shapes) are not the planned ones")
     report.tensors = sum(len(h.tensors) for h in headers.values())
     if recompute > 0:
@@ -86,17 +95,74 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
     return report
 
 
+def is_whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_manifest(folder: Path) -> dict:
+    """graftcore.json of `folder`, checked as strictly as a header (check_manifest)."""
     path = folder / MANIFEST
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json_file(path, "graftcore.json", VerifyError)
     except FileNotFoundError:
         raise VerifyError(f"{path}: missing; {folder} is not a finished graftcore output (or it was interrupted)") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), dict) or not doc["shards"]:
-        raise VerifyError(f"{path}: lists no shards; not a graftcore output")
+    check_manifest(doc, path)
     return doc
+
+
+def check_manifest(doc, path: Path) -> None:
+    """Every field verify reads has the type and form graftcore writes; VerifyError naming the field otherwise."""
+
+    def bad(what: str):
+        raise VerifyError(f"{path}: {what}; not a graftcore output (or it was edited)")
+
+    if not isinstance(doc, dict):
+        bad("not a JSON object")
+    shards = doc.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        bad("lists no shards")
+    for file, rec in shards.items():
+        if not inside_name(file):
+            bad(f"shard name {file!r} is not a file name inside the folder")
+        if not isinstance(rec, dict) or not is_whole(rec.get("size")) or rec["size"] < 0 or not is_sha256(rec.get("sha256")):
+            bad(f"shards[{file!r}] is not {{size, sha256}}")
+    files = doc.get("files")
+    if not isinstance(files, list) or not all(inside_name(f) for f in files):
+        bad("files is not a list of file names inside the folder")
+    plan = doc.get("plan")
+    if not isinstance(plan, dict) or not is_sha256(plan.get("sha256")):
+        bad("has no plan digest (plan.sha256): the shards' tensors cannot be checked against the plan")
+    if not isinstance(doc.get("options"), dict):
+        bad("options is not an object")
+    if "device" in doc and not isinstance(doc["device"], str):
+        bad("device is not a string")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, dict) or "instruct" not in inputs or not any(r.startswith("tuned") for r in inputs):
+        bad("inputs does not record instruct and tuned")
+    for role, rec in inputs.items():
+        if not INPUT_ROLE.fullmatch(role):
+            bad(f"inputs names an unknown role {role!r}")
+        if not isinstance(rec, dict) or not isinstance(rec.get("ref"), str) or not isinstance(rec.get("fingerprint"), str):
+            bad(f"inputs.{role} is not {{ref, fingerprint, ...}}")
+        if not isinstance(rec.get("revision"), (str, type(None))) or not isinstance(rec.get("path", ""), str):
+            bad(f"inputs.{role}: revision or path is not a string")
+        states = rec.get("file_states", {})
+        if not isinstance(states, dict) or not all(isinstance(v, str) for v in states.values()):
+            bad(f"inputs.{role}.file_states is not an object of file identities (file name -> string)")
+
+
+INPUT_ROLE = re.compile(r"instruct|base|tuned|tuned[1-9][0-9]{0,5}")
+
+
+def inside_name(name) -> bool:
+    """A relative path that stays inside the folder (what graftcore writes: a shard or file name)."""
+    if not isinstance(name, str) or not name or "\0" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def is_sha256(x) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 
 
 def check_shards(folder: Path, manifest: dict, report: VerifyReport) -> dict:
@@ -104,21 +170,26 @@ def check_shards(folder: Path, manifest: dict, report: VerifyReport) -> dict:
     headers = {}
     for file, rec in sorted(manifest["shards"].items()):
         path = folder / file
-        if not path.is_file():
-            raise VerifyError(f"{path}: missing (graftcore.json lists it)")
-        size = path.stat().st_size
-        if size != rec.get("size"):
-            raise VerifyError(f"{path}: {size} bytes, graftcore.json records {rec.get('size')} (truncated or rewritten)")
-        if file_sha256(path) != rec.get("sha256"):
-            raise VerifyError(f"{path}: sha256 differs from graftcore.json (the file changed after the merge)")
+        try:
+            if not path.exists():
+                raise VerifyError(f"{path}: missing (graftcore.json lists it)")
+            if not path.is_file():
+                raise VerifyError(f"{path}: not a regular file (graftcore.json lists it as a shard)")
+            size = path.stat().st_size
+            if size != rec["size"]:
+                raise VerifyError(f"{path}: {size} bytes, graftcore.json records {rec['size']} (truncated or rewritten)")
+            if file_sha256(path) != rec["sha256"]:
+                raise VerifyError(f"{path}: sha256 differs from graftcore.json (the file changed after the merge)")
+        except OSError as e:
+            raise VerifyError(f"{path}: cannot read ({e.strerror or e})") from None
         try:
             headers[file] = read_header(path)
         except GraftError as e:
             raise VerifyError(f"{path}: bad header: {e}") from None
         report.shards += 1
         report.bytes_hashed += size
-    for rel in manifest.get("files", []):
-        if isinstance(rel, str) and not (folder / rel).is_file():
+    for rel in manifest["files"]:
+        if not (folder / rel).is_file():
             raise VerifyError(f"{folder / rel}: missing (graftcore.json lists it)")
     return headers
 
@@ -131,10 +202,8 @@ def check_index(folder: Path, manifest: dict, headers: dict) -> None:
         if len(headers) > 1:
             raise VerifyError(f"{index}: missing, and the output has {len(headers)} shards")
         return
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise VerifyError(f"{index}: unreadable ({e})") from None
+    doc = read_json_file(index, "the index", VerifyError)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
         raise VerifyError(f"{index}: weight_map is not an object")
     for name, file in weight_map.items():

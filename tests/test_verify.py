@@ -9,10 +9,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_tensors, write_checkpoint
+from helpers import llama_tensors, load_folder, write_checkpoint
 
 import graftcore
 
@@ -174,3 +175,159 @@ def test_verify_from_another_folder_finds_relative_inputs(tmp_path, cli, monkeyp
     monkeypatch.chdir(tmp_path)
     code, stdout, err = cli("verify", "work/out", "--recompute", "3")
     assert code == 0 and "bit-exact" in stdout, err
+
+
+# ---- hostile folders: each one line and exit 2, never a hang, a traceback or a claim not checked ----------------
+
+
+def edit_manifest(out, edit):
+    doc = json.loads((out / "graftcore.json").read_text())
+    edit(doc)
+    (out / "graftcore.json").write_text(json.dumps(doc))
+
+
+def first_shard(doc):
+    return sorted(doc["shards"])[0]
+
+
+MANIFEST_EDITS = {
+    "shard record a string": lambda d: d["shards"].__setitem__(first_shard(d), "x"),
+    "files a number": lambda d: d.__setitem__("files", 5),
+    "plan a string": lambda d: d.__setitem__("plan", "x"),
+    "plan a list": lambda d: d.__setitem__("plan", [1]),
+    "options a string": lambda d: d.__setitem__("options", "x"),
+    "options a list": lambda d: d.__setitem__("options", [1]),
+    "inputs a list": lambda d: d.__setitem__("inputs", [1]),
+    "instruct a string": lambda d: d["inputs"].__setitem__("instruct", "x"),
+    "file_states a string": lambda d: d["inputs"]["base"].__setitem__("file_states", "abc"),
+    "role renamed": lambda d: d["inputs"].__setitem__("tunedX", d["inputs"].pop("tuned2")),
+    "chunk of 10**15": lambda d: d["options"].__setitem__("chunk_size", 10**15),
+    "shard outside the folder": lambda d: d["shards"].__setitem__("../base/model.safetensors", d["shards"].pop(first_shard(d))),
+}
+
+
+@pytest.mark.parametrize("edit", list(MANIFEST_EDITS))
+def test_a_manifest_of_other_types_is_one_line(merged, cli, edit):
+    out, *_ = merged
+    edit_manifest(out, MANIFEST_EDITS[edit])
+    err = assert_fails(cli, out, "graftcore.json", "--recompute", "3", "--seed", "0")
+    assert "chunk-size" in err if edit == "chunk of 10**15" else True
+
+
+def test_json_nested_deep_is_one_line(merged, cli):
+    out, *_ = merged
+    for depth in (1000, 200_000):
+        (out / "graftcore.json").write_text("[" * depth + "]" * depth)
+        assert_fails(cli, out, "graftcore.json: graftcore.json is not valid JSON")
+    (out / "graftcore.json").write_text("{" + '"a":' * 1000 + "1" + "}" * 1000)
+    assert_fails(cli, out, "not valid JSON")
+
+
+def test_an_index_nested_deep_is_one_line(merged, cli):
+    out, *_ = merged
+    (out / "model.safetensors.index.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert_fails(cli, out, "model.safetensors.index.json: the index is not valid JSON")
+
+
+def test_a_manifest_that_names_a_key_twice(merged, cli):
+    out, *_ = merged
+    text = (out / "graftcore.json").read_text()
+    (out / "graftcore.json").write_text(text.replace('"shards": {', '"shards": {}, "shards": {', 1))
+    assert_fails(cli, out, "graftcore.json names 'shards' twice")
+
+
+def test_a_manifest_that_is_a_fifo_or_dev_zero(merged):
+    """A FIFO would block a plain read forever; /dev/zero never ends. Run as the CLI, with a timeout."""
+    out, *_ = merged
+    manifest = out / "graftcore.json"
+    for make in (lambda: os.mkfifo(manifest), lambda: os.symlink("/dev/zero", manifest)):
+        manifest.unlink()
+        make()
+        run = subprocess.run([sys.executable, "-m", "graftcore", "verify", str(out)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "not a regular file" in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_shard_the_user_cannot_read(merged):
+    """Mode 000 (as root, a forked child drops to nobody: root reads any file)."""
+    import shutil
+    import tempfile
+
+    out, *_ = merged
+    folder = Path(tempfile.mkdtemp(prefix="graftcore-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        shutil.copytree(out, folder / "out")
+        (folder / "out").chmod(0o755)
+        shard = folder / "out" / "model-00001-of-00002.safetensors"
+        shard.chmod(0)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    graftcore.verify(folder / "out")
+                    message = "passed"
+                except graftcore.GraftError as e:
+                    message = f"GraftError: {e}"
+                except BaseException as e:  # noqa: BLE001  reported to the parent
+                    message = f"{type(e).__name__}: {e}"
+                os.write(write, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        message = os.read(read, 4096).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert message.startswith("GraftError: ") and str(shard) in message and "cannot read" in message, message
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_deleted_shard_and_plan_is_not_verified(merged, cli):
+    """Delete the last shard, drop it from shards, files and the index, and delete the plan digest: the shards
+    left hash right, but a manifest without its plan digest cannot say the output is whole."""
+    out, *_ = merged
+    last = "model-00002-of-00002.safetensors"
+    (out / last).unlink()
+
+    def edit(doc):
+        del doc["shards"][last], doc["plan"]
+        doc["files"].remove(last)
+
+    edit_manifest(out, edit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != last}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_fails(cli, out, "no plan digest")
+
+
+def count_chunks(out, chunk):
+    """The chunks of the merged fixture, counted from the output plainly: a computed tensor in chunks of `chunk`
+    elements, a copied one (norms: --exclude; position_ids: integers) in one read of at most 4 MiB."""
+    total = 0
+    for name, t in load_folder(out).items():
+        copied = "norm" in name or name == "position_ids"
+        total += 1 if copied else -(-t.numel() // chunk)
+    return total
+
+
+def test_recompute_is_capped_at_the_distinct_chunks(merged):
+    out, *_ = merged
+    total = count_chunks(out, 700)
+    assert 20 < total < 100
+    for k in (total - 5, 5000, 10**12):
+        report = graftcore.verify(out, recompute=k, seed=1)
+        assert report.chunks_recomputed == min(k + 2 * 2, total), k
+
+
+@pytest.mark.parametrize("args", [dict(recompute=-3), dict(recompute="3"), dict(recompute=True), dict(seed="x"),
+                                  dict(output=b"/tmp/out"), dict(output=5), dict(tokn="x")])
+def test_bad_arguments_to_verify(merged, args):
+    out, *_ = merged
+    kwargs = {"output": out, **args}
+    with pytest.raises(graftcore.GraftError):
+        graftcore.verify(**kwargs)
