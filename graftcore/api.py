@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from . import __version__, interrupts
 from .devices import local_cuda_device, out_of_memory_is_an_error, select_compute
 from .distributed import joined_group, spawn_workers, write_output_distributed
-from .errors import GraftError, OutputError
-from .inputs import Ref, open_inputs
+from .errors import GraftError
+from .inputs import Ref, check_output_outside_inputs, open_inputs
 from .options import MergeOptions, option_fields
 from .output import OutputFolder
 from .plan import Plan, build_plan, entries_digest, plan_entries
@@ -126,7 +126,7 @@ def run_plan(
         report = Report(output, compute.name, dry_run=True)
         report.count(plan)
         return report
-    check_output_is_not_an_input(output, checkpoints)
+    check_output_outside_inputs(output, checkpoints)
     if group is not None:
         with out_of_memory_is_an_error(compute):
             return write_output_distributed(group, plan, checkpoints, output, opts, log, compute, progress)
@@ -178,18 +178,6 @@ def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str
                     order.setdefault(role, {})[file] = None
     for role, ck in checkpoints.items():
         ck.schedule(list(order[role]), scratch / role)
-
-
-def check_output_is_not_an_input(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
-    """The output folder may not be, or lie inside, or contain an input's folder (symlinks resolved): a later
-    merge would copy our files as the input's, and --overwrite would delete the input's."""
-    out = output.resolve()
-    for role, ck in checkpoints.items():
-        roots = [ck.root] if ck.root is not None else [p.parent for p in ck.local_files.values()]
-        for root in (Path(r).resolve() for r in roots if r is not None):
-            if out == root or out.is_relative_to(root) or root.is_relative_to(out):
-                where = "is" if out == root else "is inside" if out.is_relative_to(root) else "contains"
-                raise OutputError(f"{output}: {where} the {role} input's folder {root}; choose another --output")
 
 
 def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:

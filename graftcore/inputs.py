@@ -12,9 +12,10 @@ Example:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Union
 
-from .errors import GraftError
+from .errors import GraftError, OutputError
 from .lora import is_adapter, open_adapter
 from .options import MergeOptions
 from .plan import DeltaInput, tuned_role
@@ -47,3 +48,16 @@ def open_inputs(
             deltas.append(DeltaInput(role, alpha_k, open_checkpoint(ref, **hub)))
         checkpoints[role] = deltas[-1].checkpoint
     return checkpoints, deltas
+
+
+def check_output_outside_inputs(output: Path, checkpoints: dict[str, Checkpoint], may_contain: bool = False) -> None:
+    """The output folder may not be, or lie inside, an input's folder (symlinks resolved): we would write into
+    the model. Nor, unless `may_contain` (similarity's two files), contain one: a later merge would copy our
+    files as the input's, and --overwrite would delete the input's."""
+    out = Path(output).resolve()
+    for role, ck in checkpoints.items():
+        roots = [ck.root] if ck.root is not None else [p.parent for p in ck.local_files.values()]
+        for root in (Path(r).resolve() for r in roots if r is not None):
+            if out == root or out.is_relative_to(root) or (root.is_relative_to(out) and not may_contain):
+                where = "is" if out == root else "is inside" if out.is_relative_to(root) else "contains"
+                raise OutputError(f"{output}: {where} the {role} input's folder {root}; choose another --output")

@@ -34,7 +34,8 @@ from typing import Sequence
 
 from . import __version__, interrupts
 from .errors import AdapterError, GraftError, MismatchError, OutputError
-from .inputs import Ref, open_inputs
+from .inputs import Ref, check_output_outside_inputs, open_inputs
+from .output import atomic_write, output_errors
 from .options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
 from .plan import Action, DeltaInput, TensorOp, Term, strip_wrappers
 from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
@@ -451,6 +452,7 @@ def similarity(
         raise GraftError(f"{checkpoints['instruct'].ref}: no tensor to measure (none that Instruct and Base share is "
                          f"floating point and selected by --include / --exclude / --targets)")
     if out is not None:
+        check_output_outside_inputs(out, checkpoints, may_contain=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -516,32 +518,30 @@ def aggregate(tensors: list[TensorStats], roles: list[str]) -> SimilarityReport:
 
 
 def write_report(report: SimilarityReport, out: Path) -> None:
-    """out/similarity.json, and out/similarity.png when matplotlib is importable (else a note)."""
-    path = out / JSON_NAME
-    write_atomically(path, json.dumps(report.to_json(), indent=1, allow_nan=False).encode() + b"\n")
-    report.json_path = path
+    """out/similarity.json, and out/similarity.png when matplotlib is importable (else a note, and an older PNG is
+    removed). Both are rendered before either is written, and written with Ctrl-C deferred: an interrupt leaves
+    the previous pair or the new one, never a new JSON beside a stale PNG, nor a `.partial`."""
+    data = json.dumps(report.to_json(), indent=1, allow_nan=False).encode() + b"\n"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         report.notes.append(f"matplotlib is not installed: no {PNG_NAME} (pip install 'graftcore[plot]')")
-        return
-    import io
+        png = None
+    else:
+        import io
 
-    buf = io.BytesIO()
-    plot(report).savefig(buf, format="png", dpi=FIGURE_DPI)
-    png = out / PNG_NAME
-    write_atomically(png, buf.getvalue())
-    report.png_path = png
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+        buf = io.BytesIO()
+        plot(report).savefig(buf, format="png", dpi=FIGURE_DPI)
+        png = buf.getvalue()
+    with interrupts.deferred():
+        atomic_write(out / JSON_NAME, data)
+        if png is None:
+            with output_errors(out / PNG_NAME, "remove the previous plot"):
+                (out / PNG_NAME).unlink(missing_ok=True)
+        else:
+            atomic_write(out / PNG_NAME, png)
+    report.json_path = out / JSON_NAME
+    report.png_path = out / PNG_NAME if png is not None else None
 
 
 def plot(report: SimilarityReport):

@@ -5,9 +5,9 @@ each step's chunk goes to one of a few compute threads (ComputePool) and its sum
 accumulator in step order, so the result does not depend on which thread computed what.
 
 Numerics: each chunk is widened to float32 (rows X, B and D = X - B); per row, the sum of |x| and of x^2 are
-taken in float32 blocks of 256 elements (an abs pass then block sums; a fused L2 norm per block, squared), and
-the block results are reduced in float64 (one float64 reduction per accumulator and chunk) into float64 sums
-per tensor (ChunkMath). An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each
+taken in float32 blocks of 256 elements (an abs pass then block sums; a fused L2 norm per block, squared in
+float64), and the block results are reduced in float64 (one float64 reduction per accumulator and chunk) into
+float64 sums per tensor (ChunkMath). A row whose float32 squares overflow or underflow is summed in float64. An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each
 chunk covers (lowrank_into).
 
 This module imports torch; measure.py imports it only once the inputs are resolved and planned.
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from .measure import Measured, MeasurePlan
 
 BLOCK = 256  # float32 terms summed into one partial sum before the float64 reduction
+# a block norm below this may have lost squares of |x| < 1.1e-19 (under float32's smallest normal 1.2e-38) by
+# more than float32's precision: 256 such squares are < 3.1e-36, under 2^-24 of TINY_NORM^2 = 8.1e-28
+TINY_NORM = 2.0**-45
 
 
 class ChunkMath:
@@ -81,10 +84,23 @@ class ChunkMath:
                 torch.sub(x[k], x[m], out=x[m + 1 + k])
         nb = pad // BLOCK
         blocks = self.blocks[:, :nb]
-        torch.linalg.vector_norm(x.view(width, nb, BLOCK), 2, dim=2, out=blocks[width:])
-        torch.sum(x.abs_().view(width, nb, BLOCK), dim=2, out=blocks[:width])  # the rows are refilled next chunk
-        blocks[width:].square_()
-        return blocks.sum(dim=1, dtype=torch.float64)
+        abs_sums, norms = blocks[:width], blocks[width:]
+        torch.linalg.vector_norm(x.view(width, nb, BLOCK), 2, dim=2, out=norms)
+        torch.sum(x.abs_().view(width, nb, BLOCK), dim=2, out=abs_sums)  # the rows are refilled next chunk
+        sums = torch.empty(2 * width, dtype=torch.float64)
+        torch.sum(abs_sums, dim=1, dtype=torch.float64, out=sums[:width])
+        torch.sum(norms.double().square_(), dim=1, out=sums[width:])  # a norm up to 3.4e38 squares in float64
+        # float32 cannot hold every square: |x| > 1.8e19 overflows, |x| < 1e-19 underflows. A row with a non-finite
+        # block, or a non-zero block whose norm is under TINY_NORM (where lost squares could matter), is summed
+        # again in float64 (rare: trained weights lie far inside both bounds).
+        suspect = (~torch.isfinite(blocks)).any(dim=1)
+        suspect[width:] |= ((norms < TINY_NORM) & (abs_sums > 0)).any(dim=1)
+        if bool(suspect.any()):
+            for r in suspect.view(2, width).any(dim=0).nonzero().flatten().tolist():
+                row = x[r, :n].double()  # |x|, finite wherever the input was
+                sums[r] = row.sum()
+                sums[width + r] = row.square_().sum()
+        return sums
 
 
 def lowrank_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, lo: int, hi: int, cols: int) -> None:

@@ -214,6 +214,8 @@ def test_json_png_and_the_missing_matplotlib(family, tmp_path, monkeypatch):
     assert report.png_path == tmp_path / "out" / "similarity.png"
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    (tmp_path / "no-plot").mkdir()
+    (tmp_path / "no-plot" / "similarity.png").write_bytes(png)  # an earlier run's: stale beside the new JSON
     report = graftcore.similarity(base=paths["base"], instruct=paths["instruct"], output=tmp_path / "no-plot", quiet=True)
     assert report.png_path is None and not (tmp_path / "no-plot" / "similarity.png").exists()
     assert (tmp_path / "no-plot" / "similarity.json").exists()
@@ -380,3 +382,57 @@ def test_missing_base_on_the_command_line_is_one_line(tmp_path, capsys):
         main(["similarity", "--instruct", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "the following arguments are required: --base" in err
+
+
+def test_interrupted_while_plotting_leaves_the_previous_pair(family, tmp_path, monkeypatch):
+    """Ctrl-C while the PNG is drawn: the folder keeps the previous similarity.json and .png (here: none), no new
+    JSON beside an old plot, and no .partial; Ctrl-C inside the atomic write leaves no .partial either."""
+    import graftcore.measure
+    import graftcore.output
+
+    paths, *_ = family
+    out = tmp_path / "out"
+    kw = dict(base=paths["base"], instruct=paths["instruct"], output=out, quiet=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graftcore.measure, "plot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        graftcore.similarity(**kw)
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    graftcore.similarity(**kw)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["similarity.json", "similarity.png"]
+    monkeypatch.setattr(graftcore.measure, "plot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        graftcore.similarity(**kw, include="q_proj")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    monkeypatch.setattr(graftcore.output.os, "replace", interrupted)  # Ctrl-C between the write and the rename
+    with pytest.raises(KeyboardInterrupt):
+        graftcore.similarity(**kw, include="q_proj")
+    assert sorted(p.name for p in out.iterdir()) == ["similarity.json", "similarity.png"]
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30, 1e36])
+def test_norms_of_huge_and_tiny_weights_are_exact(tmp_path, scale):
+    """float32 squares overflow above 1.8e19 and underflow below 1e-19: finite weights far out in either direction
+    are still measured as the float64 definitions give, with no NaN/Inf note."""
+    base = {n: t.float() * scale for n, t in llama_tensors(1, layers=1).items()}
+    instruct = {n: t.float() * scale for n, t in llama_tensors(5, layers=1, noise=5e-3).items()}
+    b, i = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "i", instruct)
+    report = graftcore.similarity(base=b, instruct=i, quiet=True)
+    assert not report.notes
+    for t in report.tensors:
+        check_pair(t.metrics("instruct"), metrics(instruct[t.name], base[t.name]))
+    check_pair(report.model.metrics("instruct"), metrics(cat(list(instruct.values())), cat(list(base.values()))))
+
+
+def test_output_inside_an_input_folder_is_refused(family, cli):
+    paths, *_ = family
+    for out in (paths["instruct"], paths["base"] / "analysis"):
+        code, stdout, err = cli("similarity", "--base", paths["base"], "--instruct", paths["instruct"], "--output", out, "--quiet")
+        assert code == 2 and "input's folder" in err and len(err.strip().splitlines()) == 1, err
+    assert not (paths["instruct"] / "similarity.json").exists() and not (paths["base"] / "analysis").exists()
