@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -297,7 +298,8 @@ def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
     with tempfile.TemporaryDirectory(prefix="graftcore-workers-") as tmp:
         init = f"file://{Path(tmp) / 'rendezvous'}"
         messages = mp.get_context("spawn").SimpleQueue()
-        context = mp.start_processes(_worker, args=(workers, init, kwargs, messages), nprocs=workers, join=False, start_method="spawn")
+        context = mp.start_processes(_worker, args=(workers, init, kwargs, messages, os.getpid()), nprocs=workers,
+                                     join=False, start_method="spawn")
         outcomes = {}
 
         def drain():  # while waiting: a Report larger than the pipe's buffer blocks its worker until read
@@ -348,10 +350,13 @@ def stop_workers(processes, drain, grace: float = 10.0) -> None:
         p.join()
 
 
-def _worker(index: int, world: int, init: str, kwargs: dict, messages) -> None:
+def _worker(index: int, world: int, init: str, kwargs: dict, messages, parent: int) -> None:
     """One --workers process: join the group, run graft, put ("done", rank, error or None, Report or None) on
-    `messages`; rank 0 also forwards its log lines and the progress of all ranks."""
+    `messages`; rank 0 also forwards its log lines and the progress of all ranks. It stops as on SIGTERM (at its
+    next step, its partial shard deleted) when the process `parent` that started it dies, even by SIGKILL."""
     import datetime
+
+    stop_with_parent(parent)
 
     import torch.distributed as dist
 
@@ -374,6 +379,21 @@ def _worker(index: int, world: int, init: str, kwargs: dict, messages) -> None:
         messages.put(("done", index, error, report))
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def stop_with_parent(parent: int) -> None:
+    """SIGTERM this process when its parent dies (Linux: PR_SET_PDEATHSIG); exit at once if it already has."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the workers of a killed parent finish their shards
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def shutdown() -> None:

@@ -68,6 +68,8 @@ def graft_tensor(
             raise MismatchError(f"graft_tensor: {name} has shape {list(x.shape)}, instruct {list(instruct.shape)}")
         if x.device != instruct.device:
             raise GraftError(f"graft_tensor: {name} is on {x.device}, instruct on {instruct.device}")
+        if x.is_meta:
+            raise GraftError(f"graft_tensor: {name} is on the meta device: it has no data to graft (load or materialize it first)")
     out = torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device)
     found = graft_(out, instruct.contiguous(), [t.contiguous() for t in tuned], base.contiguous(), alphas)
     if found.deltas and not allow_nonfinite:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,6 +173,39 @@ def test_workers_are_capped_at_the_shards_to_write(trio, tmp_path):
     paths, *_ = trio
     report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=64)
     assert report.shards_written == 5
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    """kill -9 of the --workers parent while its workers start (import, plan, join the group) or merge: they stop
+    within seconds instead of finishing the folder (or waiting forever for a peer), and nothing looks finished.
+    (torch's SIGINT on the parent's death was swallowed there: the workers ran on and wrote graftcore.json.)"""
+    import time
+
+    big = {f"model.layers.{k}.mlp.up_proj.weight": torch.randn(512, 512).bfloat16() for k in range(24)}
+    paths = {r: write_checkpoint(tmp_path / r, big, 4) for r in ("base", "tuned", "instruct")}
+    for delay in (0.0, 0.5):
+        out = tmp_path / f"out{delay}"
+        cmd = [sys.executable, "-m", "graftcore", "merge", "--base", paths["base"], "--tuned", paths["tuned"], "--instruct",
+               paths["instruct"], "--output", out, "--workers", "2", "--quiet", "--chunk-size", "256"]
+        proc = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.DEVNULL, start_new_session=True)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 60
+        while len(workers := [int(p) for p in children.read_text().split()]) < 3:  # the 2 workers, torch's tracker
+            assert time.monotonic() < deadline and proc.poll() is None, "the workers never started"
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = lambda p: Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # noqa: E731
+        while any(alive(p) for p in workers):
+            if time.monotonic() > deadline:
+                for p in workers:
+                    if alive(p):
+                        os.kill(p, 9)
+                raise AssertionError(f"the workers of a killed parent still run 30 s later (delay {delay})")
+            time.sleep(0.1)
+        assert not (out / "graftcore.json").exists() and not list(out.glob("*.partial")), delay
 
 
 def test_ctrl_c_stops_workers_without_hanging(tmp_path):

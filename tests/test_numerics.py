@@ -163,6 +163,16 @@ def test_graft_tensor_refuses_overflow():
     assert graftcore.graft_tensor(i, torch.tensor([100.0, 0.0]), torch.zeros(2), dtype="float32")[0] == 65604.0
 
 
+
+def test_graft_tensor_refuses_meta_tensors():
+    """Tensors on the meta device (a model built without weights) have no data: a GraftError, not torch's
+    NotImplementedError from inside the kernel."""
+    meta = torch.empty(4, 4, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(graftcore.GraftError, match="instruct is on the meta device"):
+        graftcore.graft_tensor(meta, meta, meta)
+    with pytest.raises(graftcore.GraftError, match="on the meta device|is on meta"):
+        graftcore.graft_state_dict({"w": meta}, {"w": meta}, {"w": meta})
+
 # ---- the compiled kernel, ahead of time ---------------------------------------------------------------------
 
 
