@@ -18,3 +18,15 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A test file that cannot be imported runs none of its tests: say so last, in capitals, with the cause's last
+    line, so a collection error (an import shadowed by a folder of ours, a missing dependency) cannot be read as
+    a few errors beside many passes."""
+    broken = [r for r in terminalreporter.stats.get("error", []) if isinstance(r, pytest.CollectReport) and r.failed]
+    if broken:
+        terminalreporter.section("COLLECTION FAILED", sep="!", red=True, bold=True)
+        for report in broken:
+            cause = str(report.longrepr).strip().splitlines()[-1] if report.longrepr else "?"
+            terminalreporter.write_line(f"NOT RUN: {report.nodeid}: {cause}", red=True, bold=True)
