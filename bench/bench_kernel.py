@@ -78,20 +78,29 @@ def bench_mix(mix, size_mib: int, do_bench, launch_graft) -> dict:
         raise SystemExit(f"kernel and eager torch disagree at {size_mib} MiB, {name}: not benchmarking a wrong kernel")
     del eager
 
-    t_kernel = do_bench(lambda: launch_graft(out, instruct, tuned, base, counter), return_mode="median")
-    t_eager = do_bench(lambda: (instruct.float() + (tuned.float() - base.float())).to(do), return_mode="median")
+    # the lambdas run inside do_bench, before the `del` below (which is what ruff's F821 sees)
+    t_kernel = do_bench(lambda: launch_graft(out, instruct, tuned, base, counter), return_mode="median")  # noqa: F821
+    t_eager = do_bench(lambda: (instruct.float() + (tuned.float() - base.float())).to(do), return_mode="median")  # noqa: F821
     del instruct, tuned, base, out
     src = torch.empty(moved // 2, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    t_copy = do_bench(lambda: dst.copy_(src), return_mode="median")
+    t_copy = do_bench(lambda: dst.copy_(src), return_mode="median")  # noqa: F821
     del src, dst
     torch.cuda.empty_cache()
 
     def gbps(ms):
         return moved / (ms * 1e-3) / 1e9
 
-    return dict(mix=name, mib=size_mib, n=n, kernel_ms=t_kernel, kernel=gbps(t_kernel), copy=gbps(t_copy),
-                eager_ms=t_eager, eager=gbps(t_eager))
+    return dict(
+        mix=name,
+        mib=size_mib,
+        n=n,
+        kernel_ms=t_kernel,
+        kernel=gbps(t_kernel),
+        copy=gbps(t_copy),
+        eager_ms=t_eager,
+        eager=gbps(t_eager),
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -126,8 +135,10 @@ def sass_report() -> str:
 
     from graftcore.kernels.aot import compile_graft, sass_per_element
 
-    lines = ["| out | I, B, T1.. | alphas | sm_80 instr/elem | sm_90 instr/elem | PTX: fma, .ftz, v4 loads, v4 stores |",
-             "|---|---|---|---:|---:|---|"]
+    lines = [
+        "| out | I, B, T1.. | alphas | sm_80 instr/elem | sm_90 instr/elem | PTX: fma, .ftz, v4 loads, v4 stores |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for out, ins, alphas in SASS_CASES:
         counts, ptx = [], ""
         for cap in (80, 90):
@@ -135,19 +146,27 @@ def sass_report() -> str:
             counts.append(sass_per_element(k))
             ptx = k.asm["ptx"]
         checks = f"{ptx.count('fma')}, {ptx.count('.ftz')}, {ptx.count('ld.global.v4')}, {ptx.count('st.global.v4')}"
-        lines.append(f"| {out} | {', '.join(ins)} | {', '.join(map(str, alphas))} | {counts[0]:.2f} | {counts[1]:.2f} | {checks} |")
-    return "\n".join([
-        f"## Kernel instructions per element (SASS, ahead of time), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- command: `{shlex.join(['python', *sys.argv])}`",
-        f"- commit: {git_commit()}; triton {triton.__version__}; {platform.platform()}",
-        "- compiled by graftcore.kernels.aot as the launcher launches it (BLOCK_SIZE 1024, 4 warps, 16-byte aligned "
-        "pointers, no FMA contraction); counted: SASS instructions up to the EXIT of a block without NaN/Inf results "
-        "(NOPs left out), divided by the 8 elements each thread handles",
-        "",
-        *lines,
-        "",
-    ])
+        lines.append(
+            f"| {out} | {', '.join(ins)} | {', '.join(map(str, alphas))} | {counts[0]:.2f} | {counts[1]:.2f} | "
+            f"{checks} |"
+        )
+    return "\n".join(
+        [
+            "## Kernel instructions per element (SASS, ahead of time), "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            "",
+            f"- command: `{shlex.join(['python', *sys.argv])}`",
+            f"- commit: {git_commit()}; triton {triton.__version__}; {platform.platform()}",
+            "- compiled by graftcore.kernels.aot as the launcher launches it (BLOCK_SIZE 1024, 4 warps, 16-byte "
+            "aligned "
+            "pointers, no FMA contraction); counted: SASS instructions up to the EXIT of a block without NaN/Inf "
+            "results "
+            "(NOPs left out), divided by the 8 elements each thread handles",
+            "",
+            *lines,
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,28 +204,35 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             rows.append(bench_mix(mix, size, do_bench, triton_graft.launch_graft))
             r = rows[-1]
-            print(f"{r['mix']:>18} {size:>5} MiB: kernel {r['kernel']:6.0f} GB/s, copy {r['copy']:6.0f} GB/s, "
-                  f"eager {r['eager']:6.0f} GB/s", file=sys.stderr)
+            print(
+                f"{r['mix']:>18} {size:>5} MiB: kernel {r['kernel']:6.0f} GB/s, copy {r['copy']:6.0f} GB/s, "
+                f"eager {r['eager']:6.0f} GB/s",
+                file=sys.stderr,
+            )
 
     # Triton keys its tuning cache by the dtypes of the tensor arguments (bf16 travels as int16)
-    picked = [f"{'/'.join(k.replace('torch.', '') for k in key)}: {cfg}" for key, cfg in
-              triton_graft._autotuned_kernel.cache.items()]
+    picked = [
+        f"{'/'.join(k.replace('torch.', '') for k in key)}: {cfg}"
+        for key, cfg in triton_graft._autotuned_kernel.cache.items()
+    ]
     props = torch.cuda.get_device_properties(0)
-    report = "\n".join([
-        f"## Kernel bandwidth, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- command: `{shlex.join(['python', *sys.argv])}`",
-        f"- commit: {git_commit()}",
-        f"- machine: {props.name} ({props.total_memory / (1 << 30):.0f} GiB), {os.cpu_count()} CPUs, "
-        f"{ram_gib():.0f} GiB RAM, {platform.platform()}",
-        f"- versions: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
-        f"Python {platform.python_version()}",
-        f"- autotune picked (out/I/T/B/counter dtypes as passed): {'; '.join(picked)}",
-        "- GB/s = 1e9 bytes/s over 3 reads + 1 write; copy moves the same bytes; medians of do_bench, L2 flushed",
-        "",
-        table(rows),
-        "",
-    ])
+    report = "\n".join(
+        [
+            f"## Kernel bandwidth, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            "",
+            f"- command: `{shlex.join(['python', *sys.argv])}`",
+            f"- commit: {git_commit()}",
+            f"- machine: {props.name} ({props.total_memory / (1 << 30):.0f} GiB), {os.cpu_count()} CPUs, "
+            f"{ram_gib():.0f} GiB RAM, {platform.platform()}",
+            f"- versions: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+            f"Python {platform.python_version()}",
+            f"- autotune picked (out/I/T/B/counter dtypes as passed): {'; '.join(picked)}",
+            "- GB/s = 1e9 bytes/s over 3 reads + 1 write; copy moves the same bytes; medians of do_bench, L2 flushed",
+            "",
+            table(rows),
+            "",
+        ]
+    )
     print(report)
     if not args.no_append:
         new = not args.results.exists()

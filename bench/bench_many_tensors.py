@@ -69,7 +69,19 @@ def main() -> None:
     make_trio(folder, args.tensors)
     exe = Path(sys.executable).with_name("graftcore")
     roles = [str(folder / r) for r in ("base", "tuned", "instruct")]
-    merge = [str(exe), "merge", "--base", roles[0], "--tuned", roles[1], "--instruct", roles[2], "--device", "cpu", "--quiet"]
+    merge = [
+        str(exe),
+        "merge",
+        "--base",
+        roles[0],
+        "--tuned",
+        roles[1],
+        "--instruct",
+        roles[2],
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     runs = {
         "import torch, graftcore.api": measure([sys.executable, "-c", "import torch, graftcore.api"]),
         "--dry-run (headers + plan)": measure([*merge, "--output", str(folder / "out"), "--dry-run"]),
@@ -87,11 +99,20 @@ def main() -> None:
         extra = name != "import torch, graftcore.api"
         per_us = (run.seconds - base.seconds) / args.tensors * 1e6 if extra else None
         per_kb = (run.peak_anon - base.peak_anon) / args.tensors / 1024 if extra else None
-        rows.append([name, f"{run.seconds:.2f}", gb(run.peak_anon), f"{per_us:.1f}" if extra else "",
-                     f"{per_kb:.2f}" if extra else ""])
-    body = (f"{args.tensors} tensors per checkpoint (bf16, {gb(inputs)} of inputs in all, 4/3/5 shards); cost per "
-            f"tensor = (row - import) / tensors.\n\n"
-            + table(["run", "wall s", "peak RssAnon", "µs per tensor", "KB per tensor"], rows))
+        rows.append(
+            [
+                name,
+                f"{run.seconds:.2f}",
+                gb(run.peak_anon),
+                f"{per_us:.1f}" if extra else "",
+                f"{per_kb:.2f}" if extra else "",
+            ]
+        )
+    body = (
+        f"{args.tensors} tensors per checkpoint (bf16, {gb(inputs)} of inputs in all, 4/3/5 shards); cost per "
+        f"tensor = (row - import) / tensors.\n\n"
+        + table(["run", "wall s", "peak RssAnon", "µs per tensor", "KB per tensor"], rows)
+    )
     print(body)
     if not args.no_record:
         append_results(f"bench_many_tensors {args.tensors}", body, folder, {"merge": merge})

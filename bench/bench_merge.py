@@ -33,16 +33,30 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    BENCH,
+    DATA,
+    MERGEKIT_VENV,
+    Run,
+    Series,
     add_run_options,
+    append_results,
+    check_lora_output,
+    check_output,
+    evict,
+    files_under,
+    fsync_files,
+    gb,
+    log,
+    measure,
+    prewarm,
     run_interleaved,
-    BENCH, DATA, MERGEKIT_VENV, Run, Series, append_results, check_lora_output, check_output, evict, files_under, fsync_files, gb, log,
-    measure, prewarm, table,
+    table,
 )
 from make_checkpoints import PRESETS, ROLES, make_trio  # noqa: E402
 
@@ -71,9 +85,19 @@ def reference_check(trio: dict) -> Callable[[Path], tuple[bool, str]]:
 
 def floor_rows(trio: dict, work: Path) -> list[Row]:
     """Reading the inputs (concurrently, as graftcore does) and writing one output-sized file durably."""
-    reads = " & ".join(f"cat {shlex.quote(trio['roles'][r]['dir'])}/*.safetensors > /dev/null" for r in ROLES) + " & wait"
+    reads = (
+        " & ".join(f"cat {shlex.quote(trio['roles'][r]['dir'])}/*.safetensors > /dev/null" for r in ROLES) + " & wait"
+    )
     mib = math.ceil(trio["roles"]["instruct"]["bytes"] / 2**20)
-    write = ["dd", "if=/dev/zero", f"of={work / 'floor-write' / 'out.bin'}", "bs=1M", f"count={mib}", "conv=fdatasync", "status=none"]
+    write = [
+        "dd",
+        "if=/dev/zero",
+        f"of={work / 'floor-write' / 'out.bin'}",
+        "bs=1M",
+        f"count={mib}",
+        "conv=fdatasync",
+        "status=none",
+    ]
     startup = [sys.executable, "-c", "import torch, safetensors"]
     return [
         Row("floor", "I/O floor: read B+T+I (3 concurrent cat)", ["sh", "-c", reads], floor=True),
@@ -89,7 +113,21 @@ def graftcore_cmd() -> list[str]:
 
 def merge_args(trio: dict, out: Path, device: str) -> list[str]:
     b, t, i = (trio["roles"][r]["dir"] for r in ROLES)
-    return ["merge", "--base", b, "--tuned", t, "--instruct", i, "--output", str(out), "--device", device, "--quiet", "--overwrite"]
+    return [
+        "merge",
+        "--base",
+        b,
+        "--tuned",
+        t,
+        "--instruct",
+        i,
+        "--output",
+        str(out),
+        "--device",
+        device,
+        "--quiet",
+        "--overwrite",
+    ]
 
 
 def graftcore_rows(trio: dict, work: Path) -> list[Row]:
@@ -100,7 +138,15 @@ def graftcore_rows(trio: dict, work: Path) -> list[Row]:
     for dev in devices:
         out = work / f"graftcore-{dev}"
         cmd = [*graftcore_cmd(), *merge_args(trio, out, dev)]
-        rows.append(Row("graftcore" if dev == "cpu" else "graftcore-cuda", f"graftcore (--device {dev})", cmd, out, reference_check(trio)))
+        rows.append(
+            Row(
+                "graftcore" if dev == "cpu" else "graftcore-cuda",
+                f"graftcore (--device {dev})",
+                cmd,
+                out,
+                reference_check(trio),
+            )
+        )
     for k in WORKERS:  # --workers 1,2: the same merge spread over K local processes
         if k > 1:
             out = work / f"graftcore-workers{k}"
@@ -112,9 +158,19 @@ def graftcore_rows(trio: dict, work: Path) -> list[Row]:
         rows.append(Row(f"variant{k}", f"graftcore (--device cpu {flags})", cmd, out, reference_check(trio)))
     if BEFORE is not None:  # --before VENV: an earlier graftcore installed in its own venv, for before/after rows
         out = work / "graftcore-before"
-        version = subprocess.run([str(BEFORE / "bin" / "graftcore"), "--version"], capture_output=True, text=True).stdout.split()[-1]
+        version = subprocess.run(
+            [str(BEFORE / "bin" / "graftcore"), "--version"], capture_output=True, text=True
+        ).stdout.split()[-1]
         cmd = [str(BEFORE / "bin" / "graftcore"), *merge_args(trio, out, "cpu")]
-        rows.append(Row("before", f"graftcore {version} before (--device cpu, from {BEFORE.name})", cmd, out, reference_check(trio)))
+        rows.append(
+            Row(
+                "before",
+                f"graftcore {version} before (--device cpu, from {BEFORE.name})",
+                cmd,
+                out,
+                reference_check(trio),
+            )
+        )
     return rows
 
 
@@ -158,7 +214,12 @@ def mergekit_rows(trio: dict, work: Path) -> list[Row]:
     rows = []
     variants = [
         ("mergekit", "mergekit task_arithmetic (defaults, bf16 math)", False, []),
-        ("mergekit-fast", "mergekit (--out-shard-size 500M --async-write)", False, ["--out-shard-size", "500M", "--async-write"]),
+        (
+            "mergekit-fast",
+            "mergekit (--out-shard-size 500M --async-write)",
+            False,
+            ["--out-shard-size", "500M", "--async-write"],
+        ),
         ("mergekit-fp32", "mergekit (dtype float32, out_dtype bfloat16)", True, []),
     ]
     for key, name, fp32, flags in variants:
@@ -179,17 +240,53 @@ def lora_rows(trio: dict, work: Path) -> list[Row]:
     adapter = instruct.parent / "lora-r128"
     if not (adapter / "adapter_model.safetensors").exists():
         log(f"making a rank-128 adapter in {adapter}")
-        subprocess.run([sys.executable, str(BENCH / "make_lora_adapter.py"), str(instruct), "--out", str(adapter),
-                        "--rank", "128"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "make_lora_adapter.py"),
+                str(instruct),
+                "--out",
+                str(adapter),
+                "--rank",
+                "128",
+            ],
+            check=True,
+        )
     check = lambda out: check_lora_output(out, instruct, adapter)  # noqa: E731
     return [
-        Row("lora", "LoRA floor: copy Instruct (cp -r)", ["cp", "-r", str(instruct), str(work / "lora-copy")],
-            out=work / "lora-copy"),
-        Row("lora", "graftcore LoRA r128 (--device cpu)", [*graftcore_cmd(), "merge", "--tuned", str(adapter),
-            "--instruct", str(instruct), "--output", str(work / "lora-graftcore"), "--device", "cpu", "--quiet",
-            "--overwrite"], work / "lora-graftcore", check),
-        Row("lora-peft", "PEFT: load + merge_and_unload + save_pretrained", [sys.executable, str(BENCH / "peft_merge.py"),
-            str(instruct), str(adapter), str(work / "lora-peft")], work / "lora-peft", check),
+        Row(
+            "lora",
+            "LoRA floor: copy Instruct (cp -r)",
+            ["cp", "-r", str(instruct), str(work / "lora-copy")],
+            out=work / "lora-copy",
+        ),
+        Row(
+            "lora",
+            "graftcore LoRA r128 (--device cpu)",
+            [
+                *graftcore_cmd(),
+                "merge",
+                "--tuned",
+                str(adapter),
+                "--instruct",
+                str(instruct),
+                "--output",
+                str(work / "lora-graftcore"),
+                "--device",
+                "cpu",
+                "--quiet",
+                "--overwrite",
+            ],
+            work / "lora-graftcore",
+            check,
+        ),
+        Row(
+            "lora-peft",
+            "PEFT: load + merge_and_unload + save_pretrained",
+            [sys.executable, str(BENCH / "peft_merge.py"), str(instruct), str(adapter), str(work / "lora-peft")],
+            work / "lora-peft",
+            check,
+        ),
     ]
 
 
@@ -230,7 +327,16 @@ def report(rows: list[Row], results: dict[str, Series], checks: dict[str, str], 
     read = next((done[r.name] for r in rows if r.floor and "read" in r.name and r.name in done), None)
     write = next((done[r.name] for r in rows if r.floor and "write" in r.name and r.name in done), None)
     floor = read.median + write.median_to_disk if read and write else None
-    header = ["method", "wall s min", "wall s median", "+flush s", "x floor", "peak RssAnon", "peak RSS", "bit-identical"]
+    header = [
+        "method",
+        "wall s min",
+        "wall s median",
+        "+flush s",
+        "x floor",
+        "peak RssAnon",
+        "peak RSS",
+        "bit-identical",
+    ]
     lines = []
     for r in rows:
         s = done.get(r.name)
@@ -239,27 +345,54 @@ def report(rows: list[Row], results: dict[str, Series], checks: dict[str, str], 
             continue
         ratio = f"{s.median_to_disk / floor:.2f}" if floor and not r.floor else ""
         flush = f"{statistics.median(s.flush):.2f}" if r.out else ""
-        lines.append([r.name, f"{s.min:.2f}", f"{s.median:.2f}", flush, ratio, gb(s.peak_anon), gb(s.peak_rss), checks.get(r.name, "")])
+        lines.append(
+            [
+                r.name,
+                f"{s.min:.2f}",
+                f"{s.median:.2f}",
+                flush,
+                ratio,
+                gb(s.peak_anon),
+                gb(s.peak_rss),
+                checks.get(r.name, ""),
+            ]
+        )
         if s is write and floor:
-            lines.append(["**I/O floor: read + write**", f"{read.min + write.min:.2f}", f"{floor:.2f}", "", "1.00", "", "", ""])
+            lines.append(
+                ["**I/O floor: read + write**", f"{read.min + write.min:.2f}", f"{floor:.2f}", "", "1.00", "", "", ""]
+            )
     return f"**{mode}** page cache\n\n" + table(header, lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_options(ap, PRESETS)
-    ap.add_argument("--only", help="comma-separated row keys: floor, graftcore, graftcore-cuda, naive, mergekit, mergekit-fast, "
-                    "mergekit-fp32, before, variantK, lora keys")
+    ap.add_argument(
+        "--only",
+        help="comma-separated row keys: floor, graftcore, graftcore-cuda, naive, mergekit, mergekit-fast, "
+        "mergekit-fp32, before, variantK, lora keys",
+    )
     ap.add_argument("--data", help="trio folder (default bench/data/PRESET)")
     ap.add_argument("--no-record", action="store_true", help="print the tables but do not append to bench/RESULTS.md")
-    ap.add_argument("--variant", action="append", default=[], metavar="FLAGS",
-                    help="an extra graftcore row with these flags (row key variantK), e.g. '--read-buffer 16MiB' (repeatable)")
-    ap.add_argument("--workers", metavar="K,K..", help="graftcore rows with --workers K for each K > 1 (row keys workersK; "
-                    "K = 1 is the graftcore row), e.g. 1,2")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="an extra graftcore row with these flags (row key variantK), e.g. '--read-buffer 16MiB' (repeatable)",
+    )
+    ap.add_argument(
+        "--workers",
+        metavar="K,K..",
+        help="graftcore rows with --workers K for each K > 1 (row keys workersK; K = 1 is the graftcore row), e.g. 1,2",
+    )
     ap.add_argument("--before", metavar="VENV", help="a venv holding an earlier graftcore: adds its row (key 'before')")
-    ap.add_argument("--busy-cache", action="store_true",
-                    help="cold runs start with the page cache full of other files (every other trio under bench/data "
-                    "read after the eviction), as on a machine that has been running, not one just booted")
+    ap.add_argument(
+        "--busy-cache",
+        action="store_true",
+        help="cold runs start with the page cache full of other files (every other trio under bench/data "
+        "read after the eviction), as on a machine that has been running, not one just booted",
+    )
     args = ap.parse_args()
     modes = args.modes or ["cold", "warm"]
     global BEFORE
@@ -274,7 +407,16 @@ def main() -> None:
     rows = [row for build in ROW_BUILDERS for row in build(trio, work)]
     if args.only:
         keys = set(args.only.split(","))
-        known = {"floor", "graftcore", "graftcore-cuda", "naive", "mergekit", "mergekit-fast", "mergekit-fp32", "before"} | {r.key for r in rows}
+        known = {
+            "floor",
+            "graftcore",
+            "graftcore-cuda",
+            "naive",
+            "mergekit",
+            "mergekit-fast",
+            "mergekit-fp32",
+            "before",
+        } | {r.key for r in rows}
         if keys - known:
             sys.exit(f"bench_merge: unknown --only key(s) {sorted(keys - known)}; known: {', '.join(sorted(known))}")
         rows = [r for r in rows if r.key in keys]
@@ -284,7 +426,10 @@ def main() -> None:
         mine = {p.resolve() for p in inputs}
         BUSY_CACHE.extend(p for p in sorted(DATA.glob("*/*/*.safetensors")) if p.resolve() not in mine)
         log(f"--busy-cache: {gb(sum(p.stat().st_size for p in BUSY_CACHE))} of other trios read before each cold run")
-    log(f"{args.preset}: inputs {', '.join(f'{r} {gb(b)}' for r, b in total.items())}; {len(rows)} rows x {args.reps} reps x {modes}")
+    log(
+        f"{args.preset}: inputs {', '.join(f'{r} {gb(b)}' for r, b in total.items())}; {len(rows)} rows x "
+        f"{args.reps} reps x {modes}"
+    )
 
     checks: dict[str, str] = {}
     sections = []
@@ -296,10 +441,15 @@ def main() -> None:
     files = {r: len(trio["roles"][r]["files"]) for r in ROLES}
     intro = (
         f"Trio `{args.preset}`: Base {gb(total['base'])} in {files['base']} shard(s), tuned {gb(total['tuned'])} in "
-        f"{files['tuned']}, Instruct {gb(total['instruct'])} in {files['instruct']} ({trio['roles']['instruct']['dtype']}); "
+        f"{files['tuned']}, Instruct {gb(total['instruct'])} in {files['instruct']} "
+        f"({trio['roles']['instruct']['dtype']}); "
         f"{args.reps} reps per row, order rotated by one every rep. "
-        + (f"Cold runs start with the page cache full of other files ({gb(sum(p.stat().st_size for p in BUSY_CACHE))} "
-           "read after the eviction: --busy-cache). " if BUSY_CACHE else "")
+        + (
+            f"Cold runs start with the page cache full of other files ({gb(sum(p.stat().st_size for p in BUSY_CACHE))} "
+            "read after the eviction: --busy-cache). "
+            if BUSY_CACHE
+            else ""
+        )
         + "`x floor` = median (wall + flush) / "
         "median (read floor + write floor); `+flush` = fsync of the output after the process exits "
         "(graftcore fsyncs itself; mergekit and the naive script leave write-back to the kernel)."

@@ -113,14 +113,35 @@ def main() -> None:
                 if r.floor or s is None:
                     continue
                 points.setdefault(f"{r.name} ({mode})", []).append((moved, s.median_to_disk, s.peak_anon))
-                lines.append([
-                    size, gb(moved), mode, r.name, f"{s.min:.2f}", f"{s.median:.2f}",
-                    f"{moved / 1e9 / s.median_to_disk:.2f}", f"{s.median_to_disk / floor_s:.2f}" if floor_s else "",
-                    gb(s.peak_anon), gb(s.peak_rss), checks.get(r.name, "") if args.check else "",
-                ])
+                lines.append(
+                    [
+                        size,
+                        gb(moved),
+                        mode,
+                        r.name,
+                        f"{s.min:.2f}",
+                        f"{s.median:.2f}",
+                        f"{moved / 1e9 / s.median_to_disk:.2f}",
+                        f"{s.median_to_disk / floor_s:.2f}" if floor_s else "",
+                        gb(s.peak_anon),
+                        gb(s.peak_rss),
+                        checks.get(r.name, "") if args.check else "",
+                    ]
+                )
 
-    header = ["preset", "moved", "cache", "method", "wall s min", "wall s median", "GB/s moved", "x floor",
-              "peak RssAnon", "peak RSS", "bit-identical"]
+    header = [
+        "preset",
+        "moved",
+        "cache",
+        "method",
+        "wall s min",
+        "wall s median",
+        "GB/s moved",
+        "x floor",
+        "peak RssAnon",
+        "peak RSS",
+        "bit-identical",
+    ]
     fits = []
     for label, pts in points.items():
         if len(pts) >= 2:
@@ -129,8 +150,11 @@ def main() -> None:
     plot(points, Path(args.plot), f"graftcore scaling, {', '.join(sizes)}, {args.reps} reps")
     body = (
         "`moved` = bytes read (Base + tuned + Instruct) + bytes written (output). Times are medians to disk "
-        "(wall + fsync of the output afterwards). Least-squares fits:\n\n" + "\n".join(fits) + "\n\n"
-        + table(header, lines) + f"\n\n![scaling]({Path(args.plot).name})"
+        "(wall + fsync of the output afterwards). Least-squares fits:\n\n"
+        + "\n".join(fits)
+        + "\n\n"
+        + table(header, lines)
+        + f"\n\n![scaling]({Path(args.plot).name})"
     )
     print(body)
     if not args.no_record:

@@ -32,7 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, Series, add_run_options, run_interleaved, append_results, evict, gb, log, measure, prewarm, table  # noqa: E402
+from common import (
+    DATA,
+    Series,
+    add_run_options,
+    append_results,
+    evict,
+    gb,
+    log,
+    measure,
+    prewarm,
+    run_interleaved,
+    table,
+)  # noqa: E402
 from make_checkpoints import PRESETS, ROLES, make_trio  # noqa: E402
 
 
@@ -56,14 +68,23 @@ def similarity_args(trio: dict) -> list[str]:
 
 
 def rows_for(trio: dict, work: Path) -> list[Row]:
-    reads = " & ".join(f"cat {shlex.quote(trio['roles'][r]['dir'])}/*.safetensors > /dev/null" for r in ROLES) + " & wait"
+    reads = (
+        " & ".join(f"cat {shlex.quote(trio['roles'][r]['dir'])}/*.safetensors > /dev/null" for r in ROLES) + " & wait"
+    )
     return [
         Row("floor", "read floor: B+T+I (3 concurrent cat)", ["sh", "-c", reads], floor=True),
-        Row("floor", "startup: python -c 'import torch, safetensors'", [sys.executable, "-c", "import torch, safetensors"],
-            reference=True),
+        Row(
+            "floor",
+            "startup: python -c 'import torch, safetensors'",
+            [sys.executable, "-c", "import torch, safetensors"],
+            reference=True,
+        ),
         Row("similarity", "graftcore similarity (B, I, T; table only)", [*graftcore_cmd(), *similarity_args(trio)]),
-        Row("output", "graftcore similarity --output (+ JSON and PNG)",
-            [*graftcore_cmd(), *similarity_args(trio), "--output", str(work / "similarity-out")]),
+        Row(
+            "output",
+            "graftcore similarity --output (+ JSON and PNG)",
+            [*graftcore_cmd(), *similarity_args(trio), "--output", str(work / "similarity-out")],
+        ),
     ]
 
 
@@ -76,7 +97,9 @@ def float64_check(trio: dict, work: Path) -> str:
 
     out = work / "similarity-check"
     shutil.rmtree(out, ignore_errors=True)
-    run = subprocess.run([*graftcore_cmd(), *similarity_args(trio), "--output", str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [*graftcore_cmd(), *similarity_args(trio), "--output", str(out)], capture_output=True, text=True
+    )
     if run.returncode != 0:
         return f"check run failed (exit {run.returncode}): {run.stderr.strip()[-300:]}"
     doc = json.loads((out / "similarity.json").read_text())
@@ -92,19 +115,25 @@ def float64_check(trio: dict, work: Path) -> str:
     maps = {r: tensor_files(trio["roles"][r]["dir"]) for r in ROLES}
     worst = 0.0
     for name in picked:
-        with safe_open(maps["base"][name], "pt") as fb, safe_open(maps["instruct"][name], "pt") as fi, \
-                safe_open(maps["tuned"][name], "pt") as ft:
+        with (
+            safe_open(maps["base"][name], "pt") as fb,
+            safe_open(maps["instruct"][name], "pt") as fi,
+            safe_open(maps["tuned"][name], "pt") as ft,
+        ):
             b, i, t = (f.get_tensor(name).double().flatten() for f in (fb, fi, ft))
         for role, x in (("instruct", i), ("tuned", t)):
             d = x - b
-            want = {"sigma": (d.abs().sum() / (x.abs().sum() + b.abs().sum())).item(),
-                    "rel_l2": (d.norm() / b.norm()).item(),
-                    "cosine": ((x * b).sum() / (x.norm() * b.norm())).item()}
+            want = {
+                "sigma": (d.abs().sum() / (x.abs().sum() + b.abs().sum())).item(),
+                "rel_l2": (d.norm() / b.norm()).item(),
+                "cosine": ((x * b).sum() / (x.norm() * b.norm())).item(),
+            }
             got = doc["tensors"][name]["pairs"][role]
             worst = max(worst, *(abs(got[k] - v) / abs(v) for k, v in want.items()))
     shutil.rmtree(out, ignore_errors=True)
     verdict = "yes" if worst < 1e-6 else "NO"
-    return f"{verdict}: {len(picked)} tensors x 2 pairs x 3 metrics against float64, largest relative difference {worst:.1e}"
+    what = f"{len(picked)} tensors x 2 pairs x 3 metrics against float64"
+    return f"{verdict}: {what}, largest relative difference {worst:.1e}"
 
 
 def run_row(row: Row, cold: bool, inputs: list[Path], series: Series) -> bool:
@@ -162,13 +191,19 @@ def main() -> None:
     rows = rows_for(trio, work)
     keys = set((args.only or "floor,similarity").split(","))
     if keys - {r.key for r in rows}:
-        sys.exit(f"bench_similarity: unknown --only key(s) {sorted(keys - {r.key for r in rows})}; known: floor, similarity, output")
+        sys.exit(
+            f"bench_similarity: unknown --only key(s) {sorted(keys - {r.key for r in rows})}; known: floor, "
+            "similarity, output"
+        )
     rows = [r for r in rows if r.key in keys]
     inputs = [Path(trio["roles"][r]["dir"]) / f for r in ROLES for f in trio["roles"][r]["files"]]
     total = {r: trio["roles"][r]["bytes"] for r in ROLES}
     check = "not run (--no-check)" if args.no_check else float64_check(trio, work)
     log(f"float64 check: {check}")
-    log(f"{args.preset}: inputs {', '.join(f'{r} {gb(b)}' for r, b in total.items())}; {len(rows)} rows x {args.reps} reps x {modes}")
+    log(
+        f"{args.preset}: inputs {', '.join(f'{r} {gb(b)}' for r, b in total.items())}; {len(rows)} rows x "
+        f"{args.reps} reps x {modes}"
+    )
 
     sections = []
     try:
@@ -182,7 +217,8 @@ def main() -> None:
     files = {r: len(trio["roles"][r]["files"]) for r in ROLES}
     intro = (
         f"Trio `{args.preset}`: Base {gb(total['base'])} in {files['base']} shard(s), tuned {gb(total['tuned'])} in "
-        f"{files['tuned']}, Instruct {gb(total['instruct'])} in {files['instruct']} ({trio['roles']['instruct']['dtype']}); "
+        f"{files['tuned']}, Instruct {gb(total['instruct'])} in {files['instruct']} "
+        f"({trio['roles']['instruct']['dtype']}); "
         f"{args.reps} reps per row, order rotated by one every rep. `x read floor` = median wall / median read floor; "
         f"`x floor, paired` = median over reps of wall / the same rep's read floor "
         f"(similarity writes no model, so the floor is reading the three inputs). The startup row is the "

@@ -50,9 +50,12 @@ def main() -> None:
     for name, cmd in COMMANDS.items():
         log(f"{name} x {args.reps}")
         s = time_command(cmd, args.reps)
-        rows.append([name, "failed", "", ""] if s is None else [name, f"{s.min:.3f}", f"{s.median:.3f}", gb(s.peak_rss)])
-    body = (f"{args.reps} runs per command after one untimed warm-up run; wall time from fork to reap.\n\n"
-            + table(["command", "wall s min", "wall s median", "peak RSS"], rows))
+        rows.append(
+            [name, "failed", "", ""] if s is None else [name, f"{s.min:.3f}", f"{s.median:.3f}", gb(s.peak_rss)]
+        )
+    body = f"{args.reps} runs per command after one untimed warm-up run; wall time from fork to reap.\n\n" + table(
+        ["command", "wall s min", "wall s median", "peak RSS"], rows
+    )
     print(body)
     if not args.no_record:
         append_results("bench_startup", body, commands=COMMANDS)

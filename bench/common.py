@@ -251,8 +251,11 @@ def machine(data_dir: str | Path = DATA) -> dict:
         "disk": f"{source} ({fstype} at {point}{', ' + model if model else ''}"
         f"{', rotational' if rotational == '1' else ', non-rotational' if rotational == '0' else ''})",
     }
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True) \
-        if _which("nvidia-smi") else None
+    gpu = (
+        subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if _which("nvidia-smi")
+        else None
+    )
     if gpu and gpu.returncode == 0:
         out["gpu"] = gpu.stdout.strip().replace("\n", ", ")
     return out
@@ -278,7 +281,8 @@ def versions() -> dict:
     if py.exists():
         r = subprocess.run(
             [str(py), "-c", "from importlib.metadata import version as v; print(v('mergekit'), v('torch'))"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if r.returncode == 0:
             mk, torch_v = r.stdout.split()
@@ -288,6 +292,7 @@ def versions() -> dict:
 
 def git_commit() -> str:
     """Short commit of the checkout, '+dirty' when tracked files differ from it."""
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -309,7 +314,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def append_results(title: str, body: str, data_dir: str | Path = DATA, commands: dict[str, list[str]] | None = None) -> None:
+def append_results(
+    title: str, body: str, data_dir: str | Path = DATA, commands: dict[str, list[str]] | None = None
+) -> None:
     """Append a section to bench/RESULTS.md: date, commit, machine, versions, the exact command, body."""
     m, v = machine(data_dir), versions()
     lines = [
@@ -361,8 +368,14 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def check_output(out: str | Path, base: str | Path, tuned: str | Path, instruct: str | Path,
-                 alpha: float = 1.0, max_elements: int = 1 << 24) -> tuple[bool, str]:
+def check_output(
+    out: str | Path,
+    base: str | Path,
+    tuned: str | Path,
+    instruct: str | Path,
+    alpha: float = 1.0,
+    max_elements: int = 1 << 24,
+) -> tuple[bool, str]:
     """Compare every tensor of `out` bit for bit with round(I + alpha * (T - B)) computed in float32.
 
     Streams: one slice of at most `max_elements` elements of one tensor is in memory at a time.
@@ -387,7 +400,10 @@ def check_output(out: str | Path, base: str | Path, tuned: str | Path, instruct:
         o = slicer(out_map[name], name)
         i, t, b = (slicer(m[name], name) for m in maps)
         if o.get_shape() != i.get_shape() or o.get_dtype() != i.get_dtype():
-            return False, f"{name}: {o.get_dtype()}{o.get_shape()} in the output, {i.get_dtype()}{i.get_shape()} in Instruct"
+            return (
+                False,
+                f"{name}: {o.get_dtype()}{o.get_shape()} in the output, {i.get_dtype()}{i.get_shape()} in Instruct",
+            )
         shape = o.get_shape()
         rows = shape[0] if shape else 1
         per_row = max(1, (max(1, total_of(shape)) // max(rows, 1)))
@@ -412,7 +428,10 @@ def check_output(out: str | Path, base: str | Path, tuned: str | Path, instruct:
             bad_elems += differs
     if not bad_tensors:
         return True, "yes"
-    return False, f"no: {bad_tensors} of {len(out_map)} tensors differ, {100 * bad_elems / max(total, 1):.2f}% of elements"
+    return (
+        False,
+        f"no: {bad_tensors} of {len(out_map)} tensors differ, {100 * bad_elems / max(total, 1):.2f}% of elements",
+    )
 
 
 def total_of(shape) -> int:
@@ -465,7 +484,9 @@ def add_run_options(ap, presets) -> None:
     ap.add_argument("--preset", default="2gb", choices=presets)
     ap.add_argument("--reps", type=int, default=3)
     cache = ap.add_mutually_exclusive_group()
-    cache.add_argument("--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run")
+    cache.add_argument(
+        "--cold", dest="modes", action="store_const", const=["cold"], help="inputs evicted before each run"
+    )
     cache.add_argument("--warm", dest="modes", action="store_const", const=["warm"], help="inputs read before each run")
     cache.add_argument("--both", dest="modes", action="store_const", const=["cold", "warm"], help="(default)")
 

@@ -64,11 +64,17 @@ PRESETS = {
     "8gb": Spec(hidden=3072, intermediate=8960, layers=36, vocab=32000, heads=24, kv_heads=8, nominal=8 * GB),
     # Qwen2.5-32B's shapes (q/k/v biases, untied head, vocabulary 152064) cut to 6 layers: 9 GB per checkpoint,
     # so a trio (27 GB) plus its output does not fit in a 24 GB machine's page cache: the out-of-core preset
-    "32b-ooc": Spec(hidden=5120, intermediate=27648, layers=6, vocab=152064, heads=40, kv_heads=8, nominal=9 * GB, qkv_bias=True),
+    "32b-ooc": Spec(
+        hidden=5120, intermediate=27648, layers=6, vocab=152064, heads=40, kv_heads=8, nominal=9 * GB, qkv_bias=True
+    ),
 }
 ROLES = ("base", "tuned", "instruct")
 SHARD_FRACTIONS = {"base": 0.5, "tuned": 0.35, "instruct": 0.25}  # of the nominal size
-DTYPE_CODES = {"bfloat16": ("BF16", torch.bfloat16), "float16": ("F16", torch.float16), "float32": ("F32", torch.float32)}
+DTYPE_CODES = {
+    "bfloat16": ("BF16", torch.bfloat16),
+    "float16": ("F16", torch.float16),
+    "float32": ("F32", torch.float32),
+}
 
 
 def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
@@ -83,7 +89,11 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.v_proj.weight", (kv, h)),
         ]
         if spec.qkv_bias:
-            out += [(p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.k_proj.bias", (kv,)), (p + "self_attn.v_proj.bias", (kv,))]
+            out += [
+                (p + "self_attn.q_proj.bias", (h,)),
+                (p + "self_attn.k_proj.bias", (kv,)),
+                (p + "self_attn.v_proj.bias", (kv,)),
+            ]
         out += [
             (p + "self_attn.o_proj.weight", (h, h)),
             (p + "mlp.gate_proj.weight", (spec.intermediate, h)),
@@ -171,7 +181,15 @@ def tokenizer_files(vocab: int, chat: bool) -> dict[str, dict]:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": k, "content": w, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": k,
+                "content": w,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for k, w in enumerate(specials)
         ],
         "normalizer": None,
@@ -221,8 +239,13 @@ def make_trio(
     nominal = spec.nominal or 2 * sum(numel(s) for _, s in tensor_shapes(spec))
     shard_bytes = shard_bytes or {r: int(f * nominal) for r, f in SHARD_FRACTIONS.items()}
     settings = {
-        "gen_version": GEN_VERSION, "spec": asdict(spec), "seed": seed, "dtype": dtype,
-        "tuned_dtype": tuned_dtype, "noise": noise, "shard_bytes": shard_bytes,
+        "gen_version": GEN_VERSION,
+        "spec": asdict(spec),
+        "seed": seed,
+        "dtype": dtype,
+        "tuned_dtype": tuned_dtype,
+        "noise": noise,
+        "shard_bytes": shard_bytes,
     }
     stamp_path = out / "trio.json"
     if not force and stamp_path.exists():
@@ -243,7 +266,8 @@ def make_trio(
         code, tdtype = DTYPE_CODES[dtypes[role]]
         shards = plan_shards(shapes, tdtype.itemsize, shard_bytes[role])
         names = (
-            ["model.safetensors"] if len(shards) == 1
+            ["model.safetensors"]
+            if len(shards) == 1
             else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
         )
         layouts[role] = (code, tdtype, shards, names)
@@ -326,7 +350,9 @@ def spec_from_args(args) -> Spec:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("preset", choices=PRESETS, help="model size per checkpoint (bf16)")
     ap.add_argument("--out", required=True, help="folder to hold base/ tuned/ instruct/")
     ap.add_argument("--hidden", type=int, help="override the preset's hidden size")
@@ -337,7 +363,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPE_CODES, help="dtype of Base and Instruct")
     ap.add_argument("--tuned-dtype", choices=DTYPE_CODES, help="dtype of the tuned model (default: --dtype)")
     ap.add_argument("--noise", type=float, default=2e-3, help="std of tuned - Base and Instruct - Base")
-    ap.add_argument("--shard-sizes", metavar="B,T,I", help="max shard sizes of base,tuned,instruct, e.g. 1GB,700MB,500MB")
+    ap.add_argument(
+        "--shard-sizes", metavar="B,T,I", help="max shard sizes of base,tuned,instruct, e.g. 1GB,700MB,500MB"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rewrite even if the stamp matches")
     args = ap.parse_args()

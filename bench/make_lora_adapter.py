@@ -1,6 +1,7 @@
 """Write a random PEFT LoRA adapter that fits an Instruct folder: the LoRA input of the merge benchmarks.
 
-    python bench/make_lora_adapter.py INSTRUCT_DIR --out DIR [--rank 128] [--lora-alpha 256] [--seed 0] [--dtype bfloat16]
+    python bench/make_lora_adapter.py INSTRUCT_DIR --out DIR [--rank 128] [--lora-alpha 256] [--seed 0] \\
+        [--dtype bfloat16]
 
 The targets are the tensors of INSTRUCT_DIR named `*.{q,k,v,o,gate,up,down}_proj.weight` (Llama-like
 models), read from the safetensors headers, so the shapes are exact whatever config.json says. The
@@ -38,11 +39,21 @@ def factor(seed: int, name: str, shape: tuple[int, int], kind: str, dtype: torch
     return (torch.randn(shape, generator=g) * 1e-3).to(dtype)
 
 
-def make_adapter(instruct: str, out: Path, rank: int = 128, lora_alpha: float | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.bfloat16) -> Path:
+def make_adapter(
+    instruct: str,
+    out: Path,
+    rank: int = 128,
+    lora_alpha: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Write the adapter into `out`; returns the path of adapter_model.safetensors."""
     ck = open_checkpoint(instruct)
-    targets = [(m["module"], info.shape) for name, info in ck.tensors.items() if (m := TARGET.match(name)) and len(info.shape) == 2]
+    targets = [
+        (m["module"], info.shape)
+        for name, info in ck.tensors.items()
+        if (m := TARGET.match(name)) and len(info.shape) == 2
+    ]
     if not targets:
         raise SystemExit(f"{instruct}: no *_proj.weight tensors ({', '.join(PROJECTIONS)}) to target")
     entries = []
@@ -64,7 +75,11 @@ def make_adapter(instruct: str, out: Path, rank: int = 128, lora_alpha: float | 
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "r": rank,
-        "lora_alpha": 2 * rank if lora_alpha is None else int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha,
+        "lora_alpha": 2 * rank
+        if lora_alpha is None
+        else int(lora_alpha)
+        if float(lora_alpha).is_integer()
+        else lora_alpha,
         "lora_dropout": 0.0,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m, _ in targets}),
         "bias": "none",
@@ -85,7 +100,9 @@ def make_adapter(instruct: str, out: Path, rank: int = 128, lora_alpha: float | 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("instruct", help="Instruct folder (or .safetensors file) whose *_proj.weight shapes the adapter fits")
+    p.add_argument(
+        "instruct", help="Instruct folder (or .safetensors file) whose *_proj.weight shapes the adapter fits"
+    )
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     p.add_argument("--rank", type=int, default=128, help="LoRA rank r (Shadow-FT's default: 128)")
     p.add_argument("--lora-alpha", type=float, default=None, help="lora_alpha (default: 2 * rank)")

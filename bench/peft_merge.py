@@ -1,6 +1,6 @@
 """What users run without graftcore: PEFT loads the adapter onto Instruct, merges, and saves.
 
-    python bench/peft_merge.py INSTRUCT ADAPTER OUT
+python bench/peft_merge.py INSTRUCT ADAPTER OUT
 """
 
 import sys

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__, interrupts
 from .devices import local_cuda_device, out_of_memory_is_an_error, select_compute
@@ -30,8 +31,6 @@ from .steps import files_depended_on, files_read
 
 if TYPE_CHECKING:
     from .engine import Progress, Report  # torch: loaded once the inputs are planned (load_engine)
-
-
 
 
 def graft(
@@ -76,7 +75,9 @@ def graft(
     if unknown:
         raise GraftError(f"graft: unknown option(s) {', '.join(unknown)} (see graftcore.MergeOptions)")
     opts = MergeOptions(alpha=alpha, device=device, **options)
-    refs = [tuned] if isinstance(tuned, (str, os.PathLike)) else list(tuned) if isinstance(tuned, (list, tuple)) else None
+    refs = (
+        [tuned] if isinstance(tuned, (str, os.PathLike)) else list(tuned) if isinstance(tuned, (list, tuple)) else None
+    )
     if not refs or not all(isinstance(r, (str, os.PathLike)) for r in refs):
         raise GraftError(f"tuned: expected a REF or a list of REFs (folders, files, hub ids), got {tuned!r}")
     for role, ref in (("instruct", instruct), ("output", output), ("base", base)):
@@ -85,7 +86,10 @@ def graft(
     log = log or (lambda _msg: None)
     group = joined_group()  # torchrun, or a process group the caller initialised
     if group is not None and opts.workers > 1:
-        raise GraftError(f"--workers {opts.workers}: this process is already one of {group.world} ranks (torchrun); use one or the other")
+        raise GraftError(
+            f"--workers {opts.workers}: this process is already one of {group.world} ranks (torchrun); use one or "
+            "the other"
+        )
     error = None
     try:
         checkpoints, deltas = open_inputs(instruct, refs, base, opts)
@@ -111,7 +115,13 @@ def load_engine() -> None:
 
 
 def run_plan(
-    plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, opts: MergeOptions, log, compute=None, progress=None,
+    plan: Plan,
+    checkpoints: dict[str, Checkpoint],
+    output: Path,
+    opts: MergeOptions,
+    log,
+    compute=None,
+    progress=None,
     group=None,
 ) -> Report:
     """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device);
@@ -138,12 +148,24 @@ def run_plan(
         folder.release()
 
 
-def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, folder: OutputFolder, opts, log, compute, progress=None) -> Report:
+def write_output(
+    plan: Plan,
+    checkpoints: dict[str, Checkpoint],
+    output: Path,
+    folder: OutputFolder,
+    opts,
+    log,
+    compute,
+    progress=None,
+) -> Report:
     """Claim `folder`, stream the plan into it, finalize it."""
     sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
     kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
     if kept:
-        log(f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
+        log(
+            f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge "
+            "(verified); resuming"
+        )
     schedule_reads(plan, checkpoints, kept, output / ".graftcore-downloads")
     from .engine import execute
 
@@ -153,7 +175,9 @@ def write_output(plan: Plan, checkpoints: dict[str, Checkpoint], output: Path, f
     return report
 
 
-def finish_output(plan: Plan, checkpoints: dict[str, Checkpoint], folder: OutputFolder, opts: MergeOptions, report: Report) -> None:
+def finish_output(
+    plan: Plan, checkpoints: dict[str, Checkpoint], folder: OutputFolder, opts: MergeOptions, report: Report
+) -> None:
     """The index, Instruct's non-weight files and graftcore.json, once every shard is in `folder.finished`."""
     for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
         report.notes += [n for n in ck.report_notes() if n not in report.notes]
@@ -202,12 +226,23 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         "graftcore_version": __version__,
         "formula": formula(checkpoints, opts, report),
         "inputs": {
-            role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint, **local_path(ck), **file_states(ck)}
+            role: {
+                "ref": ck.ref,
+                "revision": ck.revision,
+                "fingerprint": ck.fingerprint,
+                **local_path(ck),
+                **file_states(ck),
+            }
             for role, ck in checkpoints.items()
         },
         "options": options,
         "plan": {"tensors": len(report.plan.ops), "sha256": entries_digest(plan_entries(report.plan))},
-        "counts": {"grafted": report.grafted, "grafted_rows": report.grafted_rows, "lora": report.lora, "copied": report.copied},
+        "counts": {
+            "grafted": report.grafted,
+            "grafted_rows": report.grafted_rows,
+            "lora": report.lora,
+            "copied": report.copied,
+        },
         "ignored": [{"name": name, "reason": reason} for name, reason in report.ignored],
         "notes": report.notes,
         "device": report.device,
@@ -222,11 +257,16 @@ def formula(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Repo
     """The merge as graftcore.json states it, e.g. `instruct + 0.7 * (tuned - base) + 0.5 * lora(tuned2)`."""
     roles = [r for r in checkpoints if r.startswith("tuned")]
     adapters = report.plan.adapters if report.plan is not None else []
-    terms = [f"{a:g} * lora({r})" if r in adapters else f"{a:g} * ({r} - base)" for r, a in zip(roles, opts.alphas(len(roles)))]
+    terms = [
+        f"{a:g} * lora({r})" if r in adapters else f"{a:g} * ({r} - base)"
+        for r, a in zip(roles, opts.alphas(len(roles)))
+    ]
     text = "instruct + " + " + ".join(terms) + ", float32 math, terms added left to right, one rounding"
     if adapters:
-        text += ("; lora(adapter) = lora_alpha/r * (lora_B @ lora_A) for its LoRA tensors (DoRA as PEFT merges it), "
-                 "tensor - base for full tensors it carries")
+        text += (
+            "; lora(adapter) = lora_alpha/r * (lora_B @ lora_A) for its LoRA tensors (DoRA as PEFT merges it), "
+            "tensor - base for full tensors it carries"
+        )
     return text
 
 

@@ -1,4 +1,5 @@
-"""`graftcore merge ...`: flags from MergeOptions, one-line errors, exit codes 0 / 2 bad input / 130 interrupted / 141 reader gone."""
+"""`graftcore merge ...`: flags from MergeOptions, one-line errors, exit codes 0 / 2 bad input / 130 interrupted /
+141 reader gone."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ class OneLineParser(argparse.ArgumentParser):
         if not arg.startswith("-") or arg == "-" or NUMBER.fullmatch(arg):
             return False
         name = arg.split("=", 1)[0]
-        return name not in self._option_string_actions and not any(o.startswith(name) for o in self._option_string_actions)
+        return name not in self._option_string_actions and not any(
+            o.startswith(name) for o in self._option_string_actions
+        )
 
     def unrecognized(self, extras: list[str]) -> str:
         """'unrecognized argument(s) ...': the unknown options if any (their values left out), with the closest
@@ -49,7 +52,9 @@ class OneLineParser(argparse.ArgumentParser):
         extras = [a for a in extras if a.startswith("-") and not NUMBER.fullmatch(a)] or extras
         words = []
         for arg in extras:
-            close = difflib.get_close_matches(arg.split("=", 1)[0], [o for o in self._option_string_actions if o.startswith("--")], n=1)
+            close = difflib.get_close_matches(
+                arg.split("=", 1)[0], [o for o in self._option_string_actions if o.startswith("--")], n=1
+            )
             words.append(f"{arg} (did you mean {close[0]}?)" if close and arg.startswith("-") else arg)
         return f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(words)}"
 
@@ -68,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "float32 math, one rounding. REF is a folder, a .safetensors file, or a hub repo id org/name[@revision].",
     )
     merge.add_argument(
-        "--base", metavar="REF", help="the Base model the tuned model was fine-tuned from (a LoRA adapter needs it only for modules_to_save or DoRA)"
+        "--base",
+        metavar="REF",
+        help="the Base model the tuned model was fine-tuned from "
+        "(a LoRA adapter needs it only for modules_to_save or DoRA)",
     )
     merge.add_argument(
         "--tuned",
@@ -98,10 +106,20 @@ def add_similarity_parser(sub) -> None:
     )
     similarity.add_argument("--base", metavar="REF", required=True, help="the Base model")
     similarity.add_argument("--instruct", metavar="REF", required=True, help="the Instruct model")
-    similarity.add_argument("--tuned", metavar="REF", action="append", help="a fine-tune of Base or a PEFT LoRA adapter (repeatable)")
-    similarity.add_argument("--output", metavar="DIR", help="write DIR/similarity.json (and DIR/similarity.png with matplotlib)")
-    add_option_flags(similarity, SIMILARITY_OPTIONS, {"graft only": "measure only",
-                     "copy tensors whose name matches REGEX from Instruct": "skip tensors whose name matches REGEX"})
+    similarity.add_argument(
+        "--tuned", metavar="REF", action="append", help="a fine-tune of Base or a PEFT LoRA adapter (repeatable)"
+    )
+    similarity.add_argument(
+        "--output", metavar="DIR", help="write DIR/similarity.json (and DIR/similarity.png with matplotlib)"
+    )
+    add_option_flags(
+        similarity,
+        SIMILARITY_OPTIONS,
+        {
+            "graft only": "measure only",
+            "copy tensors whose name matches REGEX from Instruct": "skip tensors whose name matches REGEX",
+        },
+    )
 
 
 def add_option_flags(parser: argparse.ArgumentParser, names, reworded: dict[str, str] | None = None) -> None:
@@ -125,7 +143,14 @@ def add_option_flags(parser: argparse.ArgumentParser, names, reworded: dict[str,
             parser.add_argument(flag, action="append", type=float, metavar=meta.get("metavar"), help=help_text)
         else:
             kind = meta.get("type") or {"float": float, "int": int}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text)
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=meta.get("choices"),
+                metavar=meta.get("metavar"),
+                help=help_text,
+            )
 
 
 def add_verify_parser(sub) -> None:
@@ -137,8 +162,12 @@ def add_verify_parser(sub) -> None:
         "of every shard) again, comparing bits. Exit 0 when all hold, 2 at the first discrepancy.",
     )
     verify.add_argument("output", metavar="OUT", help="a folder written by graftcore merge")
-    verify.add_argument("--recompute", type=int, default=0, metavar="K", help="chunks to recompute from the inputs (default 0)")
-    verify.add_argument("--seed", type=int, default=None, help="seed for the choice of chunks (default: random, printed)")
+    verify.add_argument(
+        "--recompute", type=int, default=0, metavar="K", help="chunks to recompute from the inputs (default 0)"
+    )
+    verify.add_argument(
+        "--seed", type=int, default=None, help="seed for the choice of chunks (default: random, printed)"
+    )
     verify.add_argument("--token", default=None, help="Hugging Face token for hub inputs")
     verify.add_argument("--cache-dir", default=None, help="hub cache folder (default: $HF_HUB_CACHE)")
 
@@ -167,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
             shutdown()
     except KeyboardInterrupt:
-        resume = "; finished shards are kept, rerun the same command to resume" if getattr(args, "command", None) == "merge" else ""
+        resume = (
+            "; finished shards are kept, rerun the same command to resume"
+            if getattr(args, "command", None) == "merge"
+            else ""
+        )
         print(f"graftcore: interrupted{resume}", file=sys.stderr)
         code = 130
     for s in interrupts.SIGNALS:  # from here on a signal only marks the exit as interrupted: no traceback
@@ -257,8 +290,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    from .options import SIMILARITY_OPTIONS
     from .measure import similarity
+    from .options import SIMILARITY_OPTIONS
 
     options = {k: v for k, v in vars(args).items() if k in SIMILARITY_OPTIONS and v is not None}
 
@@ -302,7 +335,9 @@ def run(args: argparse.Namespace) -> int:
     for note in report.notes:
         log(note)
     if report.ignored:
-        log(f"{len(report.ignored)} tensor(s) in base/tuned but not in Instruct were ignored (listed in graftcore.json)")
+        log(
+            f"{len(report.ignored)} tensor(s) in base/tuned but not in Instruct were ignored (listed in graftcore.json)"
+        )
     if not args.quiet:
         print(report.summary(), file=sys.stderr)
     return 0

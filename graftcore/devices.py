@@ -11,7 +11,7 @@ during the merge is a GraftError too, saying how much memory the device has free
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import GraftError
 

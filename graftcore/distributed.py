@@ -87,11 +87,18 @@ class Group:
 
     def post_failure(self, error: BaseException) -> None:
         """Tell the other ranks this one failed (the first failure stays: a later one is usually its echo)."""
-        what = str(error) if isinstance(error, GraftError) else "interrupted" if isinstance(error, KeyboardInterrupt) \
+        what = (
+            str(error)
+            if isinstance(error, GraftError)
+            else "interrupted"
+            if isinstance(error, KeyboardInterrupt)
             else f"{type(error).__name__}: {error}"
+        )
         with self.lock:
             if not self.store.check(["failed"]):
-                self.store.set("failed", what if what.startswith("rank ") else f"rank {self.rank} of {self.world}: {what}")
+                self.store.set(
+                    "failed", what if what.startswith("rank ") else f"rank {self.rank} of {self.world}: {what}"
+                )
 
     def raise_if_failed(self) -> None:
         failed = self.get("failed")
@@ -193,7 +200,10 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
             folder.join(keys)
         owner = assign(sizes, set(kept_records), group.world)
         if group.rank == 0 and kept_records:
-            log(f"{output}: {len(kept_records)} of {len(sizes)} shard(s) already finished by an earlier run of this merge (verified); resuming")
+            log(
+                f"{output}: {len(kept_records)} of {len(sizes)} shard(s) already finished by an earlier run of this "
+                "merge (verified); resuming"
+            )
         skip = {f for f in sizes if owner.get(f) != group.rank}
         schedule_reads(plan, checkpoints, skip, output / ".graftcore-downloads" / f"rank{group.rank}")
         total = sum(op.out_nbytes for s in plan.shards if s.file in owner for op in s.ops)  # tensor bytes, as counted
@@ -203,8 +213,12 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
             report = execute(plan, checkpoints, output, folder, quiet, compute, skip, bar.engine_callback)
             report.shards_kept = len(kept_records)
             bar.flush()
-            share = {"shards": folder.finished, "notes": report.notes, "reads": report.reads,
-                     "written": [report.shards_written, report.bytes_written]}
+            share = {
+                "shards": folder.finished,
+                "notes": report.notes,
+                "reads": report.reads,
+                "written": [report.shards_written, report.bytes_written],
+            }
             group.set(f"records/{group.rank}", json.dumps(share))
             group.add("done", 1)
             if group.rank == 0:
@@ -248,7 +262,14 @@ class GroupProgress:
 
         self.group, self.callback, self.total = group, callback if group.rank == 0 else None, total
         self.pending, self.seen, self.last, self.where = 0, 0, time.monotonic(), ("", "")
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"graft x{group.world}", disable=True if quiet else None, leave=False)
+        self.bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"graft x{group.world}",
+            disable=True if quiet else None,
+            leave=False,
+        )
 
     def engine_callback(self, p) -> None:
         self.pending += p.done - self.seen
@@ -298,8 +319,13 @@ def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
     with tempfile.TemporaryDirectory(prefix="graftcore-workers-") as tmp:
         init = f"file://{Path(tmp) / 'rendezvous'}"
         messages = mp.get_context("spawn").SimpleQueue()
-        context = mp.start_processes(_worker, args=(workers, init, kwargs, messages, os.getpid()), nprocs=workers,
-                                     join=False, start_method="spawn")
+        context = mp.start_processes(
+            _worker,
+            args=(workers, init, kwargs, messages, os.getpid()),
+            nprocs=workers,
+            join=False,
+            start_method="spawn",
+        )
         outcomes = {}
 
         def drain():  # while waiting: a Report larger than the pipe's buffer blocks its worker until read
@@ -367,7 +393,9 @@ def _worker(index: int, world: int, init: str, kwargs: dict, messages, parent: i
     if index == 0:
         forward = {"log": lambda msg: messages.put(("log", msg)), "progress": lambda p: messages.put(("progress", p))}
     try:
-        dist.init_process_group("gloo", init_method=init, rank=index, world_size=world, timeout=datetime.timedelta(hours=24))
+        dist.init_process_group(
+            "gloo", init_method=init, rank=index, world_size=world, timeout=datetime.timedelta(hours=24)
+        )
         report = graft(**kwargs, **forward)
     except GraftError as e:
         error = str(e)

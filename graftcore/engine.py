@@ -16,9 +16,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 from . import interrupts
 from .errors import NonFiniteError
 from .interrupts import POLL
-from .plan import Action, Ignored, Plan, TensorOp
 from .options import parse_size
+from .plan import Action, Ignored, Plan, TensorOp
 from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer, read_elements
 from .safetensors_io import ShardWriter, itemsize, torch_dtype
 from .sources import Checkpoint
@@ -176,7 +177,9 @@ class ChunkSink:
     then the buffer is queued, in order, for the writer thread (so a shard of many small tensors costs a few
     large writes, not a write per tensor); the progress bar and the time breakdown are kept on the way."""
 
-    def __init__(self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, capacity: int, bar, clock: dict[str, float]):
+    def __init__(
+        self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, capacity: int, bar, clock: dict[str, float]
+    ):
         self.writer, self.wt, self.pool, self.bar, self.clock = writer, wt, pool, bar, clock
         self.capacity = capacity  # bytes of each pooled buffer
         self.buf: torch.Tensor | None = None  # the pooled buffer being filled
@@ -248,7 +251,9 @@ class ProgressBar:
     """The progress bar (tqdm, unless quiet) and the caller's progress callback, fed by the ChunkSink."""
 
     def __init__(self, total: int, quiet: bool, callback: Callable[[Progress], None] | None):
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="graft", disable=True if quiet else None, leave=False)
+        self.bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc="graft", disable=True if quiet else None, leave=False
+        )
         self.total, self.done, self.callback = total, 0, callback
         self.shard = self.tensor = ""
 
@@ -339,8 +344,16 @@ def execute(
     todo = sum(op.out_nbytes for op in ops)
     drop = drop_behind(todo + sum(info.nbytes for op in ops for _, info in op_inputs(op)))
     buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
-    streamer = InputStreamer(checkpoints, ops, compute.chunk, compute.pin_output, drop, buffer_bytes,
-                             opts.read_depth or DEPTH, opts.read_workers or WORKERS)
+    streamer = InputStreamer(
+        checkpoints,
+        ops,
+        compute.chunk,
+        compute.pin_output,
+        drop,
+        buffer_bytes,
+        opts.read_depth or DEPTH,
+        opts.read_workers or WORKERS,
+    )
     writer_thread = WriterThread(POOL)
     pool: queue.Queue = queue.Queue()
     for _ in range(POOL):
@@ -437,7 +450,8 @@ def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, 
 
 
 def block_terms(op: TensorOp, block: tuple[int, int, int, int], by_role: dict[str, Held], loaded: dict) -> list:
-    """The terms of one block of an op with LoRA terms: FullDelta / LowRankDelta over rows [r0, r1), columns [c0, c1)."""
+    """The terms of one block of an op with LoRA terms: FullDelta / LowRankDelta over rows [r0, r1), columns
+    [c0, c1)."""
     from .kernels.lora import FullDelta, LowRankDelta
 
     r0, r1, c0, c1 = block
@@ -468,20 +482,26 @@ def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts, notes
         if not found:
             continue
         if found.instruct:
-            notes.append(f"{checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.instruct} NaN/Inf "
-                         f"value(s) of Instruct carried into the output")
+            notes.append(
+                f"{checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.instruct} NaN/Inf "
+                f"value(s) of Instruct carried into the output"
+            )
         if opts.allow_nonfinite:
             continue
         if found.deltas:
-            files = "; ".join(f"{t.role}: {checkpoints[t.role].locate(t.tuned.file)}" for t in op.terms if t.tuned is not None)
+            files = "; ".join(
+                f"{t.role}: {checkpoints[t.role].locate(t.tuned.file)}" for t in op.terms if t.tuned is not None
+            )
             raise NonFiniteError(
                 f"{files or checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.deltas} "
-                f"element(s) of tuned - base are NaN/Inf (base: {checkpoints['base'].locate(op.base.file) if op.base else '-'}; "
+                "element(s) of tuned - base are NaN/Inf (base: "
+                f"{checkpoints['base'].locate(op.base.file) if op.base else '-'}; "
                 f"pass --allow-nonfinite to keep them)"
             )
         if found.overflow:
             raise NonFiniteError(
-                f"{checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.overflow} element(s) of "
+                f"{checkpoints['instruct'].locate(op.instruct.file)}: tensor {op.name!r}: {found.overflow} "
+                "element(s) of "
                 f"the result are NaN/Inf in {op.out_dtype} although every input is finite (a large alpha or delta "
                 f"overflowed; --dtype float32 has more range; pass --allow-nonfinite to keep them)"
             )

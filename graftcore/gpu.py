@@ -6,8 +6,8 @@
 
 Each of the S staging slots owns pinned input buffers and device buffers; events order their reuse:
 the engine hands read buffers back to the streamer with the H2D's event (the reader waits for it before
-refilling them), the host waits for a slot's H2D before refilling its pinned staging buffers, the H2D waits for the kernel that
-last read the slot's device inputs, and the kernel waits for the D2H that last read its output. The
+refilling them), the host waits for a slot's H2D before refilling its pinned staging buffers, the H2D waits for
+the kernel that last read the slot's device inputs, and the kernel waits for the D2H that last read its output. The
 writer thread waits for a chunk's D2H event before writing it. NaN/Inf counts stay on the device, one
 counter per tensor, read once per shard, so the pipeline never drains per chunk.
 

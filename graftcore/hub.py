@@ -31,7 +31,6 @@ from pathlib import Path
 
 import httpx2  # huggingface_hub's own HTTP library: only its transport errors are caught here
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
-from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -42,6 +41,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
     RevisionResolutionError,
 )
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -81,17 +81,25 @@ def hub_errors(where: str, file: str | None = None):
             f"(HTTP {status(e)}); check the name, or pass --token / set HF_TOKEN"
         ) from None
     except RevisionNotFoundError as e:
-        raise DownloadError(f"{where}: the repo has no such revision (branch, tag or commit) (HTTP {status(e)})") from None
+        raise DownloadError(
+            f"{where}: the repo has no such revision (branch, tag or commit) (HTTP {status(e)})"
+        ) from None
     except HfHubHTTPError as e:
         if isinstance(e, EntryNotFoundError):
             raise DownloadError(f"{what}: no such file in the repo (HTTP {status(e)})") from None
         raise DownloadError(f"{what}: HTTP {status(e)} from {constants.ENDPOINT} ({first_line(e)})") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, RevisionResolutionError) as e:
         if constants.is_offline_mode():
-            raise DownloadError(f"{what}: not in the hub cache, and HF_HUB_OFFLINE is set (so nothing is downloaded)") from None
-        raise DownloadError(f"{what}: cannot reach {constants.ENDPOINT} and not in the hub cache ({first_line(e)})") from None
+            raise DownloadError(
+                f"{what}: not in the hub cache, and HF_HUB_OFFLINE is set (so nothing is downloaded)"
+            ) from None
+        raise DownloadError(
+            f"{what}: cannot reach {constants.ENDPOINT} and not in the hub cache ({first_line(e)})"
+        ) from None
     except httpx2.TransportError as e:
-        raise DownloadError(f"{what}: cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first_line(e)})") from None
+        raise DownloadError(
+            f"{what}: cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first_line(e)})"
+        ) from None
     except OSError as e:
         raise DownloadError(f"{what}: {e.strerror or first_line(e)}") from None
 
@@ -150,8 +158,13 @@ class HubRepo:
         with hub_errors(self.where, file):
             return Path(
                 hf_hub_download(
-                    self.repo, file, revision=self.commit, cache_dir=self.cache_dir, local_dir=local_dir,
-                    token=self.token, tqdm_class=progress_class(self.quiet, cancelled),
+                    self.repo,
+                    file,
+                    revision=self.commit,
+                    cache_dir=self.cache_dir,
+                    local_dir=local_dir,
+                    token=self.token,
+                    tqdm_class=progress_class(self.quiet, cancelled),
                 )
             )
 
@@ -235,7 +248,10 @@ def open_hub_checkpoint(
         fingerprint.update(f"|{f}|{sizes[f]}|".encode() + h.header_bytes)
     return HubCheckpoint(
         ref=ref,
-        root=Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit,
+        root=Path(cache_dir or constants.HF_HUB_CACHE)
+        / repo_folder_name(repo_id=repo, repo_type="model")
+        / "snapshots"
+        / commit,
         tensors=collect_tensors(headers),
         shard_files=files,
         shard_metadata={f: h.metadata for f, h in zip(files, headers)},
@@ -269,8 +285,9 @@ def weight_files(hub: HubRepo, sizes: dict[str, int]) -> tuple[list[str], dict[s
     pickles = sorted(f for f in sizes if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise CheckpointError(
-            f"{hub.where}: holds only pickled weights ({', '.join(pickles[:3])}); graftcore reads safetensors and never "
-            f"unpickles. Convert first: python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"{hub.where}: holds only pickled weights ({', '.join(pickles[:3])}); graftcore reads safetensors and "
+            "never "
+            f'unpickles. Convert first: python -c "from transformers import AutoModelForCausalLM as M; '
             f"M.from_pretrained('{hub.repo}', revision='{hub.requested}').save_pretrained('local-safetensors')\""
         )
     raise CheckpointError(f"{hub.where}: no .safetensors weights and no {INDEX_NAME} in the repo")
@@ -323,7 +340,8 @@ class HubCheckpoint(Checkpoint):
         h = read_header(path, file)
         if path.stat().st_size != self.sizes[file] or h.header_bytes != self.headers[file]:
             raise DownloadError(
-                f"{self.hub.where}: {file}: the downloaded file ({path}) differs from the one planned with; delete it and rerun"
+                f"{self.hub.where}: {file}: the downloaded file ({path}) differs from the one planned with; delete "
+                "it and rerun"
             )
         return path
 

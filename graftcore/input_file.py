@@ -33,7 +33,14 @@ def _libc():
     try:
         maps, probe = ctypes.CDLL(None, use_errno=True), ctypes.PyDLL(None, use_errno=True)
         maps.mmap.restype = ctypes.c_void_p
-        maps.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+        maps.mmap.argtypes = (
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int64,
+        )
         maps.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
         probe.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
         return maps, probe
@@ -105,7 +112,9 @@ class InputFile:
         except OSError as e:
             raise CheckpointError(f"{where}: cannot open ({e.strerror or e})") from None
         try:
-            self.direct_fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else None
+            self.direct_fd: int | None = (
+                os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else None
+            )
         except OSError:
             self.direct_fd = None
         self.direct_ok = self.direct_fd is not None
@@ -121,7 +130,9 @@ class InputFile:
             lo = start - start % BLOCK
             hi = -(-end // BLOCK) * BLOCK
             try:
-                read_exactly(direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, self.where, tensor)
+                read_exactly(
+                    direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, self.where, tensor
+                )
                 return True
             except OSError as e:
                 if e.errno != errno.EINVAL:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 from .errors import GraftError, OutputError
 from .lora import is_adapter, open_adapter
@@ -21,7 +20,7 @@ from .options import MergeOptions
 from .plan import DeltaInput, tuned_role
 from .sources import Checkpoint, open_checkpoint
 
-Ref = Union[str, os.PathLike]
+Ref = str | os.PathLike
 
 
 def open_inputs(

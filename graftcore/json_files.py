@@ -46,22 +46,26 @@ def parse_json(raw: bytes | str, path, what: str, error: type[GraftError] = Chec
     a number out of float range, a key given twice, nor a RecursionError or ValueError escaping."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, parse_constant=reject_constant, parse_float=finite_float, object_pairs_hook=unique_object)
+        return json.loads(
+            text, parse_constant=reject_constant, parse_float=finite_float, object_pairs_hook=unique_object
+        )
     except DuplicateKey as e:
         raise error(f"{path}: {what} names {e.key!r} twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError includes JSONDecodeError
         raise error(f"{path}: {what} is not valid JSON ({str(e)[:200]})") from None
 
 
-def read_json_file(path: str | os.PathLike, what: str, error: type[GraftError] = CheckpointError,
-                   max_bytes: int = MAX_JSON_BYTES):
+def read_json_file(
+    path: str | os.PathLike, what: str, error: type[GraftError] = CheckpointError, max_bytes: int = MAX_JSON_BYTES
+):
     """parse_json of the regular file `path` (see read_file_bytes); `error` naming it for anything wrong but a
     missing file: FileNotFoundError is left to callers that say more about it."""
     return parse_json(read_file_bytes(path, what, error, max_bytes), path, what, error)
 
 
-def read_file_bytes(path: str | os.PathLike, what: str, error: type[GraftError] = CheckpointError,
-                    max_bytes: int = MAX_JSON_BYTES) -> bytes:
+def read_file_bytes(
+    path: str | os.PathLike, what: str, error: type[GraftError] = CheckpointError, max_bytes: int = MAX_JSON_BYTES
+) -> bytes:
     """The bytes of the regular file `path`; `error` naming it when it is not a regular file (a FIFO, a device,
     a link to /dev/zero), larger than `max_bytes` or unreadable (FileNotFoundError passes through)."""
     path = Path(path)

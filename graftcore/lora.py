@@ -34,9 +34,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import AdapterError, CheckpointError, NonFiniteError
 from .json_files import read_json_file
@@ -118,7 +119,11 @@ class AdapterConfig:
         """PEFT's check_target_module_exists, for the options a saved LoRA config can hold."""
         if self.exclude_modules:
             ex = self.exclude_modules
-            if re.fullmatch(ex, module) if isinstance(ex, str) else module in ex or any(module.endswith("." + k) for k in ex):
+            if (
+                re.fullmatch(ex, module)
+                if isinstance(ex, str)
+                else module in ex or any(module.endswith("." + k) for k in ex)
+            ):
                 return False
         if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.modules_to_save):
             return False
@@ -195,12 +200,22 @@ def read_config(path: Path) -> AdapterConfig:
             what = "positive integers" if name == "rank_pattern" else "finite numbers"
             raise AdapterError(f"{path}: {name} must map module patterns to {what} (got {str(value)[:100]})")
         patterns[name] = value
-    for key, types in (("target_modules", (str, list)), ("exclude_modules", (str, list)), ("modules_to_save", (list,)),
-                       ("layers_pattern", (str, list)), ("layers_to_transform", (int, list))):
+    for key, types in (
+        ("target_modules", (str, list)),
+        ("exclude_modules", (str, list)),
+        ("modules_to_save", (list,)),
+        ("layers_pattern", (str, list)),
+        ("layers_to_transform", (int, list)),
+    ):
         value = doc.get(key)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool) or (
-            isinstance(value, list) and not all(isinstance(v, int if key == "layers_to_transform" else str) for v in value)
-        )):
+        if value is not None and (
+            not isinstance(value, types)
+            or isinstance(value, bool)
+            or (
+                isinstance(value, list)
+                and not all(isinstance(v, int if key == "layers_to_transform" else str) for v in value)
+            )
+        ):
             raise AdapterError(f"{path}: {key} has the wrong type ({str(value)[:100]})")
     regexes = [*patterns["rank_pattern"], *patterns["alpha_pattern"]]
     regexes += [doc[k] for k in ("target_modules", "exclude_modules", "layers_pattern") if isinstance(doc.get(k), str)]
@@ -291,7 +306,7 @@ class LowRankUpdate:
         """PEFT normalises Linear weights per output row, Embedding and Conv1D weights per stored column."""
         return "rows" if self.kind == "linear" else "cols"
 
-    def load(self, view: Callable[[TensorInfo], torch.Tensor], allow_nonfinite: bool = False) -> "LoadedUpdate":
+    def load(self, view: Callable[[TensorInfo], torch.Tensor], allow_nonfinite: bool = False) -> LoadedUpdate:
         """Read the factors in float32, laid out for row chunks (left [rows, r], right [r, cols], contiguous)."""
         import torch  # not at the top: planning (this module's other half) needs no torch
 
@@ -329,7 +344,10 @@ class LoadedUpdate:
 
 
 def dora_scale(
-    loaded: LoadedUpdate, base_rows: Callable[[int, int], torch.Tensor], rows_per_chunk: int, allow_nonfinite: bool = False
+    loaded: LoadedUpdate,
+    base_rows: Callable[[int, int], torch.Tensor],
+    rows_per_chunk: int,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """magnitude / ||W_base + s * delta||, the norm taken as PEFT's DoRA merge takes it (per row or per column).
 
@@ -360,7 +378,7 @@ def dora_scale(
 
 def adapter_terms(
     adapter: Adapter, instruct: Checkpoint, base: Checkpoint | None, notes: list[str]
-) -> tuple[dict[str, TensorInfo], dict[str, "LowRankUpdate"]]:
+) -> tuple[dict[str, TensorInfo], dict[str, LowRankUpdate]]:
     """What the adapter changes, by Instruct tensor name: (full tensors trained on Base, low-rank updates).
     AdapterError when an adapter tensor has no home in Instruct or needs a Base that was not given.
 
@@ -372,7 +390,7 @@ def adapter_terms(
     kinds: dict[str, str] = {}
     full: dict[str, TensorInfo] = {}  # Instruct name -> adapter tensor
     for key, info in adapter.checkpoint.tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         suffix = next((s for s in PARTS if name.endswith(s)), None)
         if suffix is None:
             if ".lora_" in name:
@@ -398,12 +416,16 @@ def adapter_terms(
     for target in [t for t in full if t.endswith(".weight") and t[: -len(".weight")] in modules]:
         # save_embedding_layers: PEFT saves a targeted embedding's frozen base weight beside its LoRA factors;
         # it is Base's, unchanged by training, so the graft has nothing to take from it
-        notes.append(f"{where}: {full.pop(target).name!r} is the frozen base weight PEFT saves with an embedding LoRA; not used")
+        notes.append(
+            f"{where}: {full.pop(target).name!r} is the frozen base weight PEFT saves with an embedding LoRA; not used"
+        )
     for target, info in full.items():
         if target in updates:
             raise AdapterError(f"{where}: tensor {info.name!r} and a LoRA update both target {target!r}")
         if target not in instruct.tensors:
-            raise AdapterError(f"{where}: tensor {info.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have")
+            raise AdapterError(
+                f"{where}: tensor {info.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have"
+            )
     if full and base is None:
         names = ", ".join(repr(i.name) for i in list(full.values())[:3]) + (" ..." if len(full) > 3 else "")
         raise AdapterError(
@@ -421,7 +443,9 @@ def adapter_terms(
     return full, updates
 
 
-def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg: AdapterConfig, instruct: Checkpoint, where: str):
+def plan_module(
+    module: str, parts: dict[str, TensorInfo], kind: str | None, cfg: AdapterConfig, instruct: Checkpoint, where: str
+):
     """The LowRankUpdate(s) of one adapted module, after checking names, ranks and shapes."""
     first = next(iter(parts.values())).name
     if "A" not in parts or "B" not in parts:
@@ -436,9 +460,13 @@ def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg
     target = module + ".weight"
     i = instruct.tensors.get(target)
     if i is None:
-        raise AdapterError(f"{where}: tensor {a.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have")
+        raise AdapterError(
+            f"{where}: tensor {a.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have"
+        )
     if i.dtype not in FLOAT_DTYPES:
-        raise AdapterError(f"{where}: tensor {a.name!r} targets {target!r}, which is {i.dtype} in Instruct, not F16/BF16/F32")
+        raise AdapterError(
+            f"{where}: tensor {a.name!r} targets {target!r}, which is {i.dtype} in Instruct, not F16/BF16/F32"
+        )
     for x in (a, b, m, parts.get("bias")):
         if x is not None and x.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{where}: tensor {x.name!r} is {x.dtype}; graftcore reads F16, BF16 or F32 adapters")
@@ -451,7 +479,11 @@ def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg
     if kind == "linear" and cfg.fan_in_fan_out:
         kind = "fan_in_fan_out"
     # what the stored Instruct weight must be: [rows, cols] with rows = left's rows, cols = right's columns
-    rows, cols = {"linear": (b.shape[0], a.shape[1]), "fan_in_fan_out": (a.shape[1], b.shape[0]), "embedding": (a.shape[1], b.shape[0])}[kind]
+    rows, cols = {
+        "linear": (b.shape[0], a.shape[1]),
+        "fan_in_fan_out": (a.shape[1], b.shape[0]),
+        "embedding": (a.shape[1], b.shape[0]),
+    }[kind]
     shape_text = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}"
     if a.shape[0] != b.shape[1]:
         raise AdapterError(f"{where}: tensor {a.name!r}: ranks differ ({shape_text})")
@@ -462,7 +494,9 @@ def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg
         )
     grown = module.rsplit(".", 1)[-1] in VOCAB_MODULES and cols == i.shape[1] and rows < i.shape[0]
     if (rows, cols) != tuple(i.shape) and not grown:
-        layout = {"linear": "[out, in]", "fan_in_fan_out": "[in, out] (fan_in_fan_out)", "embedding": "[vocab, dim]"}[kind]
+        layout = {"linear": "[out, in]", "fan_in_fan_out": "[in, out] (fan_in_fan_out)", "embedding": "[vocab, dim]"}[
+            kind
+        ]
         raise AdapterError(
             f"{where}: tensor {a.name!r} ({shape_text}) makes a {layout} update of {[rows, cols]}, but {target!r} "
             f"is {list(i.shape)} in Instruct"
@@ -485,6 +519,8 @@ def plan_module(module: str, parts: dict[str, TensorInfo], kind: str | None, cfg
         ib = instruct.tensors.get(target_b)
         if ib is None or tuple(ib.shape) != (b.shape[0],):
             found = "missing" if ib is None else list(ib.shape)
-            raise AdapterError(f"{where}: tensor {bias.name!r} {list(bias.shape)} targets {target_b!r}, which is {found} in Instruct")
+            raise AdapterError(
+                f"{where}: tensor {bias.name!r} {list(bias.shape)} targets {target_b!r}, which is {found} in Instruct"
+            )
         out[target_b] = LowRankUpdate(module, "bias", scale, bias, None, b.shape[0], 1, None, where)
     return out

@@ -28,15 +28,15 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__, interrupts
 from .errors import AdapterError, GraftError, MismatchError, OutputError
 from .inputs import Ref, check_output_outside_inputs, open_inputs
-from .output import atomic_write, output_errors
 from .options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
+from .output import atomic_write, output_errors
 from .plan import Action, DeltaInput, TensorOp, Term, strip_wrappers
 from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
 from .sources import Checkpoint
@@ -88,7 +88,7 @@ class Sums:
     sq_base: float = 0.0  # sum B^2
     sq_diff: float = 0.0  # sum (X - B)^2
 
-    def __add__(self, other: "Sums") -> "Sums":
+    def __add__(self, other: Sums) -> Sums:
         return Sums(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
     @property
@@ -125,7 +125,7 @@ class Stats:
     numel: int = 0
     pairs: dict[str, Sums] = field(default_factory=dict)
 
-    def add(self, other: "Stats") -> None:
+    def add(self, other: Stats) -> None:
         self.tensors += other.tensors
         self.numel += other.numel
         for role, s in other.pairs.items():
@@ -146,7 +146,9 @@ class Stats:
         return {
             "tensors": self.tensors,
             "numel": self.numel,
-            "pairs": {role: {**finite(self.metrics(role)), "sums": finite(s.to_json())} for role, s in self.pairs.items()},
+            "pairs": {
+                role: {**finite(self.metrics(role)), "sums": finite(s.to_json())} for role, s in self.pairs.items()
+            },
         }
 
 
@@ -159,8 +161,14 @@ class TensorStats(Stats):
     dtypes: dict[str, str] = field(default_factory=dict)  # role -> safetensors dtype ("lora" for an adapter update)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "layer": self.layer, "shape": list(self.shape), "measured_rows": self.rows,
-                "dtypes": self.dtypes, **super().to_json()}
+        return {
+            "kind": self.kind,
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "measured_rows": self.rows,
+            "dtypes": self.dtypes,
+            **super().to_json(),
+        }
 
 
 def finite(d: dict) -> dict:
@@ -227,8 +235,10 @@ class SimilarityReport:
 
     def summary(self) -> str:
         """One line: the whole model's sigma(I, B), tensors, seconds."""
-        return (f"sigma(instruct, base) = {percent(self.model.pairs['instruct'].sigma)} over {self.model.tensors} tensors "
-                f"({count(self.model.numel)} parameters); {len(self.skipped)} not measured; {self.seconds:.1f} s")
+        return (
+            f"sigma(instruct, base) = {percent(self.model.pairs['instruct'].sigma)} over {self.model.tensors} tensors "
+            f"({count(self.model.numel)} parameters); {len(self.skipped)} not measured; {self.seconds:.1f} s"
+        )
 
     def to_json(self) -> dict:
         def layer_key(n):
@@ -344,29 +354,39 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
             skipped.append((name, "in Instruct, not in base"))
             continue
         if b.dtype not in FLOAT_DTYPES:
-            raise MismatchError(f"{locate('base', b)}: tensor {name!r} is {b.dtype} in base but {i.dtype} in Instruct "
-                                f"(--exclude it to skip it)")
+            raise MismatchError(
+                f"{locate('base', b)}: tensor {name!r} is {b.dtype} in base but {i.dtype} in Instruct "
+                f"(--exclude it to skip it)"
+            )
         rows = shared_rows(name, i, b, locate)
         if rows is not None:
-            notes.append(f"{name}: Instruct has {i.shape[0] - rows} more rows than base (a grown vocabulary); "
-                         f"measured over the {rows} shared rows")
+            notes.append(
+                f"{name}: Instruct has {i.shape[0] - rows} more rows than base (a grown vocabulary); "
+                f"measured over the {rows} shared rows"
+            )
         terms, how = [], []
         for d, full, updates in sources:
             t, u = full.get(name), updates.get(name)
             if t is None and d.adapter is None:
-                raise MismatchError(f"{locate('base', b)}: tensor {name!r} is in base but not in {d.role} "
-                                    f"({locate(d.role, None)}); --exclude it to skip it")
+                raise MismatchError(
+                    f"{locate('base', b)}: tensor {name!r} is in base but not in {d.role} "
+                    f"({locate(d.role, None)}); --exclude it to skip it"
+                )
             if t is not None:
                 if t.shape != b.shape or t.dtype not in FLOAT_DTYPES:
-                    raise MismatchError(f"{locate(d.role, t)}: tensor {name!r} is {t.dtype}{list(t.shape)} in {d.role} "
-                                        f"but {b.dtype}{list(b.shape)} in base ({locate('base', b)})")
+                    raise MismatchError(
+                        f"{locate(d.role, t)}: tensor {name!r} is {t.dtype}{list(t.shape)} in {d.role} "
+                        f"but {b.dtype}{list(b.shape)} in base ({locate('base', b)})"
+                    )
                 term = Term(d.role, 1.0, t)
                 terms.append(term)
                 how.append((d.role, "full", term))
             elif u is not None:
                 if u.rows != b.shape[0] or u.rows * u.cols != b.numel:
-                    raise MismatchError(f"{u.where}: the update of {name!r} covers {u.rows} x {u.cols}, but base "
-                                        f"({locate('base', b)}) has {list(b.shape)}")
+                    raise MismatchError(
+                        f"{u.where}: the update of {name!r} covers {u.rows} x {u.cols}, but base "
+                        f"({locate('base', b)}) has {list(b.shape)}"
+                    )
                 how.append((d.role, "lowrank", u))
             else:
                 how.append((d.role, "zero", None))
@@ -389,8 +409,10 @@ def shared_rows(name: str, i: TensorInfo, b: TensorInfo, locate) -> int | None:
     hint = ""
     if len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:]:
         hint = "; were --base and --instruct swapped? (Instruct may have more rows than Base, never fewer)"
-    raise MismatchError(f"{locate('instruct', i)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(b.shape)} "
-                        f"in base ({locate('base', b)}){hint}")
+    raise MismatchError(
+        f"{locate('instruct', i)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(b.shape)} "
+        f"in base ({locate('base', b)}){hint}"
+    )
 
 
 # ---------------------------------------------------------------- the API
@@ -428,7 +450,9 @@ def similarity(
     t0 = time.perf_counter()
     unknown = sorted(set(options) - set(SIMILARITY_OPTIONS))
     if unknown:
-        raise GraftError(f"similarity: unknown option(s) {', '.join(unknown)} (it takes {', '.join(SIMILARITY_OPTIONS)})")
+        raise GraftError(
+            f"similarity: unknown option(s) {', '.join(unknown)} (it takes {', '.join(SIMILARITY_OPTIONS)})"
+        )
     opts = MergeOptions(**options)
     if base is None:
         raise GraftError("--base is required: similarity measures Instruct (and each tuned input) against Base")
@@ -449,8 +473,10 @@ def similarity(
     checkpoints, deltas = open_inputs(instruct, refs, base, opts)
     plan = plan_similarity(checkpoints, deltas, opts)
     if not plan.measured:
-        raise GraftError(f"{checkpoints['instruct'].ref}: no tensor to measure (none that Instruct and Base share is "
-                         f"floating point and selected by --include / --exclude / --targets)")
+        raise GraftError(
+            f"{checkpoints['instruct'].ref}: no tensor to measure (none that Instruct and Base share is "
+            f"floating point and selected by --include / --exclude / --targets)"
+        )
     if out is not None:
         check_output_outside_inputs(out, checkpoints, may_contain=True)
         try:
@@ -473,7 +499,10 @@ def similarity(
             notes.append(f"{t.name}: NaN/Inf in {' and '.join(bad)} or base; its metrics are NaN")
     report = aggregate(tensors, roles)
     report.skipped, report.notes, report.reads, report.timings = plan.skipped, notes, reads, timings
-    report.inputs = {role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint} for role, ck in checkpoints.items()}
+    report.inputs = {
+        role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint}
+        for role, ck in checkpoints.items()
+    }
     report.options = {k: v for k, v in asdict(opts).items() if k in SIMILARITY_OPTIONS and k not in ("token", "quiet")}
     report.seconds = time.perf_counter() - t0
     if out is not None:
@@ -487,8 +516,17 @@ def pairs_from_sums(sums: list[float], roles: list[str]) -> dict[str, Sums]:
     [sum|X_k|.., sum|B|, sum|D_k|.., sum X_k^2.., sum B^2, sum D_k^2..] with X_0 = Instruct, D_k = X_k - B."""
     m = len(roles)
     width = 1 + 2 * m
-    return {role: Sums(abs_x=sums[k], abs_base=sums[m], abs_diff=sums[m + 1 + k], sq_x=sums[width + k],
-                       sq_base=sums[width + m], sq_diff=sums[width + m + 1 + k]) for k, role in enumerate(roles)}
+    return {
+        role: Sums(
+            abs_x=sums[k],
+            abs_base=sums[m],
+            abs_diff=sums[m + 1 + k],
+            sq_x=sums[width + k],
+            sq_base=sums[width + m],
+            sq_diff=sums[width + m + 1 + k],
+        )
+        for k, role in enumerate(roles)
+    }
 
 
 def tensor_stats(m: Measured, pairs: dict[str, Sums]) -> TensorStats:
@@ -496,8 +534,17 @@ def tensor_stats(m: Measured, pairs: dict[str, Sums]) -> TensorStats:
     dtypes = {"instruct": op.instruct.dtype, "base": op.base.dtype}
     for role, how, src in m.sources:
         dtypes[role] = src.tuned.dtype if how == "full" else "lora" if how == "lowrank" else "adapter: unchanged"
-    return TensorStats(op.name, 1, op.numel, pairs, kind=module_kind(op.name), layer=layer_index(op.name),
-                       shape=m.shape, rows=m.rows, dtypes=dtypes)
+    return TensorStats(
+        op.name,
+        1,
+        op.numel,
+        pairs,
+        kind=module_kind(op.name),
+        layer=layer_index(op.name),
+        shape=m.shape,
+        rows=m.rows,
+        dtypes=dtypes,
+    )
 
 
 def aggregate(tensors: list[TensorStats], roles: list[str]) -> SimilarityReport:
@@ -555,7 +602,11 @@ def plot(report: SimilarityReport):
     layers = sorted(n for n in report.layers if n is not None)
     if layers:
         for kind in KINDS:
-            points = [(n, 100 * report.layer_kinds[(n, kind)].pairs["instruct"].sigma) for n in layers if (n, kind) in report.layer_kinds]
+            points = [
+                (n, 100 * report.layer_kinds[(n, kind)].pairs["instruct"].sigma)
+                for n in layers
+                if (n, kind) in report.layer_kinds
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1.2, label=kind)
         ax.set_xlabel("layer")
@@ -563,7 +614,9 @@ def plot(report: SimilarityReport):
     else:
         kinds = [k for k in KINDS if k in report.kinds]
         ax.bar(kinds, [100 * report.kinds[k].pairs["instruct"].sigma for k in kinds])
-    ax.axhline(100 * report.model.pairs["instruct"].sigma, color="black", linestyle="--", linewidth=1, label="whole model")
+    ax.axhline(
+        100 * report.model.pairs["instruct"].sigma, color="black", linestyle="--", linewidth=1, label="whole model"
+    )
     ax.set_ylabel("σ(Instruct, Base)  %")
     ax.set_title("σ = Σ|I − B| / (Σ|I| + Σ|B|) per layer and module")
     ax.grid(alpha=0.3)

@@ -7,8 +7,9 @@ accumulator in step order, so the result does not depend on which thread compute
 Numerics: each chunk is widened to float32 (rows X, B and D = X - B); per row, the sum of |x| and of x^2 are
 taken in float32 blocks of 256 elements (an abs pass then block sums; a fused L2 norm per block, squared in
 float64), and the block results are reduced in float64 (one float64 reduction per accumulator and chunk) into
-float64 sums per tensor (ChunkMath). A row whose float32 squares overflow or underflow is summed in float64. An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each
-chunk covers (lowrank_into).
+float64 sums per tensor (ChunkMath). A row whose float32 squares overflow or underflow is summed in float64.
+An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each chunk covers
+(lowrank_into).
 
 This module imports torch; measure.py imports it only once the inputs are resolved and planned.
 
@@ -78,7 +79,7 @@ class ChunkMath:
             self.x[:, n:pad].zero_()
         x = self.x[:, :pad]
         if len(diffs) == m:
-            torch.sub(x[:m], x[m: m + 1], out=x[m + 1:])
+            torch.sub(x[:m], x[m : m + 1], out=x[m + 1 :])
         else:
             for k in diffs:
                 torch.sub(x[k], x[m], out=x[m + 1 + k])
@@ -103,27 +104,30 @@ class ChunkMath:
         return sums
 
 
-def lowrank_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, lo: int, hi: int, cols: int) -> None:
+def lowrank_into(
+    out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, lo: int, hi: int, cols: int
+) -> None:
     """out = scale * (left @ right) over the flat elements [lo, hi) of the [rows, cols] update: the end of a row
     begun in an earlier chunk, whole rows, the start of a row the next chunk ends (each a float32 GEMM)."""
     r0, c0 = divmod(lo, cols)
     n, pos = hi - lo, 0
     if c0:
         c1 = min(cols, c0 + n)
-        torch.mm(left[r0: r0 + 1], right[:, c0:c1], out=out[: c1 - c0].view(1, c1 - c0))
+        torch.mm(left[r0 : r0 + 1], right[:, c0:c1], out=out[: c1 - c0].view(1, c1 - c0))
         pos, r0 = c1 - c0, r0 + 1
     whole = (n - pos) // cols
     if whole:
-        torch.mm(left[r0: r0 + whole], right, out=out[pos: pos + whole * cols].view(whole, cols))
+        torch.mm(left[r0 : r0 + whole], right, out=out[pos : pos + whole * cols].view(whole, cols))
         pos, r0 = pos + whole * cols, r0 + whole
     if pos < n:
-        torch.mm(left[r0: r0 + 1], right[:, : n - pos], out=out[pos:n].view(1, n - pos))
+        torch.mm(left[r0 : r0 + 1], right[:, : n - pos], out=out[pos:n].view(1, n - pos))
     out.mul_(scale)
 
 
 def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[str], opts: MergeOptions):
     """Stream every op of `plan` through the input streamer; return (each tensor's float64 sums in plan order, in
-    the order ChunkMath.sums gives them; bytes read per input; seconds). The main thread takes each step's reads in plan order and hands the step to the compute threads."""
+    the order ChunkMath.sums gives them; bytes read per input; seconds). The main thread takes each step's reads
+    in plan order and hands the step to the compute threads."""
     ops = [m.op for m in plan.measured]
     chunk = opts.chunk_size or CHUNK
     order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
@@ -134,28 +138,45 @@ def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[s
         ck.schedule(list(order[role]), Path(".graftcore-downloads") / role)
     total = sum(info.nbytes if info.numel else 0 for op in ops for _, info in op_inputs(op))
     buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="similarity", disable=True if opts.quiet else None, leave=False)
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, desc="similarity", disable=True if opts.quiet else None, leave=False
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over chunks (ComputePool), not inside each op: OpenMP threads spinning
     streamer = pool = None  # beside the readers made a 2-core machine several times slower
     try:
         with interrupts.deferred():
-            streamer = InputStreamer(checkpoints, ops, chunk, False, drop_behind(total), buffer_bytes,
-                                     opts.read_depth or DEPTH + 1, opts.read_workers or WORKERS)  # + 1: the buffers
+            streamer = InputStreamer(
+                checkpoints,
+                ops,
+                chunk,
+                False,
+                drop_behind(total),
+                buffer_bytes,
+                opts.read_depth or DEPTH + 1,
+                opts.read_workers or WORKERS,
+            )  # + 1: the buffers
             # the steps in flight in the ComputePool hold would otherwise leave the readers waiting for a free one
             pool = ComputePool(COMPUTE_THREADS, chunk, len(roles))
             # The steps the main thread has taken but not yet handed over pin their read buffers: they must span
             # fewer buffers than a reader's ring holds, or the next take() would wait for one only it can free.
             depth = max(opts.read_depth or DEPTH + 1, (opts.read_workers or WORKERS) + 1)
             largest = max(min(info.numel, chunk) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op))
-            per_task = next(s for s in range(STEPS_PER_TASK, 0, -1)
-                            if s == 1 or min(s, -(-s * largest // streamer.raw_bytes) + 1) <= depth - 1)
+            per_task = next(
+                s
+                for s in range(STEPS_PER_TASK, 0, -1)
+                if s == 1 or min(s, -(-s * largest // streamer.raw_bytes) + 1) <= depth - 1
+            )
             t0 = time.perf_counter()
             accs = [stream_tensor(m, streamer, pool, checkpoints, chunk, per_task, bar) for m in plan.measured]
             pool.drain()
             waited = streamer.waited()
-            timings = {"stream": time.perf_counter() - t0, "wait_input": waited, "wait_compute": pool.waited,
-                       **streamer.timings()}
+            timings = {
+                "stream": time.perf_counter() - t0,
+                "wait_input": waited,
+                "wait_compute": pool.waited,
+                **streamer.timings(),
+            }
             reads = streamer.bytes_read()
             streamer.close()
             streamer = None
@@ -222,8 +243,9 @@ class ComputePool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def stream_tensor(m: Measured, streamer: InputStreamer, pool: ComputePool, checkpoints, chunk: int, per_task: int,
-                  bar) -> torch.Tensor:
+def stream_tensor(
+    m: Measured, streamer: InputStreamer, pool: ComputePool, checkpoints, chunk: int, per_task: int, bar
+) -> torch.Tensor:
     """Take the reads of every step of `m` in order and hand them to the pool `per_task` steps at a time; returns
     the tensor's accumulator (complete once the pool is drained)."""
     op = m.op
@@ -231,7 +253,9 @@ def stream_tensor(m: Measured, streamer: InputStreamer, pool: ComputePool, check
     for role, how, u in m.sources:
         if how == "lowrank":
             ck = checkpoints[role]
-            loaded[role] = u.load(lambda info, ck=ck: read_elements(ck.shard_path(info.file), info), allow_nonfinite=True)
+            loaded[role] = u.load(
+                lambda info, ck=ck: read_elements(ck.shard_path(info.file), info), allow_nonfinite=True
+            )
     acc = torch.zeros(2 + 4 * pool.m, dtype=torch.float64)  # ChunkMath.sums: 2 * (1 + 2m)
     cols = op.numel // op.shape[0] if op.shape and op.shape[0] else 1
     diffs = [0] + [k for k, (_, how, _) in enumerate(m.sources, start=1) if how == "full"]  # X - B to compute
@@ -259,7 +283,7 @@ def compute_steps(math_: ChunkMath, sources, batch: list, loaded: dict, cols: in
         try:
             sums = compute_step(math_, sources, step, held, loaded, cols, diffs)
         except BaseException:
-            for _, later in batch[k + 1:]:
+            for _, later in batch[k + 1 :]:
                 for h in later:
                     h.release()
             raise

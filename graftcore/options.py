@@ -10,7 +10,17 @@ from .errors import GraftError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_CHUNK = 1 << 28  # elements: 1 GiB of float32 per compute buffer
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 @dataclass
@@ -18,20 +28,26 @@ class MergeOptions:
     alpha: float | list[float] = field(
         default=1.0,
         metadata={
-            "help": "scale of each grafted update: W_I + a1 * (W_T1 - W_B) + ...; one --alpha for every --tuned, or one "
+            "help": "scale of each grafted update: W_I + a1 * (W_T1 - W_B) + ...; one --alpha for every --tuned, or "
+            "one "
             "per --tuned in the same order (repeatable)",
             "metavar": "A",
         },
     )
     include: list[str] = field(
-        default_factory=list, metadata={"help": "graft only tensors whose name matches REGEX (repeatable)", "metavar": "REGEX"}
+        default_factory=list,
+        metadata={"help": "graft only tensors whose name matches REGEX (repeatable)", "metavar": "REGEX"},
     )
     exclude: list[str] = field(
-        default_factory=list, metadata={"help": "copy tensors whose name matches REGEX from Instruct (repeatable)", "metavar": "REGEX"}
+        default_factory=list,
+        metadata={"help": "copy tensors whose name matches REGEX from Instruct (repeatable)", "metavar": "REGEX"},
     )
     targets: str = field(
         default="all",
-        metadata={"help": "all: every tensor the inputs share; projections: only q/k/v/o/gate/up/down_proj", "choices": ("all", "projections")},
+        metadata={
+            "help": "all: every tensor the inputs share; projections: only q/k/v/o/gate/up/down_proj",
+            "choices": ("all", "projections"),
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: str = field(
@@ -42,29 +58,47 @@ class MergeOptions:
         },
     )
     max_shard_size: str | None = field(
-        default=None, metadata={"help": "re-shard the output into files of at most SIZE (e.g. 5GB); default: Instruct's layout", "metavar": "SIZE"}
+        default=None,
+        metadata={
+            "help": "re-shard the output into files of at most SIZE (e.g. 5GB); default: Instruct's layout",
+            "metavar": "SIZE",
+        },
     )
-    token: str | None = field(default=None, metadata={"help": "Hugging Face token (default: $HF_TOKEN or the saved login)"})
+    token: str | None = field(
+        default=None, metadata={"help": "Hugging Face token (default: $HF_TOKEN or the saved login)"}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "hub cache folder (default: $HF_HUB_CACHE)"})
-    low_disk: bool = field(default=False, metadata={"help": "hub inputs: keep only the input shards still needed on disk"})
+    low_disk: bool = field(
+        default=False, metadata={"help": "hub inputs: keep only the input shards still needed on disk"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace the weights of a non-empty output folder"})
     allow_nonfinite: bool = field(
         default=False,
-        metadata={"help": "keep NaN/Inf that appear in tuned - base, or that finite inputs produce (overflow), instead of failing"},
+        metadata={
+            "help": "keep NaN/Inf that appear in tuned - base, or that finite inputs produce (overflow), instead of "
+            "failing"
+        },
     )
     dry_run: bool = field(default=False, metadata={"help": "print the plan and write nothing"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     workers: int = field(
         default=1,
-        metadata={"help": "merge with K local processes (each writes its share of the output shards)", "metavar": "K", "type": int},
+        metadata={
+            "help": "merge with K local processes (each writes its share of the output shards)",
+            "metavar": "K",
+            "type": int,
+        },
     )
     chunk_size: int | None = field(
-        default=None, metadata={"help": "elements per compute chunk (default: 256K on CPU, 4M on GPU)", "hidden": True, "type": int}
+        default=None,
+        metadata={"help": "elements per compute chunk (default: 256K on CPU, 4M on GPU)", "hidden": True, "type": int},
     )
     read_buffer: str | None = field(
         default=None, metadata={"help": "bytes per input read buffer (default 4MiB)", "hidden": True, "metavar": "SIZE"}
     )
-    read_depth: int | None = field(default=None, metadata={"help": "read buffers per input (default 3)", "hidden": True, "type": int})
+    read_depth: int | None = field(
+        default=None, metadata={"help": "read buffers per input (default 3)", "hidden": True, "type": int}
+    )
     read_workers: int | None = field(
         default=None, metadata={"help": "concurrent reads per input (default 2)", "hidden": True, "type": int}
     )
@@ -92,16 +126,27 @@ class MergeOptions:
                 raise GraftError(f"--{flag(f.name)} {value!r}: expected one of {', '.join(meta['choices'])}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise GraftError(f"{f.name}: expected True or False, got {value!r}")
-            if meta.get("type") is int and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if (
+                meta.get("type") is int
+                and value is not None
+                and (not isinstance(value, int) or isinstance(value, bool))
+            ):
                 raise GraftError(f"--{flag(f.name)}: expected a whole number, got {value!r}")
-            if f.type == "str | None" and value is not None and not isinstance(value, str) and f.name != "max_shard_size":
+            if (
+                f.type == "str | None"
+                and value is not None
+                and not isinstance(value, str)
+                and f.name != "max_shard_size"
+            ):
                 raise GraftError(f"--{flag(f.name)}: expected a string, got {value!r}")
         if not isinstance(self.device, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is None:
             raise GraftError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
         if self.workers < 1:
             raise GraftError("--workers must be at least 1")
         if self.chunk_size is not None and not 1 <= self.chunk_size <= MAX_CHUNK:
-            raise GraftError(f"--chunk-size must be from 1 to {MAX_CHUNK} elements (each compute buffer holds a chunk in float32)")
+            raise GraftError(
+                f"--chunk-size must be from 1 to {MAX_CHUNK} elements (each compute buffer holds a chunk in float32)"
+            )
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size)
         if self.read_buffer is not None and not 4096 <= parse_size(self.read_buffer, "--read-buffer") <= 1 << 30:
@@ -116,7 +161,9 @@ class MergeOptions:
         if len(self.alpha) == 1:
             return self.alpha * n
         if len(self.alpha) != n:
-            raise GraftError(f"--alpha: {len(self.alpha)} values for {n} --tuned input(s); give one, or one per --tuned")
+            raise GraftError(
+                f"--alpha: {len(self.alpha)} values for {n} --tuned input(s); give one, or one per --tuned"
+            )
         return list(self.alpha)
 
     def selects(self, name: str) -> bool:
@@ -142,8 +189,18 @@ class MergeOptions:
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # the MergeOptions fields `graftcore similarity` (and graftcore.similarity) takes: selection, hub access, the
 # progress bar, and the streaming knobs; it writes no model, so none of the output or arithmetic options apply
-SIMILARITY_OPTIONS = ("include", "exclude", "targets", "token", "cache_dir", "quiet", "chunk_size", "read_buffer",
-                      "read_depth", "read_workers")
+SIMILARITY_OPTIONS = (
+    "include",
+    "exclude",
+    "targets",
+    "token",
+    "cache_dir",
+    "quiet",
+    "chunk_size",
+    "read_buffer",
+    "read_depth",
+    "read_workers",
+)
 
 
 def alphas_from(value) -> list[float]:
@@ -153,7 +210,11 @@ def alphas_from(value) -> list[float]:
         raise GraftError("--alpha: no value given")
     for a in values:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-            kind = "not a number" if isinstance(a, bool) or not isinstance(a, (int, float)) else "must be finite (a NaN or infinite alpha writes NaN/Inf weights)"
+            kind = (
+                "not a number"
+                if isinstance(a, bool) or not isinstance(a, (int, float))
+                else "must be finite (a NaN or infinite alpha writes NaN/Inf weights)"
+            )
             raise GraftError(f"--alpha {a!r}: {kind}")
     return [float(a) for a in values]
 

@@ -31,9 +31,19 @@ OUR_SUFFIXES = (".safetensors", ".partial", ".safetensors.index.json")
 # what a model folder holds besides weights: --overwrite removes these too, so no file of the previous model
 # (a chat template, a tokenizer) is left beside the new one
 MODEL_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "processor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 
 
@@ -125,7 +135,9 @@ class OutputFolder:
         """Another rank's share of a folder rank 0 has prepared: record finished shards in this rank's file."""
         self.keys = shard_keys
 
-    def prepare(self, shard_sizes: dict[str, int], overwrite: bool, shard_keys: dict[str, str] | None = None) -> set[str]:
+    def prepare(
+        self, shard_sizes: dict[str, int], overwrite: bool, shard_keys: dict[str, str] | None = None
+    ) -> set[str]:
         """Lock and claim the folder; return the shards already finished by an earlier run of the same job
         (same size, same key in `shard_keys`, sha256 verified).
 
@@ -151,8 +163,10 @@ class OutputFolder:
             if earlier is not None:
                 for file, rec in earlier.items():
                     if (
-                        file in shard_sizes and rec.get("size") == shard_sizes[file]
-                        and rec.get("key") == self.keys.get(file) and self._verify(file, rec)
+                        file in shard_sizes
+                        and rec.get("size") == shard_sizes[file]
+                        and rec.get("key") == self.keys.get(file)
+                        and self._verify(file, rec)
                     ):
                         self.finished[file] = rec
             elif any(p.name != LOCK for p in self.path.iterdir()):
@@ -203,12 +217,19 @@ class OutputFolder:
         except (OSError, GraftError, AttributeError, TypeError):
             pass
         for p in self.path.iterdir():  # the top level only: subfolders are the user's unless listed
-            if p.is_file() and (p.name.endswith(OUR_SUFFIXES) or p.name in (MANIFEST, *MODEL_FILES) or is_progress(p.name)):
+            if p.is_file() and (
+                p.name.endswith(OUR_SUFFIXES) or p.name in (MANIFEST, *MODEL_FILES) or is_progress(p.name)
+            ):
                 p.unlink()
         root = self.path.resolve()
         for rel in listed:  # only files inside this folder (a crafted graftcore.json must not reach outside it)
             p = self.path / rel
-            if isinstance(rel, str) and not Path(rel).is_absolute() and p.is_file() and p.resolve().is_relative_to(root):
+            if (
+                isinstance(rel, str)
+                and not Path(rel).is_absolute()
+                and p.is_file()
+                and p.resolve().is_relative_to(root)
+            ):
                 p.unlink()
 
     def _earlier_record(self) -> dict | None:
@@ -219,7 +240,11 @@ class OutputFolder:
                 doc = read_json_file(path, "a progress record", OutputError)
             except (OSError, GraftError):
                 continue
-            if isinstance(doc, dict) and doc.get("fingerprint") == self.fingerprint and isinstance(doc.get("shards"), dict):
+            if (
+                isinstance(doc, dict)
+                and doc.get("fingerprint") == self.fingerprint
+                and isinstance(doc.get("shards"), dict)
+            ):
                 found = found or {}  # the progress files of every rank of an earlier run (of any world size)
                 found.update({f: rec for f, rec in doc["shards"].items() if isinstance(rec, dict)})
         return found

@@ -1,4 +1,5 @@
-"""Match the three inputs tensor by tensor and decide what each output tensor is (docs/architecture.md, "Matching policy").
+"""Match the three inputs tensor by tensor and decide what each output tensor is (docs/architecture.md,
+"Matching policy").
 
 Every inconsistency is found here, before any output byte is written. The Plan lists, per output shard,
 the TensorOps in the order their bytes go into the file.
@@ -139,7 +140,9 @@ class Plan:
         for action in Action:
             chosen = [op for op in ops if op.action is action]
             if chosen:
-                lines.append(f"  {action.value:<11} {len(chosen):>6} tensors  {human(sum(o.out_nbytes for o in chosen)):>10}")
+                lines.append(
+                    f"  {action.value:<11} {len(chosen):>6} tensors  {human(sum(o.out_nbytes for o in chosen)):>10}"
+                )
         lines += [f"  note: {n}" for n in self.notes]
         decisions = [op for op in ops if op.action not in (Action.GRAFT, Action.LORA)]
         if decisions:
@@ -221,10 +224,17 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
     rows = {term.role: term_rows(name, i, b, term, locate) for term in terms}
     if len(set(rows.values())) > 1:
         listed = ", ".join(f"{r} in {role}" for role, r in rows.items())
-        raise MismatchError(f"{locate('instruct', i)}: tensor {name!r}: the tuned inputs cover different rows ({listed})")
+        raise MismatchError(
+            f"{locate('instruct', i)}: tensor {name!r}: the tuned inputs cover different rows ({listed})"
+        )
     covered = next(iter(rows.values()))
     whole = not i.shape or covered == i.shape[0]
-    extra = "" if whole else f"Instruct has {i.shape[0] - covered} more rows than the tuned inputs; rows {covered}.. copied from Instruct"
+    extra = (
+        ""
+        if whole
+        else f"Instruct has {i.shape[0] - covered} more rows than the tuned inputs; "
+        f"rows {covered}.. copied from Instruct"
+    )
     if any(t.update is not None for t in terms):
         return TensorOp(name, Action.LORA, out_dtype, i, b, terms, rows=covered, reason=extra)
     if whole:
@@ -238,7 +248,10 @@ def term_rows(name: str, i: TensorInfo, b: TensorInfo | None, term: Term, locate
     if u is not None:
         if u.magnitude is not None and (b is None or b.shape != i.shape):
             found = "missing" if b is None else f"{b.dtype}{list(b.shape)}"
-            raise MismatchError(f"{locate('base', None)}: DoRA target {name!r} is {found} in base, Instruct has {i.dtype}{list(i.shape)}")
+            raise MismatchError(
+                f"{locate('base', None)}: DoRA target {name!r} is {found} in base, Instruct has "
+                f"{i.dtype}{list(i.shape)}"
+            )
         return u.rows
     t = term.tuned
     if t.shape != b.shape:
@@ -259,7 +272,12 @@ def term_rows(name: str, i: TensorInfo, b: TensorInfo | None, term: Term, locate
 def swapped_hint(i: TensorInfo, b: TensorInfo, t: TensorInfo) -> str:
     """A hint when the shapes would fit with --base and --instruct swapped: the tuned tensor has the shape of
     what was given as Instruct, and what was given as Base has more leading rows (a grown vocabulary)."""
-    if t.shape == i.shape and len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:] and b.shape[0] > i.shape[0]:
+    if (
+        t.shape == i.shape
+        and len(i.shape) == len(b.shape) >= 1
+        and i.shape[1:] == b.shape[1:]
+        and b.shape[0] > i.shape[0]
+    ):
         return "; were --base and --instruct swapped? (Instruct may have more rows than Base, never fewer)"
     return ""
 
@@ -274,7 +292,7 @@ def strip_wrappers(ck: Checkpoint, reference: dict, role: str, notes: list[str])
     """Drop training-wrapper prefixes (`module.`, `_orig_mod.`, nested) when that makes more names match Instruct's."""
     tensors, stripped = ck.tensors, []
     while tensors and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in tensors)), None)):
-        tensors = {n[len(prefix):]: info for n, info in tensors.items()}
+        tensors = {n[len(prefix) :]: info for n, info in tensors.items()}
         stripped.append(prefix)
     if not stripped or sum(n in reference for n in tensors) <= sum(n in reference for n in ck.tensors):
         return ck.tensors
@@ -316,7 +334,10 @@ def layout_shards(instruct: Checkpoint, ops: dict[str, TensorOp], opts: MergeOpt
     n = len(groups)
     if n == 1:
         return [OutShard(SINGLE_NAME, ordered(groups[0]), {"format": "pt"})], False
-    return [OutShard(f"model-{k + 1:05d}-of-{n:05d}.safetensors", ordered(g), {"format": "pt"}) for k, g in enumerate(groups)], True
+    return [
+        OutShard(f"model-{k + 1:05d}-of-{n:05d}.safetensors", ordered(g), {"format": "pt"})
+        for k, g in enumerate(groups)
+    ], True
 
 
 def human(n: float) -> str:

@@ -26,14 +26,14 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent import futures
-from typing import Iterator
 
 import torch
 
 from . import interrupts
-from .interrupts import POLL
 from .input_file import BLOCK, InputFile, read_exactly
+from .interrupts import POLL
 from .safetensors_io import TensorInfo, itemsize, torch_dtype_or_none
 from .steps import Read
 
@@ -52,7 +52,7 @@ class Held:
 
     __slots__ = ("data", "_buffer")
 
-    def __init__(self, data: torch.Tensor, buffer: "_Buffer"):
+    def __init__(self, data: torch.Tensor, buffer: _Buffer):
         self.data = data  # uint8
         self._buffer = buffer
 
@@ -103,8 +103,18 @@ class _Buffer:
 class RoleReader:
     """Reads one input's ranges in plan order on a thread of its own; the engine takes them in the same order."""
 
-    def __init__(self, role: str, checkpoint, reads: Iterator[tuple[int, Read]], last_use: dict[str, int],
-                 buffer_bytes: int, depth: int, pin: bool, drop_behind: bool, workers: int = WORKERS):
+    def __init__(
+        self,
+        role: str,
+        checkpoint,
+        reads: Iterator[tuple[int, Read]],
+        last_use: dict[str, int],
+        buffer_bytes: int,
+        depth: int,
+        pin: bool,
+        drop_behind: bool,
+        workers: int = WORKERS,
+    ):
         self.role, self.checkpoint, self.reads = role, checkpoint, reads
         self.last_use = last_use  # shard file -> index of the last op reading it
         self.buffer_bytes, self.drop_behind = buffer_bytes, drop_behind
@@ -145,7 +155,9 @@ class RoleReader:
                     # A run of adjacent ranges stays contiguous (one preadv). A new run starts in a block of its
                     # own, at the offset its file offset has in its block: O_DIRECT reads the aligned blocks around
                     # it, and every tensor is as aligned in the buffer as in its file.
-                    adjacent = prev is not None and prev.info.file == read.info.file and prev.end_byte == read.start_byte
+                    adjacent = (
+                        prev is not None and prev.info.file == read.info.file and prev.end_byte == read.start_byte
+                    )
                     at = fill if adjacent else -(-fill // BLOCK) * BLOCK + read.start_byte % BLOCK
                     if batch and (at + n > self.buffer_bytes or not self._can_open(read.info.file)):
                         break  # full, or the next file is still downloading: hand over what is here first
@@ -208,7 +220,9 @@ class RoleReader:
                 end = nxt.end_byte
                 last += 1
             t0 = time.perf_counter()
-            direct = self._files[read.info.file].read_run(buffer.view, offset, start, end, batch[last][0].info.name, self.drop_behind)
+            direct = self._files[read.info.file].read_run(
+                buffer.view, offset, start, end, batch[last][0].info.name, self.drop_behind
+            )
             with self._stats:  # the I/O workers run this concurrently
                 self.disk_seconds += time.perf_counter() - t0
                 if direct:
@@ -298,8 +312,17 @@ class RoleReader:
 class InputStreamer:
     """One RoleReader per input that the plan reads; `take(read)` in plan order, `close()` at the end."""
 
-    def __init__(self, checkpoints: dict, ops: list, chunk: int, pin: bool, drop_behind: bool,
-                 buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH, workers: int = WORKERS):
+    def __init__(
+        self,
+        checkpoints: dict,
+        ops: list,
+        chunk: int,
+        pin: bool,
+        drop_behind: bool,
+        buffer_bytes: int = BUFFER_BYTES,
+        depth: int = DEPTH,
+        workers: int = WORKERS,
+    ):
         """Start reading the inputs of `ops` (in execution order) for steps of `chunk` elements; `pin` the
         buffers for CUDA copies; `drop_behind` consumed pages from the page cache."""
         from .steps import op_inputs, plan_reads
@@ -312,8 +335,17 @@ class InputStreamer:
                 largest = max(largest, min(info.numel, chunk) * itemsize(info.dtype))
         self.raw_bytes = buffer_bytes = max(buffer_bytes, largest)  # a tensor copied as it is: a buffer per step
         self.readers = {
-            role: RoleReader(role, checkpoints[role], plan_reads(ops, role, chunk, buffer_bytes), files, buffer_bytes,
-                             max(depth, workers + 1), pin, drop_behind, workers)
+            role: RoleReader(
+                role,
+                checkpoints[role],
+                plan_reads(ops, role, chunk, buffer_bytes),
+                files,
+                buffer_bytes,
+                max(depth, workers + 1),
+                pin,
+                drop_behind,
+                workers,
+            )
             for role, files in last_use.items()
         }
 
@@ -348,6 +380,8 @@ def read_elements(path, info: TensorInfo, first: int = 0, stop: int | None = Non
     out = torch.empty((stop - first) * size, dtype=torch.uint8)
     if out.numel():
         with open(path, "rb", buffering=0) as f:
-            read_exactly(f.fileno(), memoryview(out.numpy()), info.start + first * size, out.numel(), str(path), info.name)
+            read_exactly(
+                f.fileno(), memoryview(out.numpy()), info.start + first * size, out.numel(), str(path), info.name
+            )
     dtype = torch_dtype_or_none(info.dtype)
     return out.view(dtype) if dtype is not None and out.numel() else out

@@ -30,7 +30,9 @@ from .steps import Step, op_steps
 from .verification import VerifyReport, headers_entries
 
 
-def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, report: VerifyReport, hub: dict) -> None:
+def recompute_chunks(
+    folder: Path, manifest: dict, headers: dict, k: int, seed, report: VerifyReport, hub: dict
+) -> None:
     """Recompute `k` random chunks (and the first and last of every shard) of the output `folder` whose
     graftcore.json is `manifest`; VerifyError at the first difference or changed input; counts into `report`."""
     opts = recorded_options(manifest, hub)
@@ -43,17 +45,21 @@ def recompute_chunks(folder: Path, manifest: dict, headers: dict, k: int, seed, 
         if recorded.get("fingerprint") != ck.fingerprint:
             raise VerifyError(
                 f"{ck.ref}: the {role} input is not the one the merge read (its files or headers changed since; "
-                f"graftcore.json records fingerprint {str(recorded.get('fingerprint'))[:12]}.., now {ck.fingerprint[:12]}..)"
+                f"graftcore.json records fingerprint {str(recorded.get('fingerprint'))[:12]}.., now "
+                f"{ck.fingerprint[:12]}..)"
             )
         for file, state in sorted((recorded.get("file_states") or {}).items()):  # a header can stay, the data not
             if ck.file_state(file) != state:
                 raise VerifyError(
                     f"{ck.locate(file)}: the {role} input's file changed since the merge (replaced or rewritten: its "
-                    f"inode, size or times differ from graftcore.json's record), so the output may not be what it gives "
+                    "inode, size or times differ from graftcore.json's record), so the output may not be what it "
+                    "gives "
                     f"now; rerun the same merge to bring the output up to date"
                 )
     if sorted(plan_entries(plan)) != sorted(headers_entries(headers)):
-        raise VerifyError(f"{folder}: the plan rebuilt from the recorded inputs and options names other tensors, dtypes or shapes")
+        raise VerifyError(
+            f"{folder}: the plan rebuilt from the recorded inputs and options names other tensors, dtypes or shapes"
+        )
     rng = random.Random(seed)
     if seed is None:
         seed = rng.randrange(1 << 31)
@@ -156,8 +162,10 @@ def choose_steps(plan: Plan, chunk: int, k: int, rng: random.Random) -> list:
     for (shard, op), start, end in zip(ops, starts, starts[1:]):
         lo = bisect.bisect_left(wanted, start)
         if lo < len(wanted) and wanted[lo] < end:
-            picks = set(wanted[lo:bisect.bisect_left(wanted, end)])
-            chosen += [(shard, op, step) for j, step in enumerate(op_steps(op, chunk, BUFFER_BYTES)) if start + j in picks]
+            picks = set(wanted[lo : bisect.bisect_left(wanted, end)])
+            chosen += [
+                (shard, op, step) for j, step in enumerate(op_steps(op, chunk, BUFFER_BYTES)) if start + j in picks
+            ]
     return chosen
 
 
@@ -178,7 +186,9 @@ def recompute_step(op, step: Step, checkpoints: dict, compute, loaded) -> torch.
     """The output elements of `step`, computed again from the inputs on the CPU."""
     from .engine import compute_step
 
-    held = [_Read(read_elements(checkpoints[r.role].shard_path(r.info.file), r.info, r.first, r.stop)) for r in step.reads]
+    held = [
+        _Read(read_elements(checkpoints[r.role].shard_path(r.info.file), r.info, r.first, r.stop)) for r in step.reads
+    ]
     if step.raw:
         return held[0].data
     out = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))

@@ -17,9 +17,10 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from .errors import CheckpointError, OutputError
 from .json_files import parse_json
@@ -30,16 +31,39 @@ WRITEBACK_EVERY = 32 << 20  # start writing dirty pages to disk after this many 
 # safetensors dtype code -> bytes per element. This module imports no torch: inputs are resolved and planned
 # (and bad input refused) before torch loads
 DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 # safetensors dtype code -> the torch dtype's attribute name (absent from older torch versions for some)
 _TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
 DTYPE_NAMES = {code: code for code in DTYPE_SIZES}
@@ -172,7 +196,9 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
     spans = []
     for tname, entry in doc.items():
         if check_names and not utf8(tname):
-            raise CheckpointError(f"{path}: tensor {ascii(tname)[1:-1]!r}: the name is not valid UTF-8 (a lone surrogate escape)")
+            raise CheckpointError(
+                f"{path}: tensor {ascii(tname)[1:-1]!r}: the name is not valid UTF-8 (a lone surrogate escape)"
+            )
         if type(entry) is not dict:
             raise CheckpointError(f"{path}: tensor {tname!r}: entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -185,15 +211,24 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
                 f"{path}: tensor {tname!r}: shape {shape!r} is not a list of non-negative integers whose product "
                 f"fits in 63 bits"
             )
-        if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int \
-                or not 0 <= offsets[0] <= offsets[1]:
-            raise CheckpointError(f"{path}: tensor {tname!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(
+                f"{path}: tensor {tname!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end"
+            )
         begin, end = offsets
         if end - begin != n * size:
             raise CheckpointError(
                 f"{path}: tensor {tname!r}: data_offsets span {end - begin} bytes but {dtype}{shape} needs {n * size}"
             )
-        spans.append((begin, end, tname, DTYPE_NAMES[dtype], tuple(shape)))  # one shared str per dtype, not one per tensor
+        spans.append(
+            (begin, end, tname, DTYPE_NAMES[dtype], tuple(shape))
+        )  # one shared str per dtype, not one per tensor
     spans.sort()
     cursor = 0
     tensors = {}
@@ -271,8 +306,13 @@ class ShardWriter:
         >>> w.append(torch.zeros(6, dtype=torch.bfloat16)); w.finish()                           # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None,
-                 drop_behind: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata=None,
+        drop_behind: bool = False,
+    ):
         """`drop_behind`: once a window of the file is on disk, drop it from the page cache (a pass larger than
         RAM then never fills memory with written pages)."""
         self.path = Path(path)

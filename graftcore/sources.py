@@ -124,8 +124,12 @@ def is_extra_file(rel: str) -> bool:
     parts = rel.split("/")
     name = parts[-1]
     return not (
-        any(p.startswith(".") for p in parts) or name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX.match(name)
-        or name == "graftcore.json" or name.startswith("graftcore.progress") or name.endswith(".partial")
+        any(p.startswith(".") for p in parts)
+        or name.endswith(WEIGHT_SUFFIXES)
+        or WEIGHT_INDEX.match(name)
+        or name == "graftcore.json"
+        or name.startswith("graftcore.progress")
+        or name.endswith(".partial")
     )
 
 
@@ -191,7 +195,7 @@ def open_local(path: Path) -> Checkpoint:
         if pickles:
             raise CheckpointError(
                 f"{path}: holds only pickled weights ({', '.join(pickles[:3])}); graftcore reads safetensors "
-                f"and never unpickles. Convert first: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f'and never unpickles. Convert first: python -c "from transformers import AutoModelForCausalLM as M; '
                 f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
             )
         raise CheckpointError(f"{path}: no .safetensors files and no {INDEX_NAME}")
@@ -230,7 +234,9 @@ def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
         raise CheckpointError(f"{index}: the weight_map is empty: the index names no tensor")
     for name, f in weight_map.items():
         if "/" in f or "\\" in f or f.startswith(".") or "\0" in f or len(f.encode()) > 255:
-            raise CheckpointError(f"{index}: tensor {name!r} maps to {f[:80]!r}, which is not a file name in the folder")
+            raise CheckpointError(
+                f"{index}: tensor {name!r} maps to {f[:80]!r}, which is not a file name in the folder"
+            )
     return weight_map
 
 
@@ -285,5 +291,7 @@ def local_fingerprint(headers: list[ShardHeader]) -> str:
 
 def pickle_hint(path: Path) -> str:
     if path.name.endswith(PICKLE_SUFFIXES):
-        return " (pickled weights: graftcore never unpickles; convert to safetensors with transformers' save_pretrained)"
+        return (
+            " (pickled weights: graftcore never unpickles; convert to safetensors with transformers' save_pretrained)"
+        )
     return ""

@@ -14,12 +14,11 @@ bookkeeping stays a few objects whatever the model size.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .plan import Action, TensorOp
 from .safetensors_io import TensorInfo, itemsize
-
 
 
 @dataclass(frozen=True, slots=True)

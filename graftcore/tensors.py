@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -69,14 +69,19 @@ def graft_tensor(
         if x.device != instruct.device:
             raise GraftError(f"graft_tensor: {name} is on {x.device}, instruct on {instruct.device}")
         if x.is_meta:
-            raise GraftError(f"graft_tensor: {name} is on the meta device: it has no data to graft (load or materialize it first)")
+            raise GraftError(
+                f"graft_tensor: {name} is on the meta device: it has no data to graft (load or materialize it first)"
+            )
     out = torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device)
     found = graft_(out, instruct.contiguous(), [t.contiguous() for t in tuned], base.contiguous(), alphas)
     if found.deltas and not allow_nonfinite:
-        raise NonFiniteError(f"graft_tensor: {found.deltas} element(s) of tuned - base are NaN/Inf (allow_nonfinite=True keeps them)")
+        raise NonFiniteError(
+            f"graft_tensor: {found.deltas} element(s) of tuned - base are NaN/Inf (allow_nonfinite=True keeps them)"
+        )
     if found.overflow and not allow_nonfinite:
         raise NonFiniteError(
-            f"graft_tensor: {found.overflow} element(s) of the result are NaN/Inf in {out_dtype} although every input is "
+            f"graft_tensor: {found.overflow} element(s) of the result are NaN/Inf in {out_dtype} although every "
+            "input is "
             f"finite (allow_nonfinite=True keeps them)"
         )
     return out
@@ -140,7 +145,9 @@ def graft_state_dict(
 
 def infos_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
     """Header-like entries (name, dtype code, shape) for the planner's matching policy."""
-    return {n: TensorInfo(n, TORCH_TO_CODE.get(t.dtype, "F32"), tuple(t.shape), "", 0, 0) for n, t in state_dict.items()}
+    return {
+        n: TensorInfo(n, TORCH_TO_CODE.get(t.dtype, "F32"), tuple(t.shape), "", 0, 0) for n, t in state_dict.items()
+    }
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
@@ -153,4 +160,3 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torc
     if dtype not in GRAFTABLE:
         raise GraftError(f"dtype {dtype}: expected bfloat16, float16 or float32")
     return dtype
-

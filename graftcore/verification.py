@@ -48,7 +48,8 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        what = f"{self.shards} shard(s), {self.tensors} tensors, {self.bytes_hashed / 1e9:.2f} GB: sha256, headers, index and plan hold"
+        what = f"{self.shards} shard(s), {self.tensors} tensors, {self.bytes_hashed / 1e9:.2f} GB"
+        what += ": sha256, headers, index and plan hold"
         if self.chunks_recomputed:
             exact = self.chunks_recomputed - self.within_ulp
             what += f"; {self.chunks_recomputed} chunk(s) recomputed from the inputs: {exact} bit-exact"
@@ -105,7 +106,9 @@ def read_manifest(folder: Path) -> dict:
     try:
         doc = read_json_file(path, "graftcore.json", VerifyError)
     except FileNotFoundError:
-        raise VerifyError(f"{path}: missing; {folder} is not a finished graftcore output (or it was interrupted)") from None
+        raise VerifyError(
+            f"{path}: missing; {folder} is not a finished graftcore output (or it was interrupted)"
+        ) from None
     check_manifest(doc, path)
     return doc
 
@@ -124,7 +127,12 @@ def check_manifest(doc, path: Path) -> None:
     for file, rec in shards.items():
         if not inside_name(file):
             bad(f"shard name {file!r} is not a file name inside the folder")
-        if not isinstance(rec, dict) or not is_whole(rec.get("size")) or rec["size"] < 0 or not is_sha256(rec.get("sha256")):
+        if (
+            not isinstance(rec, dict)
+            or not is_whole(rec.get("size"))
+            or rec["size"] < 0
+            or not is_sha256(rec.get("sha256"))
+        ):
             bad(f"shards[{file!r}] is not {{size, sha256}}")
     files = doc.get("files")
     if not isinstance(files, list) or not all(inside_name(f) for f in files):
@@ -142,7 +150,11 @@ def check_manifest(doc, path: Path) -> None:
     for role, rec in inputs.items():
         if not INPUT_ROLE.fullmatch(role):
             bad(f"inputs names an unknown role {role!r}")
-        if not isinstance(rec, dict) or not isinstance(rec.get("ref"), str) or not isinstance(rec.get("fingerprint"), str):
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("ref"), str)
+            or not isinstance(rec.get("fingerprint"), str)
+        ):
             bad(f"inputs.{role} is not {{ref, fingerprint, ...}}")
         if not isinstance(rec.get("revision"), (str, type(None))) or not isinstance(rec.get("path", ""), str):
             bad(f"inputs.{role}: revision or path is not a string")
@@ -177,7 +189,9 @@ def check_shards(folder: Path, manifest: dict, report: VerifyReport) -> dict:
                 raise VerifyError(f"{path}: not a regular file (graftcore.json lists it as a shard)")
             size = path.stat().st_size
             if size != rec["size"]:
-                raise VerifyError(f"{path}: {size} bytes, graftcore.json records {rec['size']} (truncated or rewritten)")
+                raise VerifyError(
+                    f"{path}: {size} bytes, graftcore.json records {rec['size']} (truncated or rewritten)"
+                )
             if file_sha256(path) != rec["sha256"]:
                 raise VerifyError(f"{path}: sha256 differs from graftcore.json (the file changed after the merge)")
         except OSError as e:
@@ -216,4 +230,6 @@ def check_index(folder: Path, manifest: dict, headers: dict) -> None:
 
 
 def headers_entries(headers: dict) -> list:
-    return [[file, name, info.dtype, list(info.shape)] for file, h in headers.items() for name, info in h.tensors.items()]
+    return [
+        [file, name, info.dtype, list(info.shape)] for file, h in headers.items() for name, info in h.tensors.items()
+    ]

@@ -18,21 +18,32 @@ def llama_tensors(seed: int, dtype=torch.bfloat16, vocab=96, hidden=32, inter=64
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     for k in range(layers):
         p = f"model.layers.{k}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden // 2, hidden),
-            p + "self_attn.v_proj.weight": (hidden // 2, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (hidden // 2, hidden),
+                p + "self_attn.v_proj.weight": (hidden // 2, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     if not tied:
         shapes["lm_head.weight"] = (vocab, hidden)
-    base = {n: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 1.0) + (1.0 if len(s) == 1 else 0) for n, s in shapes.items()}
+    base = {
+        n: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 1.0) + (1.0 if len(s) == 1 else 0)
+        for n, s in shapes.items()
+    }
     g2 = torch.Generator().manual_seed(seed)
     return {n: (v + noise * torch.randn(v.shape, generator=g2)).to(dtype) for n, v in base.items()}
 
 
-def write_checkpoint(folder: Path, tensors: dict, shard_count: int = 1, config: dict | None = None, extra_files=None) -> Path:
+def write_checkpoint(
+    folder: Path, tensors: dict, shard_count: int = 1, config: dict | None = None, extra_files=None
+) -> Path:
     """Save `tensors` as `shard_count` safetensors files (with an index when > 1) plus optional files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,12 +54,14 @@ def write_checkpoint(folder: Path, tensors: dict, shard_count: int = 1, config: 
         weight_map = {}
         per = -(-len(names) // shard_count)
         for k in range(shard_count):
-            part = names[k * per:(k + 1) * per]
+            part = names[k * per : (k + 1) * per]
             fname = f"model-{k + 1:05d}-of-{shard_count:05d}.safetensors"
             save_file({n: tensors[n] for n in part}, folder / fname, metadata={"format": "pt"})
             weight_map.update({n: fname for n in part})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     for name, text in (extra_files or {}).items():
@@ -60,7 +73,9 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors folder (through the index when there is one)."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     out = {}
     for f in files:
         with safe_open(folder / f, "pt") as h:

@@ -180,7 +180,11 @@ class FakeHub:
 
     def ranges(self, repo: str, file: str) -> list[str]:
         """The Range headers of the GETs of one file, in order ('' for a whole-file GET)."""
-        return [r for m, p, r in self.requests if m == "GET" and p.startswith(f"/{repo}/resolve/") and p.endswith("/" + file)]
+        return [
+            r
+            for m, p, r in self.requests
+            if m == "GET" and p.startswith(f"/{repo}/resolve/") and p.endswith("/" + file)
+        ]
 
 
 def model_info(repo_id: str, repo: Repo) -> dict:

@@ -64,7 +64,9 @@ def assert_refused(code, err, out_dir, *needles):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert not out_dir.exists() or not any(
-        (out_dir / f).exists() for f in ("graftcore.json", "config.json", "model.safetensors", "model.safetensors.index.json"))
+        (out_dir / f).exists()
+        for f in ("graftcore.json", "config.json", "model.safetensors", "model.safetensors.index.json")
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -115,7 +117,9 @@ def test_nonfinite_in_tuned(tmp_path, cli, bad):
     code, _, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out, "--quiet")
     assert_refused(code, err, out, "model.layers.1.self_attn.o_proj.weight", str(t), "--allow-nonfinite")
     assert not list(out.glob("*.partial"))
-    code, _, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out, "--quiet", "--allow-nonfinite")
+    code, _, err = cli(
+        "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out, "--quiet", "--allow-nonfinite"
+    )
     assert code == 0, err
 
 
@@ -154,8 +158,12 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
 
     b, t, i = good_trio(tmp_path)
     common = ["merge", "--base", str(b), "--tuned", str(t), "--instruct", str(i)]
-    for args in (common, [*common, "--output", "o", "--alpha", "x"], [*common, "--output", "o", "--include", "("],
-                 [*common, "--output", "o", "--max-shard-size", "lots"]):
+    for args in (
+        common,
+        [*common, "--output", "o", "--alpha", "x"],
+        [*common, "--output", "o", "--include", "("],
+        [*common, "--output", "o", "--max-shard-size", "lots"],
+    ):
         try:
             code = main(args)
         except SystemExit as e:  # argparse's own errors
@@ -168,7 +176,23 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
 def test_subprocess_has_no_traceback(tmp_path):
     _, t, i = good_trio(tmp_path)
     bad = corrupt_header(tmp_path, b"{not json")
-    run = subprocess.run([sys.executable, "-m", "graftcore.cli", "merge", "--base", str(bad), "--tuned", str(t), "--instruct", str(i),
-                          "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graftcore.cli",
+            "merge",
+            "--base",
+            str(bad),
+            "--tuned",
+            str(t),
+            "--instruct",
+            str(i),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr and "not valid JSON" in run.stderr

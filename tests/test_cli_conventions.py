@@ -23,11 +23,15 @@ NOISE = ("Traceback", "BrokenPipe", "Exception ignored")
 def trio(tmp_path, extra_tensors: int = 0, config: dict | None = None):
     """Base / tuned / Instruct folders; base and tuned get `extra_tensors` tiny tensors Instruct lacks
     (each one a line of the --dry-run plan)."""
-    extras = {f"extra.{k:05d}.a_long_name_so_that_the_plan_fills_a_pipe_buffer.weight": torch.zeros(1, dtype=torch.bfloat16)
-              for k in range(extra_tensors)}
+    extras = {
+        f"extra.{k:05d}.a_long_name_so_that_the_plan_fills_a_pipe_buffer.weight": torch.zeros(1, dtype=torch.bfloat16)
+        for k in range(extra_tensors)
+    }
     b = write_checkpoint(tmp_path / "base", {**llama_tensors(1), **extras})
     t = write_checkpoint(tmp_path / "tuned", {**llama_tensors(2, noise=1e-3), **extras})
-    i = write_checkpoint(tmp_path / "instruct", llama_tensors(3, noise=1e-3), config=config if config is not None else {})
+    i = write_checkpoint(
+        tmp_path / "instruct", llama_tensors(3, noise=1e-3), config=config if config is not None else {}
+    )
     return b, t, i
 
 
@@ -50,7 +54,9 @@ def graftcore_cmd(*args) -> list[str]:
 def test_dry_run_into_head_exits_quietly(tmp_path):
     """The plan (~500 KB) is far larger than a pipe's buffer: the print is still writing when head exits."""
     b, t, i = trio(tmp_path, extra_tensors=6000)
-    cmd = shlex.join(graftcore_cmd("merge", "--dry-run", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "out"))
+    cmd = shlex.join(
+        graftcore_cmd("merge", "--dry-run", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "out")
+    )
     script = f'{cmd} | head -1; echo "graftcore exit ${{PIPESTATUS[0]}}" >&2'
     run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=offline_env(tmp_path), timeout=300)
     assert run.stdout.startswith("plan: ") and run.stdout.count("\n") == 1, run.stdout[:300]
@@ -60,7 +66,9 @@ def test_dry_run_into_head_exits_quietly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args", [["--version"], ["merge", "--help"], ["merge", "--dry-run"]], ids=["version", "help", "dry-run"])
+@pytest.mark.parametrize(
+    "args", [["--version"], ["merge", "--help"], ["merge", "--dry-run"]], ids=["version", "help", "dry-run"]
+)
 def test_stdout_closed_before_any_output(tmp_path, args):
     """stdout a pipe whose reader is gone from the start: the output is flushed at exit, into no one."""
     if args == ["merge", "--dry-run"]:
@@ -69,8 +77,9 @@ def test_stdout_closed_before_any_output(tmp_path, args):
     r, w = os.pipe()
     os.close(r)
     try:
-        run = subprocess.run(graftcore_cmd(*args), stdout=w, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path),
-                             timeout=300)
+        run = subprocess.run(
+            graftcore_cmd(*args), stdout=w, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path), timeout=300
+        )
     finally:
         os.close(w)
     assert not any(n in run.stderr for n in NOISE), run.stderr
@@ -80,16 +89,26 @@ def test_stdout_closed_before_any_output(tmp_path, args):
 def test_stdout_to_a_file_is_unchanged(tmp_path):
     """The quiet exit is only for a closed pipe: a normal --dry-run still prints the whole plan, exit 0."""
     b, t, i = trio(tmp_path, extra_tensors=10)
-    run = subprocess.run(graftcore_cmd("merge", "--dry-run", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o"),
-                         capture_output=True, text=True, env=offline_env(tmp_path), timeout=300)
+    run = subprocess.run(
+        graftcore_cmd("merge", "--dry-run", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o"),
+        capture_output=True,
+        text=True,
+        env=offline_env(tmp_path),
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("plan: ") and "extra.00009." in run.stdout
-    assert run.stdout.splitlines()[-2:-1] == ["output shards:"] and run.stdout.splitlines()[-1].startswith("  model.safetensors")
+    assert run.stdout.splitlines()[-2:-1] == ["output shards:"] and run.stdout.splitlines()[-1].startswith(
+        "  model.safetensors"
+    )
 
 
 # ---------------------------------------------------------------- 2. a missing local path is not a hub id
 
-PROBE = "import sys; from graftcore.cli import main; code = main(sys.argv[1:]); print(code, 'huggingface_hub' in sys.modules)"
+PROBE = (
+    "import sys; from graftcore.cli import main; code = main(sys.argv[1:]); "
+    "print(code, 'huggingface_hub' in sys.modules)"
+)
 
 
 def merge_with(tmp_path, role: str, ref: str):
@@ -97,21 +116,31 @@ def merge_with(tmp_path, role: str, ref: str):
     b, t, i = trio(tmp_path)
     refs = {"base": str(b), "tuned": str(t), "instruct": str(i), role: ref}
     args = ["merge", *(x for r, v in refs.items() for x in (f"--{r}", v)), "--output", str(tmp_path / "out")]
-    run = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
-                         env={**offline_env(tmp_path), "PYTHONPATH": str(ROOT)}, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**offline_env(tmp_path), "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     code, hub = run.stdout.split()
     return int(code), hub == "True", run.stderr
 
 
-@pytest.mark.parametrize("role, ref, make", [
-    ("instruct", "demo/bsae", "demo"),  # a typo inside a folder that exists
-    ("tuned", "demo/adpater", "demo"),  # the same for an adapter folder
-    ("base", "./nothing-here", None),
-    ("instruct", "~/nothing-here", None),
-    ("instruct", "/nonexistent-graftcore-path/model", None),
-    ("instruct", "models/org/name", None),  # more than one '/'
-    ("base", "models/org/name@main", None),
-], ids=["parent-exists", "adapter-parent-exists", "dot", "tilde", "absolute", "two-slashes", "two-slashes-rev"])
+@pytest.mark.parametrize(
+    "role, ref, make",
+    [
+        ("instruct", "demo/bsae", "demo"),  # a typo inside a folder that exists
+        ("tuned", "demo/adpater", "demo"),  # the same for an adapter folder
+        ("base", "./nothing-here", None),
+        ("instruct", "~/nothing-here", None),
+        ("instruct", "/nonexistent-graftcore-path/model", None),
+        ("instruct", "models/org/name", None),  # more than one '/'
+        ("base", "models/org/name@main", None),
+    ],
+    ids=["parent-exists", "adapter-parent-exists", "dot", "tilde", "absolute", "two-slashes", "two-slashes-rev"],
+)
 def test_missing_path_is_not_sent_to_the_hub(tmp_path, role, ref, make):
     if make:
         (tmp_path / make).mkdir()
@@ -137,14 +166,19 @@ def test_hub_id_still_goes_to_the_hub(tmp_path, ref):
 
 # ---------------------------------------------------------------- 3. config.json follows --dtype
 
-CONFIG_TEXT = '{\n  "model_type": "llama",\n  "torch_dtype": "bfloat16",\n  "rope_scaling": {"factor": 8.0},\n  "vocab_size": 96\n}\n'
+CONFIG_TEXT = (
+    '{\n  "model_type": "llama",\n  "torch_dtype": "bfloat16",\n  "rope_scaling": {"factor": 8.0},\n'
+    '  "vocab_size": 96\n}\n'
+)
 
 
 def merge_config(tmp_path, cli, dtype: str, config_text: str = CONFIG_TEXT) -> tuple[Path, Path]:
     b, t, i = trio(tmp_path)
     (i / "config.json").write_text(config_text)
     out = tmp_path / f"out-{dtype}"
-    code, _, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out, "--dtype", dtype, "--quiet")
+    code, _, err = cli(
+        "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out, "--dtype", dtype, "--quiet"
+    )
     assert code == 0, err
     return i, out
 
@@ -170,11 +204,20 @@ def test_config_that_is_not_json_is_copied_unchanged(tmp_path, cli):
     assert (out / "config.json").read_bytes() == (i / "config.json").read_bytes()
 
 
-@pytest.mark.parametrize("text, want", [
-    ('{"dtype": "bfloat16", "a": 1}', {"dtype": "float16", "a": 1, "torch_dtype": "float16"}),  # newer transformers
-    ('{"a": 1, "torch_dtype": "float32", "dtype": "float32"}', {"a": 1, "torch_dtype": "float16", "dtype": "float16"}),
-    ('{"a": {"torch_dtype": "float32"}}', {"a": {"torch_dtype": "float32"}, "torch_dtype": "float16"}),  # top level only
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ('{"dtype": "bfloat16", "a": 1}', {"dtype": "float16", "a": 1, "torch_dtype": "float16"}),  # newer transformers
+        (
+            '{"a": 1, "torch_dtype": "float32", "dtype": "float32"}',
+            {"a": 1, "torch_dtype": "float16", "dtype": "float16"},
+        ),
+        (
+            '{"a": {"torch_dtype": "float32"}}',
+            {"a": {"torch_dtype": "float32"}, "torch_dtype": "float16"},
+        ),  # top level only
+    ],
+)
 def test_config_with_dtype(text, want):
     got = config_with_dtype(text, "float16")
     assert json.loads(got) == want and list(json.loads(got)) == list(want)
@@ -188,8 +231,16 @@ def test_config_with_dtype_leaves_text_alone(text):
 
 def test_output_loads_in_transformers_with_the_new_dtype(tmp_path, cli):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     sd = {k: v.bfloat16() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
     for role in ("base", "tuned"):
@@ -197,14 +248,28 @@ def test_output_loads_in_transformers_with_the_new_dtype(tmp_path, cli):
     i = write_checkpoint(tmp_path / "instruct", sd)
     config.dtype = "bfloat16"
     config.save_pretrained(i)
-    code, _, err = cli("merge", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--instruct", i,
-                       "--output", tmp_path / "out", "--dtype", "float32", "--quiet")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--instruct",
+        i,
+        "--output",
+        tmp_path / "out",
+        "--dtype",
+        "float32",
+        "--quiet",
+    )
     assert code == 0, err
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written.get("torch_dtype") == "float32" and written.get("dtype", "float32") == "float32"
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"].float())
+    assert torch.equal(
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"].float()
+    )
 
 
 # ---------------------------------------------------------------- 4. --help and --version never import torch
@@ -216,13 +281,23 @@ def test_build_parser_does_not_import_torch():
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["merge", "--base", "b", "--tuned", "t", "--instruct", "i", "--ouput", "o"], "--ouput (did you mean --output?)"),
-    (["merge", "--tunned", "t", "--instruct", "i", "--output", "o"], "--tunned (did you mean --tuned?)"),
-    (["merge", "--base", "b", "--tuned", "t", "--instruct", "i", "--output", "o", "--alpah", "2"], "--alpah (did you mean --alpha?)"),
-    (["verify", "o", "--recompte", "3"], "--recompte (did you mean --recompute?)"),
-    (["similarity", "--base", "b", "--instruct", "i", "stray"], "unrecognized argument stray"),
-], ids=["typo-of-a-required-option", "typo-among-missing", "typo-with-a-value", "verify", "stray-value"])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (
+            ["merge", "--base", "b", "--tuned", "t", "--instruct", "i", "--ouput", "o"],
+            "--ouput (did you mean --output?)",
+        ),
+        (["merge", "--tunned", "t", "--instruct", "i", "--output", "o"], "--tunned (did you mean --tuned?)"),
+        (
+            ["merge", "--base", "b", "--tuned", "t", "--instruct", "i", "--output", "o", "--alpah", "2"],
+            "--alpah (did you mean --alpha?)",
+        ),
+        (["verify", "o", "--recompte", "3"], "--recompte (did you mean --recompute?)"),
+        (["similarity", "--base", "b", "--instruct", "i", "stray"], "unrecognized argument stray"),
+    ],
+    ids=["typo-of-a-required-option", "typo-among-missing", "typo-with-a-value", "verify", "stray-value"],
+)
 def test_a_mistyped_option_is_named_by_its_subcommand(argv, named, capsys):
     """Not 'the following arguments are required: --output' for a typed --ouput, and always under the
     subcommand's own name: one line, exit 2."""
@@ -235,7 +310,9 @@ def test_a_mistyped_option_is_named_by_its_subcommand(argv, named, capsys):
 
 def test_negative_values_are_not_taken_for_options(tmp_path, cli):
     b, t, i = trio(tmp_path)
-    code, out, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--alpha", "-0.5", "--dry-run")
+    code, out, err = cli(
+        "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--alpha", "-0.5", "--dry-run"
+    )
     assert code == 0 and out.startswith("plan: "), err
 
 
@@ -246,10 +323,27 @@ def test_merge_refuses_a_bad_input_before_torch_loads(tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     tensors[name] = torch.zeros(3, 5, dtype=tensors[name].dtype)
     bad = write_checkpoint(tmp_path / "bad-base", tensors)
-    code = ("import sys; from graftcore.cli import main; "
-            "code = main(sys.argv[1:]); print(code, 'torch' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code, "merge", "--base", str(bad), "--tuned", str(t), "--instruct", str(i),
-                          "--output", str(tmp_path / "out")], capture_output=True, text=True, env=offline_env(tmp_path), timeout=120)
+    code = "import sys; from graftcore.cli import main; code = main(sys.argv[1:]); print(code, 'torch' in sys.modules)"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "merge",
+            "--base",
+            str(bad),
+            "--tuned",
+            str(t),
+            "--instruct",
+            str(i),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=offline_env(tmp_path),
+        timeout=120,
+    )
     assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
     assert name in run.stderr and str(bad) in run.stderr and run.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -258,7 +352,9 @@ def test_merge_refuses_a_bad_input_before_torch_loads(tmp_path):
 @pytest.mark.parametrize("args", [["--version"], ["merge", "--help"]], ids=["version", "help"])
 def test_help_and_version_do_not_import_torch(args):
     """The whole command, as run: no torch (nor huggingface_hub) in Python's import log."""
-    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "graftcore", *args], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "graftcore", *args], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
     assert "graftcore.cli" in imported  # the log is there

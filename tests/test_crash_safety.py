@@ -20,14 +20,31 @@ def big_trio(tmp_path):
     base = {n: (torch.randn(512, 1024, generator=g) * 0.02).bfloat16() for n in names}
     tuned = {n: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).bfloat16() for n, v in base.items()}
     instruct = {n: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).bfloat16() for n, v in base.items()}
-    return (base, tuned, instruct), [write_checkpoint(tmp_path / r, sd, k) for r, sd, k in
-                                     (("base", base, 2), ("tuned", tuned, 3), ("instruct", instruct, 4))]
+    return (base, tuned, instruct), [
+        write_checkpoint(tmp_path / r, sd, k)
+        for r, sd, k in (("base", base, 2), ("tuned", tuned, 3), ("instruct", instruct, 4))
+    ]
 
 
 def start(paths, out, chunk="256"):
     b, t, i = paths
-    cmd = [sys.executable, "-m", "graftcore.cli", "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out,
-           "--quiet", "--chunk-size", chunk]
+    cmd = [
+        sys.executable,
+        "-m",
+        "graftcore.cli",
+        "merge",
+        "--base",
+        b,
+        "--tuned",
+        t,
+        "--instruct",
+        i,
+        "--output",
+        out,
+        "--quiet",
+        "--chunk-size",
+        chunk,
+    ]
     return subprocess.Popen([str(c) for c in cmd], stderr=subprocess.PIPE, text=True)
 
 
@@ -73,8 +90,24 @@ def test_interrupted_merge_leaves_no_incomplete_final_file_and_resumes(tmp_path,
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
 
     b, t, i = paths
-    rerun = subprocess.run([sys.executable, "-m", "graftcore.cli", "merge", "--base", str(b), "--tuned", str(t),
-                            "--instruct", str(i), "--output", str(out)], capture_output=True, text=True)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graftcore.cli",
+            "merge",
+            "--base",
+            str(b),
+            "--tuned",
+            str(t),
+            "--instruct",
+            str(i),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "already finished" in rerun.stderr
     for name in done:  # verified and kept, not rewritten

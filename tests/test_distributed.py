@@ -25,15 +25,35 @@ if not torch.distributed.is_available():
 def trio(tmp_path):
     base, tuned = llama_tensors(1, layers=4), llama_tensors(2, torch.float32, noise=2e-3, layers=4)
     instruct = llama_tensors(3, noise=5e-3, layers=4)
-    paths = {"base": write_checkpoint(tmp_path / "base", base, 1), "tuned": write_checkpoint(tmp_path / "tuned", tuned, 2),
-             "instruct": write_checkpoint(tmp_path / "instruct", instruct, 5, config={"torch_dtype": "bfloat16"})}
+    paths = {
+        "base": write_checkpoint(tmp_path / "base", base, 1),
+        "tuned": write_checkpoint(tmp_path / "tuned", tuned, 2),
+        "instruct": write_checkpoint(tmp_path / "instruct", instruct, 5, config={"torch_dtype": "bfloat16"}),
+    }
     return paths, base, tuned, instruct
 
 
 def torchrun(nproc: int, paths: dict, out, *extra, tuned=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "graftcore",
-           "merge", "--base", paths["base"], "--tuned", tuned or paths["tuned"], "--instruct", paths["instruct"],
-           "--output", out, "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "graftcore",
+        "merge",
+        "--base",
+        paths["base"],
+        "--tuned",
+        tuned or paths["tuned"],
+        "--instruct",
+        paths["instruct"],
+        "--output",
+        out,
+        "--quiet",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300)
 
@@ -63,7 +83,11 @@ def test_torchrun_is_bit_identical_to_one_process(trio, tmp_path, nproc):
     assert all(same_bits(got[n], reference(instruct[n], tuned[n], base[n])) for n in instruct)
     for f in ("model.safetensors.index.json", "config.json"):
         assert (tmp_path / "many" / f).read_bytes() == (tmp_path / "one" / f).read_bytes()
-    leftovers = [p.name for p in (tmp_path / "many").iterdir() if "progress" in p.name or p.name.endswith(".partial") or p.name.startswith(".")]
+    leftovers = [
+        p.name
+        for p in (tmp_path / "many").iterdir()
+        if "progress" in p.name or p.name.endswith(".partial") or p.name.startswith(".")
+    ]
     assert leftovers == []
     assert graftcore.verify(tmp_path / "many", recompute=4, seed=0).shards == 5
 
@@ -158,7 +182,9 @@ def test_workers_report_what_one_process_reports(trio, tmp_path):
     write_checkpoint(paths["instruct"], carried, 5, config={"torch_dtype": "bfloat16"})
     one = graftcore.graft(**paths, output=tmp_path / "one", quiet=True)
     logged, seen = [], []
-    two = graftcore.graft(**paths, output=tmp_path / "two", quiet=True, workers=2, log=logged.append, progress=seen.append)
+    two = graftcore.graft(
+        **paths, output=tmp_path / "two", quiet=True, workers=2, log=logged.append, progress=seen.append
+    )
     manifests = [json.loads((tmp_path / d / "graftcore.json").read_text()) for d in ("one", "two")]
     assert manifests[0]["notes"] == manifests[1]["notes"] and any("carried" in n for n in manifests[1]["notes"])
     assert manifests[0]["reads"] == manifests[1]["reads"]
@@ -185,8 +211,25 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
     paths = {r: write_checkpoint(tmp_path / r, big, 4) for r in ("base", "tuned", "instruct")}
     for delay in (0.0, 0.5):
         out = tmp_path / f"out{delay}"
-        cmd = [sys.executable, "-m", "graftcore", "merge", "--base", paths["base"], "--tuned", paths["tuned"], "--instruct",
-               paths["instruct"], "--output", out, "--workers", "2", "--quiet", "--chunk-size", "256"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "graftcore",
+            "merge",
+            "--base",
+            paths["base"],
+            "--tuned",
+            paths["tuned"],
+            "--instruct",
+            paths["instruct"],
+            "--output",
+            out,
+            "--workers",
+            "2",
+            "--quiet",
+            "--chunk-size",
+            "256",
+        ]
         proc = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.DEVNULL, start_new_session=True)
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
         deadline = time.monotonic() + 60
@@ -197,7 +240,9 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        alive = lambda p: Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # noqa: E731
+        alive = lambda p: (
+            Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        )  # noqa: E731
         while any(alive(p) for p in workers):
             if time.monotonic() > deadline:
                 for p in workers:
@@ -217,8 +262,25 @@ def test_ctrl_c_stops_workers_without_hanging(tmp_path):
 
     big = {f"model.layers.{k}.mlp.up_proj.weight": torch.randn(512, 512).bfloat16() for k in range(24)}
     paths = {r: write_checkpoint(tmp_path / r, big, 4) for r in ("base", "tuned", "instruct")}
-    cmd = [sys.executable, "-m", "graftcore", "merge", "--base", paths["base"], "--tuned", paths["tuned"], "--instruct",
-           paths["instruct"], "--output", tmp_path / "out", "--workers", "2", "--quiet", "--chunk-size", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "graftcore",
+        "merge",
+        "--base",
+        paths["base"],
+        "--tuned",
+        paths["tuned"],
+        "--instruct",
+        paths["instruct"],
+        "--output",
+        tmp_path / "out",
+        "--workers",
+        "2",
+        "--quiet",
+        "--chunk-size",
+        "256",
+    ]
     proc = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "out").glob("graftcore.progress.rank*.json")) and time.monotonic() < deadline:
@@ -229,7 +291,7 @@ def test_ctrl_c_stops_workers_without_hanging(tmp_path):
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("graftcore --workers did not end within 30 s of Ctrl-C")
+        raise AssertionError("graftcore --workers did not end within 30 s of Ctrl-C") from None
     assert proc.returncode == 130 and "interrupted" in err and 'File "' not in err, err
     assert not list((tmp_path / "out").glob("*.partial")) and not (tmp_path / "out" / "graftcore.json").exists()
     report = graftcore.graft(**paths, output=tmp_path / "out", quiet=True, workers=2)

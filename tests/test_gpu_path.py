@@ -25,7 +25,10 @@ LAUNCH = None if CUDA else interpreted_kernel_module().launch_graft
 
 
 def merge_with_stream_compute(tmp_path, base, tuned, instruct, chunk, **options):
-    paths = {r: write_checkpoint(tmp_path / r, sd, k) for r, sd, k in (("base", base, 1), ("tuned", tuned, 2), ("instruct", instruct, 2))}
+    paths = {
+        r: write_checkpoint(tmp_path / r, sd, k)
+        for r, sd, k in (("base", base, 1), ("tuned", tuned, 2), ("instruct", instruct, 2))
+    }
     cks = {r: open_checkpoint(p) for r, p in paths.items()}
     opts = MergeOptions(quiet=True, **options)
     plan = build_plan(cks["instruct"], [DeltaInput("tuned", opts.alpha[0], cks["tuned"])], cks["base"], opts)
@@ -47,7 +50,11 @@ def test_stream_compute_merge_is_bit_exact(tmp_path, chunk):
 
 
 def test_stream_compute_alpha_and_dtype(tmp_path):
-    base, tuned, instruct = llama_tensors(1, torch.float16), llama_tensors(2, torch.float16, noise=2e-3), llama_tensors(3, torch.float16, noise=5e-3)
+    base, tuned, instruct = (
+        llama_tensors(1, torch.float16),
+        llama_tensors(2, torch.float16, noise=2e-3),
+        llama_tensors(3, torch.float16, noise=5e-3),
+    )
     _, got = merge_with_stream_compute(tmp_path, base, tuned, instruct, 8192, alpha=0.5, dtype="bfloat16")
     for n in instruct:
         assert same_bits(got[n], reference(instruct[n], tuned[n], base[n], 0.5, torch.bfloat16)), n
@@ -64,9 +71,14 @@ def test_stream_compute_reports_nonfinite_by_tensor(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_merge_equals_cpu_merge(tmp_path):
-    base, tuned, instruct = llama_tensors(1, hidden=256, inter=512, vocab=1000), llama_tensors(2, hidden=256, inter=512, vocab=1000, noise=2e-3), \
-        llama_tensors(3, hidden=256, inter=512, vocab=1000, noise=5e-3)
-    paths = {r: write_checkpoint(tmp_path / r, sd, 2) for r, sd in (("base", base), ("tuned", tuned), ("instruct", instruct))}
+    base, tuned, instruct = (
+        llama_tensors(1, hidden=256, inter=512, vocab=1000),
+        llama_tensors(2, hidden=256, inter=512, vocab=1000, noise=2e-3),
+        llama_tensors(3, hidden=256, inter=512, vocab=1000, noise=5e-3),
+    )
+    paths = {
+        r: write_checkpoint(tmp_path / r, sd, 2) for r, sd in (("base", base), ("tuned", tuned), ("instruct", instruct))
+    }
     for device in ("cpu", "cuda"):
         graftcore.graft(**paths, output=tmp_path / device, device=device, quiet=True)
     cpu, gpu = load_folder(tmp_path / "cpu"), load_folder(tmp_path / "cuda")

@@ -26,15 +26,33 @@ from graftcore.safetensors_io import read_header
 
 def trio(tmp_path, shards=(1, 2, 3)):
     sds = llama_tensors(1), llama_tensors(2, noise=2e-3), llama_tensors(3, noise=5e-3)
-    paths = [write_checkpoint(tmp_path / r, sd, k, config={"torch_dtype": "bfloat16"}) for r, sd, k in
-             zip(("base", "tuned", "instruct"), sds, shards)]
+    paths = [
+        write_checkpoint(tmp_path / r, sd, k, config={"torch_dtype": "bfloat16"})
+        for r, sd, k in zip(("base", "tuned", "instruct"), sds, shards)
+    ]
     return sds, paths
 
 
 def cli_args(paths, out, *extra):
     b, t, i = paths
-    return [sys.executable, "-m", "graftcore", "merge", "--base", str(b), "--tuned", str(t), "--instruct", str(i),
-            "--output", str(out), "--device", "cpu", "--quiet", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "graftcore",
+        "merge",
+        "--base",
+        str(b),
+        "--tuned",
+        str(t),
+        "--instruct",
+        str(i),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        *map(str, extra),
+    ]
 
 
 def assert_one_line_exit_2(run, *needles):
@@ -58,6 +76,7 @@ def assert_merged(out, sds):
 
 
 # ---- 1. interrupts ------------------------------------------------------------------------------------------
+
 
 def test_signals_at_random_moments_always_exit_130_quickly(tmp_path):
     """SIGINT or SIGTERM at random moments (start-up included) of merges with tiny steps: every one exits 130
@@ -84,7 +103,11 @@ def test_signals_at_random_moments_always_exit_130_quickly(tmp_path):
                     pytest.fail(f"no exit 5 s after {sig.name} at {delay:.2f} s")
                 # 130; or 0 when the merge had already finished and was exiting (the output is complete then)
                 finished = (out / "graftcore.json").exists()
-                assert proc.returncode == 130 or (proc.returncode == 0 and finished), (sig.name, delay, proc.stderr.read())
+                assert proc.returncode == 130 or (proc.returncode == 0 and finished), (
+                    sig.name,
+                    delay,
+                    proc.stderr.read(),
+                )
                 assert time.monotonic() - sent < 5
                 assert "Traceback" not in proc.stderr.read()
             else:
@@ -103,6 +126,7 @@ def test_signals_at_random_moments_always_exit_130_quickly(tmp_path):
 
 
 # ---- 2. inputs changed under a running merge ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["rewritten in place", "replaced by rename"])
 def test_input_changed_during_the_merge_stops_it(tmp_path, monkeypatch, how):
@@ -128,7 +152,9 @@ def test_input_changed_during_the_merge_stops_it(tmp_path, monkeypatch, how):
     monkeypatch.setattr(input_file.InputFile, "read_run", read_then_change)
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: the file changed"):
-        graftcore.graft(base=paths[0], tuned=paths[1], instruct=paths[2], output=out, device="cpu", quiet=True, chunk_size=512)
+        graftcore.graft(
+            base=paths[0], tuned=paths[1], instruct=paths[2], output=out, device="cpu", quiet=True, chunk_size=512
+        )
     assert done
     assert_nothing_finished(out)
 
@@ -153,12 +179,17 @@ def test_resume_recomputes_shards_whose_input_was_rewritten_with_its_mtime_resto
 
 # ---- 3. conditions the user must fix: exit 2, one line ------------------------------------------------------
 
+
 def test_output_under_a_regular_file_or_a_dangling_symlink(tmp_path):
     _, paths = trio(tmp_path)
     (tmp_path / "file").write_text("x")
-    assert_one_line_exit_2(subprocess.run(cli_args(paths, tmp_path / "file" / "out"), capture_output=True, text=True), "file")
+    assert_one_line_exit_2(
+        subprocess.run(cli_args(paths, tmp_path / "file" / "out"), capture_output=True, text=True), "file"
+    )
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "out")
-    assert_one_line_exit_2(subprocess.run(cli_args(paths, tmp_path / "dangling"), capture_output=True, text=True), "dangling")
+    assert_one_line_exit_2(
+        subprocess.run(cli_args(paths, tmp_path / "dangling"), capture_output=True, text=True), "dangling"
+    )
 
 
 def test_no_space_left_is_exit_2(tmp_path):
@@ -183,12 +214,16 @@ def raw_checkpoint(folder, header_text: bytes, data: bytes = b""):
 
 
 HOSTILE_HEADERS = {
-    "nested 1000 deep": b'{"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2],"x":' + b"[" * 1000 + b"]" * 1000 + b"}}",
+    "nested 1000 deep": b'{"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2],"x":'
+    + b"[" * 1000
+    + b"]" * 1000
+    + b"}}",
     "4301-digit integer": b'{"w":{"dtype":"BF16","shape":[1' + b"0" * 4301 + b'],"data_offsets":[0,2]}}',
     "dtype is a list": b'{"w":{"dtype":["BF16"],"shape":[1],"data_offsets":[0,2]}}',
     "dtype is an object": b'{"w":{"dtype":{"a":1},"shape":[1],"data_offsets":[0,2]}}',
     "lone surrogate name": b'{"w\\ud800":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}}',
-    "lone surrogate metadata": b'{"__metadata__":{"a":"\\udc00"},"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}}',
+    "lone surrogate metadata": b'{"__metadata__":{"a":"\\udc00"},'
+    b'"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}}',
     "true in a shape": b'{"w":{"dtype":"BF16","shape":[true],"data_offsets":[0,2]}}',
     "2^70 dimension, zero size": b'{"w":{"dtype":"BF16","shape":[0,1180591620717411303424],"data_offsets":[0,0]}}',
     "metadata not a string map": b'{"__metadata__":{"a":1},"w":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}}',
@@ -215,7 +250,9 @@ def test_index_naming_a_300_character_file_and_an_empty_weight_map(tmp_path):
     index.write_text(json.dumps({"weight_map": {"model.norm.weight": "x" * 300 + ".safetensors"}}))
     assert_one_line_exit_2(subprocess.run(cli_args(paths, tmp_path / "out"), capture_output=True, text=True), index)
     index.write_text(json.dumps({"metadata": {}, "weight_map": {}}))
-    assert_one_line_exit_2(subprocess.run(cli_args(paths, tmp_path / "out"), capture_output=True, text=True), index, "empty")
+    assert_one_line_exit_2(
+        subprocess.run(cli_args(paths, tmp_path / "out"), capture_output=True, text=True), index, "empty"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -229,6 +266,7 @@ def test_a_fifo_named_safetensors_does_not_hang(tmp_path):
 
 # ---- 5. silent wrong models ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
 def test_non_finite_alpha_is_refused(tmp_path, alpha):
     _, paths = trio(tmp_path)
@@ -239,8 +277,17 @@ def test_non_finite_alpha_is_refused(tmp_path, alpha):
         graftcore.graft(base=paths[0], tuned=paths[1], instruct=paths[2], output=tmp_path / "out", alpha=float(alpha))
 
 
-@pytest.mark.parametrize("change", [{"lora_alpha": float("nan")}, {"lora_alpha": float("inf")}, {"rank_pattern": {"q_proj": 0}},
-                                    {"target_modules": 7}, {"modules_to_save": ["lm_head("]}, {"layers_pattern": "layers["}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lora_alpha": float("nan")},
+        {"lora_alpha": float("inf")},
+        {"rank_pattern": {"q_proj": 0}},
+        {"target_modules": 7},
+        {"modules_to_save": ["lm_head("]},
+        {"layers_pattern": "layers["},
+    ],
+)
 def test_bad_adapter_configs_are_exit_2(tmp_path, change):
     _, paths = trio(tmp_path)
     adapter = tmp_path / "adapter"
@@ -248,16 +295,38 @@ def test_bad_adapter_configs_are_exit_2(tmp_path, change):
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **change}
     (adapter / "adapter_config.json").write_text(json.dumps(cfg).replace("NaN", "NaN").replace("Infinity", "Infinity"))
     g = torch.Generator().manual_seed(0)
-    sd = {f"base_model.model.model.layers.{k}.self_attn.q_proj.lora_{ab}.weight": torch.randn(shape, generator=g)
-          for k in range(2) for ab, shape in (("A", (4, 32)), ("B", (32, 4)))}
+    sd = {
+        f"base_model.model.model.layers.{k}.self_attn.q_proj.lora_{ab}.weight": torch.randn(shape, generator=g)
+        for k in range(2)
+        for ab, shape in (("A", (4, 32)), ("B", (32, 4)))
+    }
     from safetensors.torch import save_file
+
     save_file(sd, adapter / "adapter_model.safetensors")
-    run = subprocess.run([sys.executable, "-m", "graftcore", "merge", "--tuned", str(adapter), "--instruct", str(paths[2]),
-                          "--output", str(tmp_path / "out"), "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graftcore",
+            "merge",
+            "--tuned",
+            str(adapter),
+            "--instruct",
+            str(paths[2]),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert_one_line_exit_2(run, adapter / "adapter_config.json")
 
 
 # ---- 6. output folder traps ---------------------------------------------------------------------------------
+
 
 def test_output_inside_an_input_folder_is_refused(tmp_path):
     _, paths = trio(tmp_path)
@@ -279,7 +348,9 @@ def test_overwrite_removes_the_previous_models_files(tmp_path):
     (paths[2] / "model.safetensors.index.json").unlink()
     write_checkpoint(tmp_path / "instructB", sds[2], 1, config={"torch_dtype": "bfloat16"})
     (out / "my-notes.txt").write_text("mine")
-    run = subprocess.run(cli_args((paths[0], paths[1], tmp_path / "instructB"), out, "--overwrite"), capture_output=True, text=True)
+    run = subprocess.run(
+        cli_args((paths[0], paths[1], tmp_path / "instructB"), out, "--overwrite"), capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     assert not (out / "chat_template.jinja").exists()
     assert not (out / "model.safetensors.index.json").exists() and not list(out.glob("model-0000*"))
@@ -319,7 +390,10 @@ def test_two_merges_started_together_into_one_folder(tmp_path):
     sds, paths = trio(tmp_path, shards=(2, 3, 4))
     for attempt in range(3):
         out = tmp_path / f"out{attempt}"
-        procs = [subprocess.Popen(cli_args(paths, out, "--chunk-size", 256), stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(cli_args(paths, out, "--chunk-size", 256), stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
         results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
         codes = sorted(code for code, _ in results)
         assert codes in ([0, 0], [0, 2]), results  # one after the other (the second resumes), or the loser refused
@@ -331,14 +405,17 @@ def test_two_merges_started_together_into_one_folder(tmp_path):
 
 # ---- the fuzz corpus ----------------------------------------------------------------------------------------
 
+
 def mutations(header: dict):
     """Header mutations: each yields the JSON text of a mutated header."""
     names = [n for n in header if n != "__metadata__"]
     victim = names[len(names) // 2]
     entry = header[victim]
-    for key, values in (("dtype", ["F64", "I8", "bf16", "", None, 3]),
-                        ("shape", [[], [0], [-1], [1.5], ["2"], None, [2 ** 63], [2 ** 31, 2 ** 31, 2 ** 31]]),
-                        ("data_offsets", [[0], [5, 3], [-2, 0], None, [0, 2 ** 64], [1.0, 2.0]])):
+    for key, values in (
+        ("dtype", ["F64", "I8", "bf16", "", None, 3]),
+        ("shape", [[], [0], [-1], [1.5], ["2"], None, [2**63], [2**31, 2**31, 2**31]]),
+        ("data_offsets", [[0], [5, 3], [-2, 0], None, [0, 2**64], [1.0, 2.0]]),
+    ):
         for v in values:
             yield f"{key}={v!r}", {**header, victim: {**entry, key: v}}
     yield "entry is a list", {**header, victim: [1, 2]}
@@ -365,7 +442,7 @@ def test_header_mutation_is_refused_or_loads_in_safetensors(fuzz_trio, k, tmp_pa
     f = paths[2] / "model-00001-of-00003.safetensors"
     raw = f.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     label, mutated = list(mutations(header))[k]
     folder = tmp_path / "instruct"
     folder.mkdir()

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hub_server import FakeHub
+from safetensors.torch import load_file, save_file
 
 BF16 = torch.bfloat16
 ROWS, GROWN = 100, 104  # vocabulary of base/tuned, and Instruct's (grown: extra rows copied)
@@ -39,7 +38,9 @@ def tensors_for(role: str, layers: int, dim: int = 32, big: int = 0) -> dict[str
 
     out = {"model.embed_tokens.weight": w(ROWS, dim)}
     if role == "instruct":
-        out["model.embed_tokens.weight"] = torch.cat([out["model.embed_tokens.weight"], torch.randn(GROWN - ROWS, dim, generator=g).to(BF16)])
+        out["model.embed_tokens.weight"] = torch.cat(
+            [out["model.embed_tokens.weight"], torch.randn(GROWN - ROWS, dim, generator=g).to(BF16)]
+        )
         out["model.position_ids"] = torch.arange(16, dtype=torch.int64)
     for i in range(layers):
         out[f"model.layers.{i}.self_attn.q_proj.weight"] = w(dim, dim)
@@ -51,12 +52,17 @@ def tensors_for(role: str, layers: int, dim: int = 32, big: int = 0) -> dict[str
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int, extras: bool = False) -> Path:
-    """`tensors` split in order over `shards` files with an index (one file: model.safetensors); Instruct's extra files."""
+    """`tensors` split in order over `shards` files with an index (one file: model.safetensors); Instruct's extra
+    files."""
     folder.mkdir(parents=True)
     names = list(tensors)
     n = len(names)  # contiguous runs of tensors, as save_pretrained shards them
     groups = [names[k * n // shards : (k + 1) * n // shards] for k in range(shards)]
-    files = ["model.safetensors"] if shards == 1 else [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    files = (
+        ["model.safetensors"]
+        if shards == 1
+        else [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    )
     for f, group in zip(files, groups):
         save_file({n: tensors[n] for n in group}, folder / f, metadata={"format": "pt"})
     if shards > 1:
@@ -75,7 +81,9 @@ def make_trio(root: Path, layers: int = 4, shards: int = 2, big: int = 0) -> dic
     return {
         "base": write_checkpoint(root / "base", tensors_for("base", layers, big=big), shards),
         "tuned": write_checkpoint(root / "tuned", tensors_for("tuned", layers, big=big), shards),
-        "instruct": write_checkpoint(root / "instruct", tensors_for("instruct", layers, big=big), shards + 1, extras=True),
+        "instruct": write_checkpoint(
+            root / "instruct", tensors_for("instruct", layers, big=big), shards + 1, extras=True
+        ),
     }
 
 
@@ -127,8 +135,22 @@ def hub_env(tmp_path: Path, endpoint: str | None = None, offline: bool = False) 
 
 
 def merge_args(base: str, tuned: str, instruct: str, output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "graftcore.cli", "merge", "--base", base, "--tuned", tuned, "--instruct", instruct,
-            "--output", str(output), "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "graftcore.cli",
+        "merge",
+        "--base",
+        base,
+        "--tuned",
+        tuned,
+        "--instruct",
+        instruct,
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
 
 
 def run_merge(env, *args, **kw) -> subprocess.CompletedProcess:
@@ -279,8 +301,12 @@ def test_low_disk_keeps_few_input_shards(tmp_path, hub):
     hub.delay = 0.002  # per 16 KB: slow enough for the merge to wait on downloads, as it does for real
     out = tmp_path / "out"
     scratch = out / ".graftcore-downloads"
-    proc = subprocess.Popen(merge_args("org/base", "org/tuned", "org/instruct", out, "--low-disk"),
-                            env=hub_env(tmp_path, hub.url), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        merge_args("org/base", "org/tuned", "org/instruct", out, "--low-disk"),
+        env=hub_env(tmp_path, hub.url),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sampled = 0
     while proc.poll() is None:
         sampled = max(sampled, dir_size(scratch))
@@ -300,5 +326,7 @@ def test_low_disk_keeps_few_input_shards(tmp_path, hub):
     assert sampled <= peak + 64 * 1024  # what we saw on disk (plus huggingface_hub's small metadata files)
     assert peak <= bound < inputs / 2
     output = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"\n--low-disk: input shards peaked at {peak} B on disk (sampled {sampled} B); default keeps all "
-          f"{inputs} B of input shards in the cache; output {output} B")
+    print(
+        f"\n--low-disk: input shards peaked at {peak} B on disk (sampled {sampled} B); default keeps all "
+        f"{inputs} B of input shards in the cache; output {output} B"
+    )

@@ -24,8 +24,15 @@ peft = pytest.importorskip("peft")
 transformers.utils.logging.disable_progress_bar()
 
 LLAMA = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    attention_bias=True,
 )
 GPT2 = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=0)
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,14 +113,18 @@ def assert_within_ulp(got: torch.Tensor, want: torch.Tensor, what: str):
     if bad.any():
         k = int((err / allowed).argmax())
         raise AssertionError(
-            f"{what}: {int(bad.sum())} element(s) off by more than one bf16 ulp; worst: got {got.flatten()[k].item()!r}, "
+            f"{what}: {int(bad.sum())} element(s) off by more than one bf16 ulp; worst: got "
+            f"{got.flatten()[k].item()!r}, "
             f"want {want.flatten()[k].item()!r}, ulp {ulp_bf16(want).flatten()[k].item()!r}"
         )
 
 
 def lora_reference(instruct: dict, adapter: Path, alpha_of, alpha: float = 1.0, rs: bool = False, fan_in_fan_out=False):
     """The formula written plainly in float64, from the adapter's tensors: {target name: expected}."""
-    tensors = {k.removeprefix("base_model.model."): v.double() for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    tensors = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+    }
     want = {}
     for key, a in tensors.items():
         for suffix, emb in ((".lora_A.weight", False), (".lora_embedding_A", True)):
@@ -127,12 +138,23 @@ def lora_reference(instruct: dict, adapter: Path, alpha_of, alpha: float = 1.0, 
                     delta = delta.T
                 want[module + ".weight"] = instruct[module + ".weight"].double() + alpha * s * delta
                 if module + ".lora_B.bias" in tensors:
-                    want[module + ".bias"] = instruct[module + ".bias"].double() + alpha * s * tensors[module + ".lora_B.bias"]
+                    want[module + ".bias"] = (
+                        instruct[module + ".bias"].double() + alpha * s * tensors[module + ".lora_B.bias"]
+                    )
     return want
 
 
-def check_merge(out: Path, instruct_dir: Path, adapter: Path, want64: dict, peft_onto: Path, base_dir: Path | None = None,
-                alpha: float = 1.0, logits: bool = True, cls=None):
+def check_merge(
+    out: Path,
+    instruct_dir: Path,
+    adapter: Path,
+    want64: dict,
+    peft_onto: Path,
+    base_dir: Path | None = None,
+    alpha: float = 1.0,
+    logits: bool = True,
+    cls=None,
+):
     """(a) the float64 formula within one ulp; untouched tensors bit-identical to Instruct's;
     (b) PEFT: I + alpha * (merged(peft_onto) - peft_onto) within one ulp, and the logits."""
     got, instruct = load_folder(out), load_folder(instruct_dir)
@@ -176,7 +198,9 @@ def test_plain_lora(llama, tmp_path, chunk):
 def test_alpha_half_through_cli(llama, tmp_path, cli):
     base, instruct = llama
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    code, _, err = cli("merge", "--tuned", adapter, "--instruct", instruct, "--output", tmp_path / "out", "--alpha", "0.5", "--quiet")
+    code, _, err = cli(
+        "merge", "--tuned", adapter, "--instruct", instruct, "--output", tmp_path / "out", "--alpha", "0.5", "--quiet"
+    )
     assert code == 0, err
     want = lora_reference(load_folder(instruct), adapter, lambda m: 8, alpha=0.5)
     check_merge(tmp_path / "out", instruct, adapter, want, peft_onto=instruct, alpha=0.5, logits=False)
@@ -184,9 +208,18 @@ def test_alpha_half_through_cli(llama, tmp_path, cli):
 
 def test_rslora_and_lora_bias(llama, tmp_path):
     base, instruct = llama
-    adapter = make_adapter(base, tmp_path / "adapter", r=16, lora_alpha=4, use_rslora=True, lora_bias=True,
-                           target_modules=["v_proj", "o_proj"])  # attention_bias: both have a bias
-    assert "base_model.model.model.layers.0.self_attn.v_proj.lora_B.bias" in load_file(adapter / "adapter_model.safetensors")
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        r=16,
+        lora_alpha=4,
+        use_rslora=True,
+        lora_bias=True,
+        target_modules=["v_proj", "o_proj"],
+    )  # attention_bias: both have a bias
+    assert "base_model.model.model.layers.0.self_attn.v_proj.lora_B.bias" in load_file(
+        adapter / "adapter_model.safetensors"
+    )
     graftcore.graft(tuned=adapter, instruct=instruct, output=tmp_path / "out", quiet=True)
     want = lora_reference(load_folder(instruct), adapter, lambda m: 4, rs=True)
     check_merge(tmp_path / "out", instruct, adapter, want, peft_onto=instruct)
@@ -195,7 +228,11 @@ def test_rslora_and_lora_bias(llama, tmp_path):
 def test_rank_and_alpha_patterns(llama, tmp_path):
     base, instruct = llama
     adapter = make_adapter(
-        base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=PROJ,
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=PROJ,
         rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
         alpha_pattern={"up_proj": 3, r"layers\.0\.self_attn\.v_proj": 20},
     )
@@ -215,16 +252,35 @@ def test_embedding_lora_and_layers_to_transform(llama, tmp_path):
     """An Embedding LoRA (delta = (B @ A).T) saved without the frozen embedding copy, and layers_to_transform."""
     base, instruct = llama
     adapter = make_adapter(
-        base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj", "gate_proj"],
-        layers_to_transform=[1], save_embedding_layers=False,
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "o_proj", "gate_proj"],
+        layers_to_transform=[1],
+        save_embedding_layers=False,
     )
     keys = load_file(adapter / "adapter_model.safetensors").keys()
-    assert not any("layers.0." in k for k in keys) and "base_model.model.model.embed_tokens.lora_embedding_A" not in keys
+    assert (
+        not any("layers.0." in k for k in keys) and "base_model.model.model.embed_tokens.lora_embedding_A" not in keys
+    )
     # layers_to_transform also filters embed_tokens (no layer index): PEFT targets only layer 1's modules
-    adapter2 = make_adapter(base, tmp_path / "adapter2", r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"],
-                            save_embedding_layers=False)
+    adapter2 = make_adapter(
+        base,
+        tmp_path / "adapter2",
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "lm_head"],
+        save_embedding_layers=False,
+    )
     graftcore.graft(tuned=adapter, instruct=instruct, output=tmp_path / "out", quiet=True)
-    check_merge(tmp_path / "out", instruct, adapter, lora_reference(load_folder(instruct), adapter, lambda m: 8), peft_onto=instruct)
+    check_merge(
+        tmp_path / "out",
+        instruct,
+        adapter,
+        lora_reference(load_folder(instruct), adapter, lambda m: 8),
+        peft_onto=instruct,
+    )
     graftcore.graft(tuned=adapter2, instruct=instruct, output=tmp_path / "out2", quiet=True, chunk_size=50)
     want = lora_reference(load_folder(instruct), adapter2, lambda m: 8)
     assert set(want) == {"model.embed_tokens.weight", "lm_head.weight"}
@@ -246,7 +302,12 @@ def test_embedding_with_saved_base_layer(llama, tmp_path):
 def test_modules_to_save_and_trained_biases_need_base(llama, tmp_path, cli):
     base, instruct = llama
     adapter = make_adapter(
-        base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
         bias="lora_only",
     )
     keys = load_file(adapter / "adapter_model.safetensors").keys()
@@ -256,7 +317,20 @@ def test_modules_to_save_and_trained_biases_need_base(llama, tmp_path, cli):
     code, _, err = cli("merge", "--tuned", adapter, "--instruct", instruct, "--output", out)
     assert code == 2 and err.count("\n") == 1 and "--base" in err and "lm_head.weight" in err
     assert not out.exists()
-    code, _, err = cli("merge", "--tuned", adapter, "--instruct", instruct, "--base", base, "--output", out, "--quiet", "--alpha", "0.75")
+    code, _, err = cli(
+        "merge",
+        "--tuned",
+        adapter,
+        "--instruct",
+        instruct,
+        "--base",
+        base,
+        "--output",
+        out,
+        "--quiet",
+        "--alpha",
+        "0.75",
+    )
     assert code == 0, err
     inst, b, full = load_folder(instruct), load_folder(base), load_file(adapter / "adapter_model.safetensors")
     want = lora_reference(inst, adapter, lambda m: 8, alpha=0.75)
@@ -271,16 +345,30 @@ def test_modules_to_save_and_trained_biases_need_base(llama, tmp_path, cli):
 def test_dora_with_base(llama, tmp_path, chunk):
     """DoRA on Linear (norm per row) and Embedding (norm per column): T from Base, grafted as I + (T - B)."""
     base, instruct = llama
-    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True,
-                           target_modules=["q_proj", "down_proj", "embed_tokens"], save_embedding_layers=False)
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        target_modules=["q_proj", "down_proj", "embed_tokens"],
+        save_embedding_layers=False,
+    )
     graftcore.graft(tuned=adapter, instruct=instruct, base=base, output=tmp_path / "out", quiet=True, chunk_size=chunk)
     # the float64 formula: PEFT's DoRA merge of Base, written plainly
     inst, b = load_folder(instruct), load_folder(base)
-    ad = {k.removeprefix("base_model.model."): v.double() for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    ad = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+    }
     want = {}
     for module in [k.rsplit(".", 1)[0] for k in ad if k.endswith(".lora_magnitude_vector")]:
         emb = module + ".lora_embedding_A" in ad
-        a, bb = (ad[module + ".lora_embedding_A"], ad[module + ".lora_embedding_B"]) if emb else (ad[module + ".lora_A.weight"], ad[module + ".lora_B.weight"])
+        a, bb = (
+            (ad[module + ".lora_embedding_A"], ad[module + ".lora_embedding_B"])
+            if emb
+            else (ad[module + ".lora_A.weight"], ad[module + ".lora_B.weight"])
+        )
         w = b[module + ".weight"].double()
         v = w + (8 / 4) * ((bb @ a).T if emb else bb @ a)
         norm = v.norm(dim=0, keepdim=True) if emb else v.norm(dim=1, keepdim=True)
@@ -294,21 +382,30 @@ def test_gpt2_fan_in_fan_out(gpt2, tmp_path):
     """Conv1D weights are stored [in, out]: delta = (B @ A).T; with DoRA the norm is per stored column."""
     base, instruct = gpt2
     cls = transformers.GPT2LMHeadModel
-    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])
+    adapter = make_adapter(
+        base, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"]
+    )
     graftcore.graft(tuned=adapter, instruct=instruct, output=tmp_path / "out", quiet=True, chunk_size=64)
     want = lora_reference(load_folder(instruct), adapter, lambda m: 8, fan_in_fan_out=True)
     check_merge(tmp_path / "out", instruct, adapter, want, peft_onto=instruct, cls=cls)
 
-    dora = make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True, target_modules=["c_proj"])
+    dora = make_adapter(
+        base, tmp_path / "dora", r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True, target_modules=["c_proj"]
+    )
     graftcore.graft(tuned=dora, instruct=instruct, base=base, output=tmp_path / "out2", quiet=True, chunk_size=64)
     inst, b = load_folder(instruct), load_folder(base)
-    ad = {k.removeprefix("base_model.model."): v.double() for k, v in load_file(dora / "adapter_model.safetensors").items()}
+    ad = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(dora / "adapter_model.safetensors").items()
+    }
     want = {}
     for module in [k[: -len(".lora_A.weight")] for k in ad if k.endswith(".lora_A.weight")]:
         w = b[module + ".weight"].double()  # [in, out]
         v = w + 2.0 * (ad[module + ".lora_B.weight"] @ ad[module + ".lora_A.weight"]).T
         norm = v.norm(dim=0, keepdim=True)
-        want[module + ".weight"] = inst[module + ".weight"].double() + (ad[module + ".lora_magnitude_vector"].view(1, -1) / norm * v - w)
+        want[module + ".weight"] = inst[module + ".weight"].double() + (
+            ad[module + ".lora_magnitude_vector"].view(1, -1) / norm * v - w
+        )
     assert len(want) == 4  # attn.c_proj and mlp.c_proj in both layers
     check_merge(tmp_path / "out2", instruct, dora, want, peft_onto=base, base_dir=base, logits=False, cls=cls)
 
@@ -317,7 +414,9 @@ def test_bench_adapter_generator(llama, tmp_path):
     """bench/make_lora_adapter.py writes an adapter PEFT loads and graftcore merges identically."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_lora_adapter", Path(__file__).parents[1] / "bench" / "make_lora_adapter.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_lora_adapter", Path(__file__).parents[1] / "bench" / "make_lora_adapter.py"
+    )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     base, instruct = llama
@@ -353,7 +452,9 @@ def refused(cli, capsys, tmp_path):
 
     def check(adapter, instruct, *needles, base=None):
         out = tmp_path / "out"
-        args = ["merge", "--tuned", adapter, "--instruct", instruct, "--output", out] + (["--base", base] if base else [])
+        args = ["merge", "--tuned", adapter, "--instruct", instruct, "--output", out] + (
+            ["--base", base] if base else []
+        )
         capsys.readouterr()  # drop what building the adapter printed
         code, _, err = cli(*args)
         assert code == 2, err
@@ -386,7 +487,9 @@ def test_unknown_module(refused, tmp_path, llama, good_adapter):
 def test_module_not_in_config(refused, tmp_path, llama, good_adapter):
     def edit(t):
         for part in ("lora_A.weight", "lora_B.weight"):
-            t["base_model.model.model.layers.0.self_attn.k_proj." + part] = t["base_model.model.model.layers.0.self_attn.v_proj." + part].clone()
+            t["base_model.model.model.layers.0.self_attn.k_proj." + part] = t[
+                "base_model.model.model.layers.0.self_attn.v_proj." + part
+            ].clone()
 
     bad = edited(good_adapter, tmp_path / "bad", edit)
     refused(bad, llama[1], "k_proj.lora_A.weight", "target_modules")
@@ -425,7 +528,9 @@ def test_full_checkpoint_without_base_fails_before_opening(refused, tmp_path, ll
 
 
 def test_dry_run(llama, tmp_path, cli, good_adapter):
-    code, out, err = cli("merge", "--tuned", good_adapter, "--instruct", llama[1], "--output", tmp_path / "out", "--dry-run")
+    code, out, err = cli(
+        "merge", "--tuned", good_adapter, "--instruct", llama[1], "--output", tmp_path / "out", "--dry-run"
+    )
     assert code == 0, err
     assert "lora" in out and "4 tensors" in out and not (tmp_path / "out").exists()
 
@@ -436,15 +541,17 @@ def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
     from graftcore.api import run_plan
     from graftcore.gpu import StreamCompute
     from graftcore.lora import open_adapter
-    from graftcore.plan import DeltaInput, build_plan
     from graftcore.options import MergeOptions
+    from graftcore.plan import DeltaInput, build_plan
     from graftcore.sources import open_checkpoint
 
     base, instruct = llama
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=PROJ, use_dora=dora)
     ad, opts = open_adapter(adapter), MergeOptions(quiet=True)
     cks = {"instruct": open_checkpoint(instruct), "tuned": ad.checkpoint, "base": open_checkpoint(base)}
-    plan = build_plan(cks["instruct"], [DeltaInput("tuned", 1.0, ad.checkpoint, ad)], cks["base"] if dora else None, opts)
+    plan = build_plan(
+        cks["instruct"], [DeltaInput("tuned", 1.0, ad.checkpoint, ad)], cks["base"] if dora else None, opts
+    )
     run_plan(plan, cks, tmp_path / "gpu", opts, print, compute=StreamCompute("cpu", 1000, launch=lambda *a: None))
     graftcore.graft(tuned=adapter, instruct=instruct, base=base if dora else None, output=tmp_path / "cpu", quiet=True)
     got, cpu = load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu")
@@ -468,7 +575,9 @@ def test_adapter_and_full_checkpoint_in_one_pass(llama, tmp_path, order):
     tuned, alphas = [tmp_path / "full", adapter], [0.5, 1.5]
     if order == "adapter first":
         tuned, alphas = tuned[::-1], alphas[::-1]
-    report = graftcore.graft(base=base, tuned=tuned, alpha=alphas, instruct=instruct, output=tmp_path / "out", quiet=True)
+    report = graftcore.graft(
+        base=base, tuned=tuned, alpha=alphas, instruct=instruct, output=tmp_path / "out", quiet=True
+    )
     assert report.lora == 4 and report.grafted == len(load_folder(instruct)) - 4
     got, inst, b, t = (load_folder(p) for p in (tmp_path / "out", instruct, base, tmp_path / "full"))
     a_full, a_lora = (0.5, 1.5)

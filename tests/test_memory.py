@@ -32,12 +32,16 @@ def test_peak_rss_anon_is_bounded_for_a_64mb_tensor(tmp_path):
     g = torch.Generator().manual_seed(0)
     big = (8192, 4096)  # 64 MiB in bfloat16
     paths = []
-    for k, role in enumerate(("base", "tuned", "instruct")):
-        sd = {"model.embed_tokens.weight": (torch.randn(big, generator=g) * 0.02).bfloat16(),
-              "model.norm.weight": torch.ones(4096, dtype=torch.bfloat16)}
+    for role in ("base", "tuned", "instruct"):
+        sd = {
+            "model.embed_tokens.weight": (torch.randn(big, generator=g) * 0.02).bfloat16(),
+            "model.norm.weight": torch.ones(4096, dtype=torch.bfloat16),
+        }
         paths.append(write_checkpoint(tmp_path / role, sd))
         del sd
-    run = subprocess.run([sys.executable, "-c", PROBE, *map(str, paths), str(tmp_path / "out")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, *map(str, paths), str(tmp_path / "out")], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     grew = int(run.stdout.strip())
     assert grew < 64 * 2**20, f"RssAnon grew by {grew / 2**20:.1f} MiB during the merge"

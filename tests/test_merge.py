@@ -39,7 +39,9 @@ def assert_grafted(out, base, tuned, instruct, alpha=1.0, names=None, dtype=None
 @pytest.mark.parametrize("shards", [(2, 2, 2), (1, 3, 2), (3, 1, 1)])
 def test_shard_layouts(tmp_path, cli, shards):
     base, tuned, instruct = standard()
-    b, t, i = trio(tmp_path, base, tuned, instruct, shards, extra={"tokenizer_config.json": "{}", "chat_template.jinja": "x"})
+    b, t, i = trio(
+        tmp_path, base, tuned, instruct, shards, extra={"tokenizer_config.json": "{}", "chat_template.jinja": "x"}
+    )
     code, _, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "out", "--quiet")
     assert code == 0, err
     assert_grafted(tmp_path / "out", base, tuned, instruct)
@@ -50,8 +52,10 @@ def test_shard_layouts(tmp_path, cli, shards):
         assert (out / f).read_bytes() == (i / f).read_bytes()
     assert (out / "model.safetensors.index.json").exists() == (shards[2] > 1)
     if shards[2] > 1:
-        assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == json.loads(
-            (i / "model.safetensors.index.json").read_text())["weight_map"]
+        assert (
+            json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+            == json.loads((i / "model.safetensors.index.json").read_text())["weight_map"]
+        )
     manifest = json.loads((out / "graftcore.json").read_text())
     for f, rec in manifest["shards"].items():
         assert hashlib.sha256((out / f).read_bytes()).hexdigest() == rec["sha256"]
@@ -62,7 +66,14 @@ def test_shard_layouts(tmp_path, cli, shards):
 def test_single_file_inputs_and_tiny_chunks(tmp_path, cli):
     base, tuned, instruct = standard()
     b, t, i = trio(tmp_path, base, tuned, instruct)
-    args = ["--base", b / "model.safetensors", "--tuned", t / "model.safetensors", "--instruct", i / "model.safetensors"]
+    args = [
+        "--base",
+        b / "model.safetensors",
+        "--tuned",
+        t / "model.safetensors",
+        "--instruct",
+        i / "model.safetensors",
+    ]
     code, _, err = cli("merge", *args, "--output", tmp_path / "out", "--quiet", "--chunk-size", "1000")
     assert code == 0, err
     assert_grafted(tmp_path / "out", base, tuned, instruct)
@@ -86,7 +97,12 @@ def test_fp16_models(tmp_path, cli):
 def test_alpha_half_within_one_ulp_of_float64(tmp_path, cli):
     base, tuned, instruct = standard()
     b, t, i = trio(tmp_path, base, tuned, instruct)
-    assert cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--alpha", "0.5", "--quiet")[0] == 0
+    assert (
+        cli(
+            "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--alpha", "0.5", "--quiet"
+        )[0]
+        == 0
+    )
     got = assert_grafted(tmp_path / "o", base, tuned, instruct, alpha=0.5)  # same op order: same bits
     for n in instruct:
         want = reference64(instruct[n], tuned[n], base[n], 0.5)
@@ -98,7 +114,23 @@ def test_output_dtype_float32(tmp_path, cli):
     base, tuned, instruct = standard()
     base["model.layers.0.step"] = tuned["model.layers.0.step"] = instruct["model.layers.0.step"] = torch.arange(5)
     b, t, i = trio(tmp_path, base, tuned, instruct)
-    assert cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--dtype", "float32", "--quiet")[0] == 0
+    assert (
+        cli(
+            "merge",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "o",
+            "--dtype",
+            "float32",
+            "--quiet",
+        )[0]
+        == 0
+    )
     got = load_folder(tmp_path / "o")
     floats = [n for n in instruct if instruct[n].is_floating_point()]
     for n in floats:
@@ -125,7 +157,23 @@ def test_instruct_grown_vocabulary_and_instruct_only_tensors(tmp_path, cli):
     code, out, _ = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "dry", "--dry-run")
     assert code == 0 and not (tmp_path / "dry").exists()
     assert "graft rows" in out and "vision_tower.proj.weight" in out and "model.extra_head.weight" in out
-    assert cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--quiet", "--chunk-size", "500")[0] == 0
+    assert (
+        cli(
+            "merge",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "o",
+            "--quiet",
+            "--chunk-size",
+            "500",
+        )[0]
+        == 0
+    )
     got = load_folder(tmp_path / "o")
     for n in ("model.embed_tokens.weight", "lm_head.weight"):
         assert same_bits(got[n][:96], reference(instruct[n][:96], tuned[n], base[n])), n
@@ -139,15 +187,50 @@ def test_instruct_grown_vocabulary_and_instruct_only_tensors(tmp_path, cli):
 def test_targets_projections_and_include_exclude(tmp_path, cli):
     base, tuned, instruct = standard()
     b, t, i = trio(tmp_path, base, tuned, instruct)
-    assert cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "p", "--targets", "projections", "--quiet")[0] == 0
+    assert (
+        cli(
+            "merge",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "p",
+            "--targets",
+            "projections",
+            "--quiet",
+        )[0]
+        == 0
+    )
     got = load_folder(tmp_path / "p")
     projections = [n for n in instruct if n.split(".")[-2].endswith("_proj")]
     assert len(projections) == 14
     for n in instruct:
         want = reference(instruct[n], tuned[n], base[n]) if n in projections else instruct[n]
         assert same_bits(got[n], want), n
-    assert cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "ie",
-               "--include", r"layers\.1\.", "--include", "embed", "--exclude", "mlp", "--quiet")[0] == 0
+    assert (
+        cli(
+            "merge",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "ie",
+            "--include",
+            r"layers\.1\.",
+            "--include",
+            "embed",
+            "--exclude",
+            "mlp",
+            "--quiet",
+        )[0]
+        == 0
+    )
     got = load_folder(tmp_path / "ie")
     for n in instruct:
         chosen = ("layers.1." in n or "embed" in n) and "mlp" not in n
@@ -168,7 +251,23 @@ def test_wrapper_prefixes_are_stripped(tmp_path, cli):
 def test_max_shard_size_reshards(tmp_path, cli):
     base, tuned, instruct = standard(tied=True)
     b, t, i = trio(tmp_path, base, tuned, instruct)
-    assert cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--max-shard-size", "20KB", "--quiet")[0] == 0
+    assert (
+        cli(
+            "merge",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "o",
+            "--max-shard-size",
+            "20KB",
+            "--quiet",
+        )[0]
+        == 0
+    )
     files = sorted((tmp_path / "o").glob("*.safetensors"))
     assert len(files) > 2 and all(f.stat().st_size < 20_000 + 4096 for f in files)
     assert_grafted(tmp_path / "o", base, tuned, instruct)

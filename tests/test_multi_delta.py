@@ -39,10 +39,17 @@ def family(tmp_path):
     """Base, Instruct and three fine-tunes of Base in mixed dtypes and shard layouts; Instruct's vocabulary
     has 4 extra rows (copied, never grafted)."""
     base = llama_tensors(1)
-    tuned = [llama_tensors(2, torch.float32, noise=2e-3), llama_tensors(3, noise=3e-3), llama_tensors(4, torch.float16, noise=1e-3)]
+    tuned = [
+        llama_tensors(2, torch.float32, noise=2e-3),
+        llama_tensors(3, noise=3e-3),
+        llama_tensors(4, torch.float16, noise=1e-3),
+    ]
     instruct = llama_tensors(5, noise=5e-3)
     instruct["lm_head.weight"] = llama_tensors(5, vocab=100, noise=5e-3)["lm_head.weight"]
-    paths = {"base": write_checkpoint(tmp_path / "base", base, 1), "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2)}
+    paths = {
+        "base": write_checkpoint(tmp_path / "base", base, 1),
+        "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2),
+    }
     paths["tuned"] = [write_checkpoint(tmp_path / f"t{k}", t, k + 1) for k, t in enumerate(tuned)]
     return paths, base, tuned, instruct
 
@@ -60,8 +67,16 @@ def check(out, base, tuned, instruct, alphas, dtype=None):
 @pytest.mark.parametrize("n, alphas", [(2, [1.0, 1.0]), (2, [0.7, -0.3]), (3, [0.5, 1.0, 2.0])])
 def test_full_checkpoints_bit_exact_on_cpu(family, tmp_path, n, alphas):
     paths, base, tuned, instruct = family
-    report = graftcore.graft(base=paths["base"], tuned=paths["tuned"][:n], instruct=paths["instruct"], alpha=alphas,
-                             output=tmp_path / "out", device="cpu", quiet=True, chunk_size=1000)
+    report = graftcore.graft(
+        base=paths["base"],
+        tuned=paths["tuned"][:n],
+        instruct=paths["instruct"],
+        alpha=alphas,
+        output=tmp_path / "out",
+        device="cpu",
+        quiet=True,
+        chunk_size=1000,
+    )
     check(tmp_path / "out", base, tuned[:n], instruct, alphas)
     assert report.grafted_rows == 1 and report.grafted == len(instruct) - 1
     manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
@@ -89,10 +104,22 @@ def test_full_checkpoints_through_the_interpreted_kernel(family, tmp_path, n):
 
 def test_one_delta_is_todays_formula(family, tmp_path):
     paths, base, tuned, instruct = family
-    graftcore.graft(base=paths["base"], tuned=[paths["tuned"][1]], instruct=paths["instruct"], alpha=[0.3],
-                    output=tmp_path / "list", quiet=True)
-    graftcore.graft(base=paths["base"], tuned=paths["tuned"][1], instruct=paths["instruct"], alpha=0.3,
-                    output=tmp_path / "one", quiet=True)
+    graftcore.graft(
+        base=paths["base"],
+        tuned=[paths["tuned"][1]],
+        instruct=paths["instruct"],
+        alpha=[0.3],
+        output=tmp_path / "list",
+        quiet=True,
+    )
+    graftcore.graft(
+        base=paths["base"],
+        tuned=paths["tuned"][1],
+        instruct=paths["instruct"],
+        alpha=0.3,
+        output=tmp_path / "one",
+        quiet=True,
+    )
     a, b = load_folder(tmp_path / "list"), load_folder(tmp_path / "one")
     for n, i in instruct.items():
         rows = base[n].shape[0]
@@ -105,7 +132,10 @@ def test_kernel_and_twin_agree_on_n_deltas():
 
     g = torch.Generator().manual_seed(0)
     i, b = torch.randn(7001, generator=g).bfloat16(), torch.randn(7001, generator=g).half()
-    tuned = [torch.randn(7001, generator=g).to(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)]
+    tuned = [
+        torch.randn(7001, generator=g).to(d)
+        for d in (torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)
+    ]
     alphas = [0.5, 1.0, -2.25, 1e-3, 3.0]
     for n in range(1, 6):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -123,15 +153,22 @@ def test_nonfinite_in_the_second_delta_names_it(family, tmp_path):
     bad["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
     write_checkpoint(tmp_path / "bad", bad)
     with pytest.raises(graftcore.NonFiniteError, match=r"tuned2: .*bad.*up_proj.*1 element"):
-        graftcore.graft(base=paths["base"], tuned=[paths["tuned"][0], tmp_path / "bad"], instruct=paths["instruct"],
-                        output=tmp_path / "out", quiet=True)
+        graftcore.graft(
+            base=paths["base"],
+            tuned=[paths["tuned"][0], tmp_path / "bad"],
+            instruct=paths["instruct"],
+            output=tmp_path / "out",
+            quiet=True,
+        )
     assert not (tmp_path / "out" / "graftcore.json").exists()
 
 
 def test_changed_coefficient_is_not_resumed(family, tmp_path):
     """A rerun with one alpha changed may not keep a single shard of the earlier run: it is another merge."""
     paths, base, tuned, instruct = family
-    args = dict(base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"], output=tmp_path / "out", quiet=True)
+    args = dict(
+        base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"], output=tmp_path / "out", quiet=True
+    )
     graftcore.graft(**args, alpha=[1.0, 0.5])
     with pytest.raises(graftcore.OutputError, match="not written by this same merge"):
         graftcore.graft(**args, alpha=[1.0, 0.25])
@@ -145,16 +182,63 @@ def test_changed_coefficient_is_not_resumed(family, tmp_path):
 def test_cli_repeatable_tuned_and_alpha(family, tmp_path, cli):
     paths, base, tuned, instruct = family
     t1, t2 = paths["tuned"][:2]
-    code, _, err = cli("merge", "--base", paths["base"], "--tuned", t1, "--tuned", t2, "--alpha", "0.75", "--alpha", "0.5",
-                       "--instruct", paths["instruct"], "--output", tmp_path / "out", "--quiet")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        paths["base"],
+        "--tuned",
+        t1,
+        "--tuned",
+        t2,
+        "--alpha",
+        "0.75",
+        "--alpha",
+        "0.5",
+        "--instruct",
+        paths["instruct"],
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert code == 0, err
     check(tmp_path / "out", base, tuned[:2], instruct, [0.75, 0.5])
-    code, _, err = cli("merge", "--base", paths["base"], "--tuned", t1, "--tuned", t2, "--alpha", "0.5",
-                       "--instruct", paths["instruct"], "--output", tmp_path / "one-alpha", "--quiet")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        paths["base"],
+        "--tuned",
+        t1,
+        "--tuned",
+        t2,
+        "--alpha",
+        "0.5",
+        "--instruct",
+        paths["instruct"],
+        "--output",
+        tmp_path / "one-alpha",
+        "--quiet",
+    )
     assert code == 0, err
     check(tmp_path / "one-alpha", base, tuned[:2], instruct, [0.5, 0.5])
-    code, _, err = cli("merge", "--base", paths["base"], "--tuned", t1, "--tuned", t2, "--alpha", "1", "--alpha", "2",
-                       "--alpha", "3", "--instruct", paths["instruct"], "--output", tmp_path / "bad")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        paths["base"],
+        "--tuned",
+        t1,
+        "--tuned",
+        t2,
+        "--alpha",
+        "1",
+        "--alpha",
+        "2",
+        "--alpha",
+        "3",
+        "--instruct",
+        paths["instruct"],
+        "--output",
+        tmp_path / "bad",
+    )
     assert code == 2 and "3 values for 2 --tuned" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
 
@@ -162,8 +246,15 @@ def test_cli_repeatable_tuned_and_alpha(family, tmp_path, cli):
 def test_progress_callback_counts_every_byte(family, tmp_path):
     paths, base, tuned, instruct = family
     seen = []
-    graftcore.graft(base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"], output=tmp_path / "out",
-                    quiet=True, chunk_size=500, progress=seen.append)
+    graftcore.graft(
+        base=paths["base"],
+        tuned=paths["tuned"][:2],
+        instruct=paths["instruct"],
+        output=tmp_path / "out",
+        quiet=True,
+        chunk_size=500,
+        progress=seen.append,
+    )
     total = sum(t.numel() * t.element_size() for t in instruct.values())
     assert seen and all(p.total == total for p in seen)
     assert [p.done for p in seen] == sorted(p.done for p in seen) and seen[-1].done == total
@@ -174,8 +265,9 @@ def test_progress_callback_counts_every_byte(family, tmp_path):
 
 def test_dry_run_summary_describes_the_plan(family, tmp_path):
     paths, base, tuned, instruct = family
-    report = graftcore.graft(base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"],
-                             output=tmp_path / "out", dry_run=True)
+    report = graftcore.graft(
+        base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"], output=tmp_path / "out", dry_run=True
+    )
     text = report.summary()
     assert "dry run" in text and f"plan: {len(instruct)} tensors in 2 output shard(s)" in text
     assert report.grafted == len(instruct) - 1 and report.grafted_rows == 1
@@ -183,25 +275,30 @@ def test_dry_run_summary_describes_the_plan(family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(alpha=[1.0, 2.0, 3.0]), "3 values for 2 --tuned"),
-    (dict(alpha="0.5"), "not a number"),
-    (dict(alpha=[1.0, float("nan")]), "must be finite"),
-    (dict(alpha=True), "not a number"),
-    (dict(include=["q_proj", 3]), "list of regular expressions"),
-    (dict(targets="attn"), "expected one of all, projections"),
-    (dict(dtype="int8"), "expected one of auto, bfloat16"),
-    (dict(device="tpu"), "expected auto, cpu, cuda or cuda:N"),
-    (dict(overwrite="yes"), "expected True or False"),
-    (dict(chunk_size=1.5), "whole number"),
-    (dict(max_shard_size="lots"), "cannot read"),
-    (dict(colour="red"), "unknown option"),
-    (dict(tuned=42), "expected a REF or a list"),
-    (dict(tuned=[]), "expected a REF or a list"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(alpha=[1.0, 2.0, 3.0]), "3 values for 2 --tuned"),
+        (dict(alpha="0.5"), "not a number"),
+        (dict(alpha=[1.0, float("nan")]), "must be finite"),
+        (dict(alpha=True), "not a number"),
+        (dict(include=["q_proj", 3]), "list of regular expressions"),
+        (dict(targets="attn"), "expected one of all, projections"),
+        (dict(dtype="int8"), "expected one of auto, bfloat16"),
+        (dict(device="tpu"), "expected auto, cpu, cuda or cuda:N"),
+        (dict(overwrite="yes"), "expected True or False"),
+        (dict(chunk_size=1.5), "whole number"),
+        (dict(max_shard_size="lots"), "cannot read"),
+        (dict(colour="red"), "unknown option"),
+        (dict(tuned=42), "expected a REF or a list"),
+        (dict(tuned=[]), "expected a REF or a list"),
+    ],
+)
 def test_bad_options_fail_before_the_output_is_touched(family, tmp_path, bad, message):
     paths, *_ = family
-    args = dict(base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"], output=tmp_path / "out", quiet=True)
+    args = dict(
+        base=paths["base"], tuned=paths["tuned"][:2], instruct=paths["instruct"], output=tmp_path / "out", quiet=True
+    )
     with pytest.raises(graftcore.GraftError, match=message):
         graftcore.graft(**{**args, **bad})
     assert not (tmp_path / "out").exists()
@@ -209,8 +306,15 @@ def test_bad_options_fail_before_the_output_is_touched(family, tmp_path, bad, me
 
 def test_include_as_a_string_is_one_pattern(family, tmp_path):
     paths, base, tuned, instruct = family
-    report = graftcore.graft(base=paths["base"], tuned=paths["tuned"][0], instruct=paths["instruct"],
-                             output=tmp_path / "out", include="q_proj", dtype="bf16", quiet=True)
+    report = graftcore.graft(
+        base=paths["base"],
+        tuned=paths["tuned"][0],
+        instruct=paths["instruct"],
+        output=tmp_path / "out",
+        include="q_proj",
+        dtype="bf16",
+        quiet=True,
+    )
     assert report.grafted == 2 and report.copied == len(instruct) - 2  # q_proj of 2 layers, not every tensor
     got = load_folder(tmp_path / "out")
     n = "model.layers.0.self_attn.q_proj.weight"
@@ -219,8 +323,17 @@ def test_include_as_a_string_is_one_pattern(family, tmp_path):
 
 def test_swapped_base_and_instruct_get_a_hint(family, tmp_path, cli):
     paths, *_ = family
-    code, _, err = cli("merge", "--base", paths["instruct"], "--tuned", paths["tuned"][0], "--instruct", paths["base"],
-                       "--output", tmp_path / "out")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        paths["instruct"],
+        "--tuned",
+        paths["tuned"][0],
+        "--instruct",
+        paths["base"],
+        "--output",
+        tmp_path / "out",
+    )
     assert code == 2 and "lm_head.weight" in err and "swapped" in err and "Traceback" not in err
 
 
@@ -253,8 +366,7 @@ def test_graft_state_dict_follows_the_file_policy():
     instruct["lm_head.weight"] = llama_tensors(4, vocab=100, noise=5e-3)["lm_head.weight"]
     instruct["vision.proj"] = torch.ones(3, 3, dtype=torch.bfloat16)  # Instruct only: copied
     instruct["position_ids"] = torch.arange(5)  # not floating point: copied as it is
-    got = graftcore.graft_state_dict(instruct, tuned, base, alpha=[1.0, 0.5], dtype=torch.float32,
-                                     exclude=["norm"])
+    got = graftcore.graft_state_dict(instruct, tuned, base, alpha=[1.0, 0.5], dtype=torch.float32, exclude=["norm"])
     for n, i in instruct.items():
         if n in ("vision.proj", "position_ids") or "norm" in n:
             want = i.to(torch.float32) if i.is_floating_point() else i

@@ -41,7 +41,11 @@ def nan_inputs():
     i = torch.cat([f32(0xFFC01234, 0x7F800001, 0x7FC00000), torch.tensor([0.0, 0.0, 1.0, inf, -inf, 1.0, 2.0])])
     t = torch.tensor([0.0, 0.0, 0.0, inf, -inf, 0.0, -inf, inf, 1.0, 2.0])
     b = torch.cat([torch.tensor([0.0, 0.0, 0.0, inf, -inf]), f32(0xFFFFFFFF), torch.tensor([0.0, 0.0, 0.0, 0.0])])
-    return i, t, b  # I NaN (negative, payload), I signalling NaN, I NaN; inf - inf; -inf - -inf; B NaN; I + delta = inf - inf
+    return (
+        i,
+        t,
+        b,
+    )  # I NaN (negative, payload), I signalling NaN, I NaN; inf - inf; -inf - -inf; B NaN; I + delta = inf - inf
 
 
 @pytest.mark.parametrize("out_dtype", [BF16, FP16, FP32], ids=str)
@@ -72,8 +76,10 @@ def test_overflow_from_finite_inputs_is_counted_on_every_path(out_dtype, big):
     i = torch.tensor([big, -big, big, 1.0]).to(out_dtype)
     t = torch.tensor([big, -big, 0.0, 1.0])
     b = torch.tensor([0.0, 0.0, 0.0, 0.5])
-    for found in (graft_cpu(torch.empty(4, dtype=out_dtype), i, t, b),
-                  KERNEL.graft_triton(torch.empty(4, dtype=out_dtype), i, t, b)):
+    for found in (
+        graft_cpu(torch.empty(4, dtype=out_dtype), i, t, b),
+        KERNEL.graft_triton(torch.empty(4, dtype=out_dtype), i, t, b),
+    ):
         assert found == (0, 2, 0)
 
 
@@ -90,14 +96,24 @@ def test_the_rounding_threshold_is_exact():
 
 def test_alpha_times_delta_overflow_is_counted():
     t, zero = torch.tensor([3e38, 1.0]), torch.zeros(2)
-    for found in (graft_cpu(torch.empty(2), zero, t, zero, 10.0), KERNEL.graft_triton(torch.empty(2), zero, t, zero, 10.0)):
+    for found in (
+        graft_cpu(torch.empty(2), zero, t, zero, 10.0),
+        KERNEL.graft_triton(torch.empty(2), zero, t, zero, 10.0),
+    ):
         assert found == (0, 1, 0)
 
 
 @pytest.fixture
 def trio(tmp_path):
-    base, tuned, instruct = llama_tensors(1, FP16), llama_tensors(2, FP16, noise=2e-3), llama_tensors(3, FP16, noise=5e-3)
-    paths = {r: write_checkpoint(tmp_path / r, sd, k) for r, sd, k in (("base", base, 1), ("tuned", tuned, 2), ("instruct", instruct, 1))}
+    base, tuned, instruct = (
+        llama_tensors(1, FP16),
+        llama_tensors(2, FP16, noise=2e-3),
+        llama_tensors(3, FP16, noise=5e-3),
+    )
+    paths = {
+        r: write_checkpoint(tmp_path / r, sd, k)
+        for r, sd, k in (("base", base, 1), ("tuned", tuned, 2), ("instruct", instruct, 1))
+    }
     return paths, base, tuned, instruct
 
 
@@ -115,7 +131,11 @@ def test_fp16_overflow_fails_the_merge_naming_the_tensor(trio, tmp_path, cli):
     rewrite(paths["tuned"], tuned, name, 5, float(base[name].view(-1)[5]) + 100.0)
     args = ["merge", "--base", paths["base"], "--tuned", paths["tuned"], "--instruct", paths["instruct"]]
     code, _, err = cli(*args, "--output", tmp_path / "out")
-    assert code == 2 and name in err and "1 element(s) of the result are NaN/Inf in F16 although every input is finite" in err
+    assert (
+        code == 2
+        and name in err
+        and "1 element(s) of the result are NaN/Inf in F16 although every input is finite" in err
+    )
     assert "Traceback" not in err and not (tmp_path / "out" / "graftcore.json").exists()
     code, _, err = cli(*args, "--output", tmp_path / "kept", "--allow-nonfinite", "--quiet")
     assert code == 0, err
@@ -129,7 +149,9 @@ def test_nan_carried_from_instruct_is_a_note_not_an_error(trio, tmp_path):
     paths, base, tuned, instruct = trio
     name = "model.layers.0.mlp.up_proj.weight"
     rewrite(paths["instruct"], instruct, name, 3, float("nan"))
-    report = graftcore.graft(base=paths["base"], tuned=paths["tuned"], instruct=paths["instruct"], output=tmp_path / "out", quiet=True)
+    report = graftcore.graft(
+        base=paths["base"], tuned=paths["tuned"], instruct=paths["instruct"], output=tmp_path / "out", quiet=True
+    )
     assert any(name in n and "1 NaN/Inf value(s) of Instruct carried" in n for n in report.notes)
     manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
     assert any("carried" in n for n in manifest["notes"])
@@ -149,8 +171,16 @@ def test_cpu_and_kernel_paths_write_the_same_bytes_with_nan(trio, tmp_path, dtyp
     cks = {r: open_checkpoint(p) for r, p in paths.items()}
     plan = build_plan(cks["instruct"], [DeltaInput("tuned", 1.0, cks["tuned"])], cks["base"], opts)
     run_plan(plan, cks, tmp_path / "gpu", opts, print, compute=StreamCompute("cpu", 3000, KERNEL.launch_graft))
-    graftcore.graft(base=paths["base"], tuned=paths["tuned"], instruct=paths["instruct"], output=tmp_path / "cpu",
-                    quiet=True, allow_nonfinite=True, dtype=dtype, device="cpu")
+    graftcore.graft(
+        base=paths["base"],
+        tuned=paths["tuned"],
+        instruct=paths["instruct"],
+        output=tmp_path / "cpu",
+        quiet=True,
+        allow_nonfinite=True,
+        dtype=dtype,
+        device="cpu",
+    )
     shards = {p: json.loads((tmp_path / p / "graftcore.json").read_text())["shards"] for p in ("gpu", "cpu")}
     assert shards["gpu"] == shards["cpu"]
     assert load_folder(tmp_path / "cpu")[name].view(-1)[0].isnan()
@@ -163,7 +193,6 @@ def test_graft_tensor_refuses_overflow():
     assert graftcore.graft_tensor(i, torch.tensor([100.0, 0.0]), torch.zeros(2), dtype="float32")[0] == 65604.0
 
 
-
 def test_graft_tensor_refuses_meta_tensors():
     """Tensors on the meta device (a model built without weights) have no data: a GraftError, not torch's
     NotImplementedError from inside the kernel."""
@@ -172,6 +201,7 @@ def test_graft_tensor_refuses_meta_tensors():
         graftcore.graft_tensor(meta, meta, meta)
     with pytest.raises(graftcore.GraftError, match="on the meta device|is on meta"):
         graftcore.graft_state_dict({"w": meta}, {"w": meta}, {"w": meta})
+
 
 # ---- the compiled kernel, ahead of time ---------------------------------------------------------------------
 
@@ -185,11 +215,15 @@ def compiled(capability, out, ins, alphas=(0.5,)):
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("out, ins, alphas", [
-    ("bfloat16", ("bfloat16",) * 3, (0.5,)),
-    ("float16", ("float16", "float16", "float32"), (1.0,)),
-    ("float32", ("bfloat16", "float32", "bfloat16", "float16"), (0.3, 2.0)),
-], ids=["bf16", "fp16", "fp32-2-deltas"])
+@pytest.mark.parametrize(
+    "out, ins, alphas",
+    [
+        ("bfloat16", ("bfloat16",) * 3, (0.5,)),
+        ("float16", ("float16", "float16", "float32"), (1.0,)),
+        ("float32", ("bfloat16", "float32", "bfloat16", "float16"), (0.3, 2.0)),
+    ],
+    ids=["bf16", "fp16", "fp32-2-deltas"],
+)
 def test_ptx_rounds_as_the_twin_and_streams_wide(capability, out, ins, alphas):
     """No FMA (the multiply and the add round separately, as on the CPU), no flush-to-zero (subnormals kept),
     128-bit loads for every input and 128-bit stores, and the element offset computed in 64 bits."""
@@ -221,8 +255,19 @@ def test_explicit_cuda_without_a_device_is_exit_2(trio, tmp_path, cli):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     paths, *_ = trio
-    code, _, err = cli("merge", "--base", paths["base"], "--tuned", paths["tuned"], "--instruct", paths["instruct"],
-                       "--output", tmp_path / "out", "--device", "cuda:0")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        paths["base"],
+        "--tuned",
+        paths["tuned"],
+        "--instruct",
+        paths["instruct"],
+        "--output",
+        tmp_path / "out",
+        "--device",
+        "cuda:0",
+    )
     assert code == 2 and "--device cuda:0: no CUDA device" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 

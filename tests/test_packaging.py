@@ -49,7 +49,10 @@ def test_a_built_wheel_installs_and_merges(tmp_path):
     dist = tmp_path / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = dist.glob("graftcore-*.whl")
@@ -64,16 +67,24 @@ def test_a_built_wheel_installs_and_merges(tmp_path):
     # this environment's packages (torch, ...) as a plain path: its .pth files, our editable install's among
     # them, are not processed from there, so graftcore can only come from the wheel
     Path(target, "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-                              "-q", str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
 
-    sds = {role: llama_tensors(seed, noise=0.0 if role == "base" else 3e-3) for seed, role in enumerate(("base", "tuned", "instruct"))}
+    sds = {
+        role: llama_tensors(seed, noise=0.0 if role == "base" else 3e-3)
+        for seed, role in enumerate(("base", "tuned", "instruct"))
+    }
     paths = {role: write_checkpoint(tmp_path / role, sd) for role, sd in sds.items()}
     code = (
         "import graftcore, graftcore.kernels as k\n"
         "print(k.__file__)\n"
-        f"graftcore.graft(base={str(paths['base'])!r}, tuned={str(paths['tuned'])!r}, instruct={str(paths['instruct'])!r}, "
+        f"graftcore.graft(base={str(paths['base'])!r}, tuned={str(paths['tuned'])!r}, "
+        f"instruct={str(paths['instruct'])!r}, "
         f"output={str(tmp_path / 'out')!r}, quiet=True, device='cpu')\n"
     )
     run = run_python(code, tmp_path, python)

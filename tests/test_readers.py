@@ -14,8 +14,8 @@ from helpers import llama_tensors, load_folder, reference, same_bits, write_chec
 
 import graftcore
 from graftcore import input_file, readers
-from graftcore.input_file import PageMap
 from graftcore.errors import CheckpointError
+from graftcore.input_file import PageMap
 from graftcore.safetensors_io import TORCH_TO_CODE, ShardWriter, read_header, tensor_bytes
 
 
@@ -31,9 +31,15 @@ def write_in_order(path, tensors: dict):
 
 def odd_trio(tmp_path):
     """Tensors of mixed dtypes and sizes: zero-size, one element, sizes prime to every chunk and buffer."""
-    shapes = {"a.empty": ((0, 7), torch.bfloat16), "b.one": ((1,), torch.bfloat16), "c.odd": ((3, 1001), torch.bfloat16),
-              "e.f16": ((999,), torch.float16), "d.f32": ((257, 33), torch.float32), "f.big": ((211, 97), torch.bfloat16),
-              "g.int": ((13,), torch.int64)}  # d.f32 starts 2 bytes past a multiple of 4 in its file
+    shapes = {
+        "a.empty": ((0, 7), torch.bfloat16),
+        "b.one": ((1,), torch.bfloat16),
+        "c.odd": ((3, 1001), torch.bfloat16),
+        "e.f16": ((999,), torch.float16),
+        "d.f32": ((257, 33), torch.float32),
+        "f.big": ((211, 97), torch.bfloat16),
+        "g.int": ((13,), torch.int64),
+    }  # d.f32 starts 2 bytes past a multiple of 4 in its file
     trio = {}
     for role, seed in (("base", 1), ("tuned", 2), ("instruct", 3)):
         g2 = torch.Generator().manual_seed(seed)
@@ -60,12 +66,23 @@ def assert_odd_trio_merged(out, trio):
         assert same_bits(got[n], want), n
 
 
-@pytest.mark.parametrize("chunk,buffer,depth", [(1000, "4KiB", 2), (4096, "8KiB", 3), (333, "1MiB", 2), (1 << 18, None, None)])
+@pytest.mark.parametrize(
+    "chunk,buffer,depth", [(1000, "4KiB", 2), (4096, "8KiB", 3), (333, "1MiB", 2), (1 << 18, None, None)]
+)
 def test_boundaries_are_bit_exact(tmp_path, chunk, buffer, depth):
     trio = odd_trio(tmp_path)
     out = tmp_path / "out"
-    graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
-                    device="cpu", quiet=True, chunk_size=chunk, read_buffer=buffer, read_depth=depth)
+    graftcore.graft(
+        base=tmp_path / "base",
+        tuned=tmp_path / "tuned",
+        instruct=tmp_path / "instruct",
+        output=out,
+        device="cpu",
+        quiet=True,
+        chunk_size=chunk,
+        read_buffer=buffer,
+        read_depth=depth,
+    )
     assert_odd_trio_merged(out, trio)
 
 
@@ -75,8 +92,18 @@ def test_many_shards_and_copies_through_tiny_buffers(tmp_path):
         write_checkpoint(tmp_path / role, sd, k)
     out = tmp_path / "out"
     # embeddings are copied unchanged (raw steps of one buffer each); everything else grafted
-    graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
-                    device="cpu", quiet=True, exclude=["embed"], chunk_size=700, read_buffer="4KiB", read_depth=2)
+    graftcore.graft(
+        base=tmp_path / "base",
+        tuned=tmp_path / "tuned",
+        instruct=tmp_path / "instruct",
+        output=out,
+        device="cpu",
+        quiet=True,
+        exclude=["embed"],
+        chunk_size=700,
+        read_buffer="4KiB",
+        read_depth=2,
+    )
     got = load_folder(out)
     for n in instruct:
         want = instruct[n] if "embed" in n else reference(instruct[n], tuned[n], base[n])
@@ -120,8 +147,15 @@ def test_cold_and_warm_inputs_read_the_same_bits(tmp_path, cold):
         for role in trio:
             evict(tmp_path / role)
     out = tmp_path / "out"
-    graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
-                    device="cpu", quiet=True, chunk_size=777)
+    graftcore.graft(
+        base=tmp_path / "base",
+        tuned=tmp_path / "tuned",
+        instruct=tmp_path / "instruct",
+        output=out,
+        device="cpu",
+        quiet=True,
+        chunk_size=777,
+    )
     reads = json.loads((out / "graftcore.json").read_text())["reads"]
     total = {role: (tmp_path / role / "model.safetensors").stat().st_size for role in trio}
     for role, r in reads.items():
@@ -146,8 +180,15 @@ def test_short_reads_are_continued(tmp_path, monkeypatch, most, cold):
 
     monkeypatch.setattr(input_file.os, "preadv", short_preadv)
     out = tmp_path / "out"
-    graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out,
-                    device="cpu", quiet=True, chunk_size=500)
+    graftcore.graft(
+        base=tmp_path / "base",
+        tuned=tmp_path / "tuned",
+        instruct=tmp_path / "instruct",
+        output=out,
+        device="cpu",
+        quiet=True,
+        chunk_size=500,
+    )
     assert len(calls) > 30
     reads = json.loads((out / "graftcore.json").read_text())["reads"]
     assert all((r["direct"] > 0) == cold for r in reads.values()), reads
@@ -169,7 +210,14 @@ def test_file_truncated_during_the_merge(tmp_path, monkeypatch):
 
     monkeypatch.setattr(input_file.os, "preadv", truncating_preadv)
     out = tmp_path / "out"
-    args = dict(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out, device="cpu", quiet=True)
+    args = dict(
+        base=tmp_path / "base",
+        tuned=tmp_path / "tuned",
+        instruct=tmp_path / "instruct",
+        output=out,
+        device="cpu",
+        quiet=True,
+    )
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors.*(truncated|changed)"):
         graftcore.graft(**args, chunk_size=256)
     assert not (out / "graftcore.json").exists()
@@ -203,9 +251,27 @@ r.os.preadv = cut
 from graftcore.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-    run = subprocess.run([sys.executable, "-c", probe, "merge", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
-                          "--instruct", str(tmp_path / "instruct"), "--output", str(tmp_path / "out"), "--device", "cpu", "--quiet"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            "merge",
+            "--base",
+            str(tmp_path / "base"),
+            "--tuned",
+            str(tmp_path / "tuned"),
+            "--instruct",
+            str(tmp_path / "instruct"),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and str(victim) in lines[0] and "Traceback" not in run.stderr
@@ -218,7 +284,14 @@ def test_timings_say_where_the_time_went(tmp_path):
     for role, sd in (("base", base), ("tuned", tuned), ("instruct", instruct)):
         write_checkpoint(tmp_path / role, sd)
     out = tmp_path / "out"
-    graftcore.graft(base=tmp_path / "base", tuned=tmp_path / "tuned", instruct=tmp_path / "instruct", output=out, device="cpu", quiet=True)
+    graftcore.graft(
+        base=tmp_path / "base",
+        tuned=tmp_path / "tuned",
+        instruct=tmp_path / "instruct",
+        output=out,
+        device="cpu",
+        quiet=True,
+    )
     timings = json.loads((out / "graftcore.json").read_text())["timings"]
     for key in ("compute", "wait_input", "wait_writer", "write", "fsync", "read_base", "read_tuned", "read_instruct"):
         assert key in timings and timings[key] >= 0, key

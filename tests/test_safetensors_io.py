@@ -11,11 +11,20 @@ from graftcore.safetensors_io import ShardWriter, read_header
 
 
 def test_writer_output_loads_with_safetensors_and_is_aligned(tmp_path):
-    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(9).half(),
-               "d": torch.tensor([True, False]), "e": torch.randn(2, 2)}
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(9).half(),
+        "d": torch.tensor([True, False]),
+        "e": torch.randn(2, 2),
+    }
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())
     codes = {torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16", torch.bool: "BOOL", torch.float32: "F32"}
-    w = ShardWriter(tmp_path / "x.safetensors", [(n, codes[tensors[n].dtype], tuple(tensors[n].shape)) for n in order], {"format": "pt"})
+    w = ShardWriter(
+        tmp_path / "x.safetensors",
+        [(n, codes[tensors[n].dtype], tuple(tensors[n].shape)) for n in order],
+        {"format": "pt"},
+    )
     for n in order:
         w.append(tensors[n])
     assert not (tmp_path / "x.safetensors").exists() and (tmp_path / "x.safetensors.partial").exists()
@@ -55,6 +64,7 @@ def test_element_reads_match_reference_library(tmp_path):
 def test_metadata_must_be_strings(tmp_path):
     import json
     import struct
+
     raw = json.dumps({"__metadata__": {"a": 1}}).encode()
     (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
     with pytest.raises(CheckpointError, match="__metadata__"):
@@ -68,7 +78,8 @@ def test_a_name_given_twice_is_refused_as_the_reference_parser_refuses_it(tmp_pa
     import struct
 
     name = "model.layers.0.self_attn.q_proj.weight"
-    raw = ('{"%s": {"dtype": "NOPE"}, "%s": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}' % (name, name)).encode()
+    raw = f'{{"{name}": {{"dtype": "NOPE"}}, "{name}": {{"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}}}'
+    raw = raw.encode()
     path = tmp_path / "tuned" / "model.safetensors"
     path.parent.mkdir()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
@@ -81,7 +92,19 @@ def test_a_name_given_twice_is_refused_as_the_reference_parser_refuses_it(tmp_pa
     for role in ("base", "instruct"):
         (tmp_path / role).mkdir()
         (tmp_path / role / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
-    code, _, err = cli("merge", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--instruct",
-                       tmp_path / "instruct", "--output", tmp_path / "out", "--quiet")
-    assert code == 2 and f"header names '{name}' twice" in err and str(path) in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli(
+        "merge",
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert (
+        code == 2 and f"header names '{name}' twice" in err and str(path) in err and len(err.strip().splitlines()) == 1
+    ), err
     assert not (tmp_path / "out").exists()

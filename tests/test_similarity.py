@@ -76,16 +76,20 @@ def family(tmp_path):
     base = llama_tensors(1)
     instruct = llama_tensors(5, torch.float16, noise=5e-3)
     tuned = [llama_tensors(2, torch.float32, noise=2e-3), llama_tensors(3, noise=8e-3)]
-    paths = {"base": write_checkpoint(tmp_path / "base", base, 1), "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2),
-             "tuned": [write_checkpoint(tmp_path / "t1", tuned[0], 3), write_checkpoint(tmp_path / "t2", tuned[1], 2)]}
+    paths = {
+        "base": write_checkpoint(tmp_path / "base", base, 1),
+        "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2),
+        "tuned": [write_checkpoint(tmp_path / "t1", tuned[0], 3), write_checkpoint(tmp_path / "t2", tuned[1], 2)],
+    }
     return paths, base, instruct, tuned
 
 
 @pytest.mark.parametrize("chunk", [None, 1000])
 def test_every_tensor_and_every_aggregate_against_float64(family, chunk):
     paths, base, instruct, tuned = family
-    report = graftcore.similarity(base=paths["base"], instruct=paths["instruct"], tuned=paths["tuned"], quiet=True,
-                                  chunk_size=chunk)
+    report = graftcore.similarity(
+        base=paths["base"], instruct=paths["instruct"], tuned=paths["tuned"], quiet=True, chunk_size=chunk
+    )
     assert report.roles == ["instruct", "tuned", "tuned2"]
     assert [t.name for t in report.tensors] == list(load_folder(paths["instruct"]))  # every tensor, Instruct's order
     xs = {"instruct": instruct, "tuned": tuned[0], "tuned2": tuned[1]}
@@ -121,8 +125,12 @@ def test_tight_read_buffers_do_not_stall(family):
     paths, base, instruct, tuned = family
     got = []
     kw = dict(base=paths["base"], instruct=paths["instruct"], tuned=paths["tuned"], quiet=True)
-    run = threading.Thread(target=lambda: got.append(graftcore.similarity(
-        **kw, chunk_size=512, read_buffer="4KiB", read_depth=2, read_workers=1)), daemon=True)
+    run = threading.Thread(
+        target=lambda: got.append(
+            graftcore.similarity(**kw, chunk_size=512, read_buffer="4KiB", read_depth=2, read_workers=1)
+        ),
+        daemon=True,
+    )
     run.start()
     run.join(60)
     assert got, "similarity stalled"
@@ -142,7 +150,9 @@ def test_identical_and_sign_flipped_pairs(tmp_path):
         for s in [report.model, *report.tensors]:
             m = s.metrics("instruct")
             assert m["sigma"] == 0 and m["rel_l2"] == 0, s.name
-            assert m["cosine"] == pytest.approx(1, abs=1e-12) if s.name != "model.zeros" else math.isnan(m["cosine"]), s.name
+            assert m["cosine"] == pytest.approx(1, abs=1e-12) if s.name != "model.zeros" else math.isnan(m["cosine"]), (
+                s.name
+            )
     report = graftcore.similarity(base=b, instruct=flipped, quiet=True)
     for s in [report.model, *report.kinds.values(), *report.tensors]:
         if s.pairs["instruct"].sq_base == 0:  # model.zeros, and the kind "other" it alone makes
@@ -156,9 +166,12 @@ def test_grown_vocabulary_is_measured_over_the_shared_rows(tmp_path):
     base, tuned, instruct = llama_tensors(1), llama_tensors(2, noise=2e-3), llama_tensors(5, noise=5e-3)
     for n in ("model.embed_tokens.weight", "lm_head.weight"):  # 4 chat tokens added to the embedding and the head
         instruct[n] = torch.cat([instruct[n], torch.randn(4, 32).bfloat16()])
-    paths = [write_checkpoint(tmp_path / r, x, k) for k, (r, x) in enumerate((("b", base), ("t", tuned), ("i", instruct)), 1)]
-    report = graftcore.similarity(base=paths[0], tuned=paths[1], instruct=paths[2], output=tmp_path / "out", quiet=True,
-                                  chunk_size=700)
+    paths = [
+        write_checkpoint(tmp_path / r, x, k) for k, (r, x) in enumerate((("b", base), ("t", tuned), ("i", instruct)), 1)
+    ]
+    report = graftcore.similarity(
+        base=paths[0], tuned=paths[1], instruct=paths[2], output=tmp_path / "out", quiet=True, chunk_size=700
+    )
     by_name = {t.name: t for t in report.tensors}
     for n in ("model.embed_tokens.weight", "lm_head.weight"):
         assert instruct[n].shape[0] == 100 and by_name[n].rows == 96 and by_name[n].numel == base[n].numel()
@@ -168,11 +181,16 @@ def test_grown_vocabulary_is_measured_over_the_shared_rows(tmp_path):
     shared = [instruct[n][: base[n].shape[0]] for n in base]
     check_pair(report.model.metrics("instruct"), metrics(cat(shared), cat(list(base.values()))))
     doc = json.loads((tmp_path / "out" / "similarity.json").read_text())
-    assert doc["tensors"]["lm_head.weight"]["measured_rows"] == 96 and doc["tensors"]["lm_head.weight"]["shape"] == [100, 32]
+    assert doc["tensors"]["lm_head.weight"]["measured_rows"] == 96 and doc["tensors"]["lm_head.weight"]["shape"] == [
+        100,
+        32,
+    ]
 
     bad = dict(instruct, **{"lm_head.weight": torch.zeros(96, 40, dtype=torch.bfloat16)})  # another column count
     write_checkpoint(tmp_path / "bad", bad, 1)
-    with pytest.raises(graftcore.MismatchError, match=r"bad/model.safetensors: tensor 'lm_head.weight' is \[96, 40\] in Instruct"):
+    with pytest.raises(
+        graftcore.MismatchError, match=r"bad/model.safetensors: tensor 'lm_head.weight' is \[96, 40\] in Instruct"
+    ):
         graftcore.similarity(base=paths[0], instruct=tmp_path / "bad", quiet=True)
 
 
@@ -183,7 +201,9 @@ def test_nan_in_an_input_is_a_note_and_null_in_json(tmp_path):
     report = graftcore.similarity(base=b, instruct=i, output=tmp_path / "out", quiet=True)
     by_name = {t.name: t for t in report.tensors}
     assert math.isnan(by_name["model.layers.1.mlp.up_proj.weight"].metrics("instruct")["sigma"])
-    assert math.isnan(report.model.metrics("instruct")["sigma"]) and not math.isnan(report.layers[0].metrics("instruct")["sigma"])
+    assert math.isnan(report.model.metrics("instruct")["sigma"]) and not math.isnan(
+        report.layers[0].metrics("instruct")["sigma"]
+    )
     assert "model.layers.1.mlp.up_proj.weight: NaN/Inf in instruct or base; its metrics are NaN" in report.notes
     doc = json.loads((tmp_path / "out" / "similarity.json").read_text())
     assert doc["tensors"]["model.layers.1.mlp.up_proj.weight"]["pairs"]["instruct"]["sigma"] is None
@@ -191,11 +211,21 @@ def test_nan_in_an_input_is_a_note_and_null_in_json(tmp_path):
 
 def test_json_png_and_the_missing_matplotlib(family, tmp_path, monkeypatch):
     paths, base, instruct, tuned = family
-    report = graftcore.similarity(base=paths["base"], instruct=paths["instruct"], tuned=paths["tuned"][0],
-                                  output=tmp_path / "out", quiet=True, targets="projections")
+    report = graftcore.similarity(
+        base=paths["base"],
+        instruct=paths["instruct"],
+        tuned=paths["tuned"][0],
+        output=tmp_path / "out",
+        quiet=True,
+        targets="projections",
+    )
     doc = json.loads((tmp_path / "out" / "similarity.json").read_text())
     assert doc["graftcore_version"] == graftcore.__version__ and doc["seconds"] >= 0
-    assert doc["inputs"]["base"] == {"ref": str(paths["base"]), "revision": None, "fingerprint": doc["inputs"]["base"]["fingerprint"]}
+    assert doc["inputs"]["base"] == {
+        "ref": str(paths["base"]),
+        "revision": None,
+        "fingerprint": doc["inputs"]["base"]["fingerprint"],
+    }
     assert doc["options"]["targets"] == "projections" and list(doc["inputs"]) == ["instruct", "base", "tuned"]
     assert sorted(doc["tensors"]) == sorted(n for n in base if kind_of(n) in PROJ)  # the rest: not selected
     assert {s["name"] for s in doc["skipped"]} == {n for n in base if kind_of(n) not in PROJ}
@@ -216,10 +246,14 @@ def test_json_png_and_the_missing_matplotlib(family, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     (tmp_path / "no-plot").mkdir()
     (tmp_path / "no-plot" / "similarity.png").write_bytes(png)  # an earlier run's: stale beside the new JSON
-    report = graftcore.similarity(base=paths["base"], instruct=paths["instruct"], output=tmp_path / "no-plot", quiet=True)
+    report = graftcore.similarity(
+        base=paths["base"], instruct=paths["instruct"], output=tmp_path / "no-plot", quiet=True
+    )
     assert report.png_path is None and not (tmp_path / "no-plot" / "similarity.png").exists()
     assert (tmp_path / "no-plot" / "similarity.json").exists()
-    assert [n for n in report.notes if "matplotlib" in n] == ["matplotlib is not installed: no similarity.png (pip install 'graftcore[plot]')"]
+    assert [n for n in report.notes if "matplotlib" in n] == [
+        "matplotlib is not installed: no similarity.png (pip install 'graftcore[plot]')"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +263,17 @@ def hf_models(tmp_path_factory):
     pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False, attention_bias=True)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    )
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -241,8 +283,13 @@ def hf_models(tmp_path_factory):
     model.save_pretrained(root / "base")
     with torch.no_grad():
         sd = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        write_checkpoint(root / "instruct", {n: (p.float() + 0.01 * torch.randn(p.shape, generator=g)).to(torch.bfloat16) for n, p in sd.items()})
-        write_checkpoint(root / "full", {n: p.float() + 0.004 * torch.randn(p.shape, generator=g) for n, p in sd.items()}, 2)
+        write_checkpoint(
+            root / "instruct",
+            {n: (p.float() + 0.01 * torch.randn(p.shape, generator=g)).to(torch.bfloat16) for n, p in sd.items()},
+        )
+        write_checkpoint(
+            root / "full", {n: p.float() + 0.004 * torch.randn(p.shape, generator=g) for n, p in sd.items()}, 2
+        )
     return root
 
 
@@ -252,13 +299,23 @@ def test_a_full_fine_tune_and_a_peft_adapter(hf_models, tmp_path):
     from test_lora import make_adapter  # the PEFT adapter maker the LoRA tests use
 
     root = hf_models
-    adapter = make_adapter(root / "base", tmp_path / "lora", r=4, lora_alpha=8,
-                           target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
-    report = graftcore.similarity(base=root / "base", instruct=root / "instruct", tuned=[root / "full", adapter],
-                                  quiet=True, chunk_size=500)
+    adapter = make_adapter(
+        root / "base",
+        tmp_path / "lora",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+    )
+    report = graftcore.similarity(
+        base=root / "base", instruct=root / "instruct", tuned=[root / "full", adapter], quiet=True, chunk_size=500
+    )
     base, instruct, full = (load_folder(root / x) for x in ("base", "instruct", "full"))
     # T - B of the adapter, plainly in float64: s * (B @ A) ((B @ A).T for an embedding), its lm_head, else 0
-    factors = {k.removeprefix("base_model.model."): v.double() for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    factors = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+    }
     lora = {}
     for n, b in base.items():
         module = n.removesuffix(".weight")
@@ -271,7 +328,9 @@ def test_a_full_fine_tune_and_a_peft_adapter(hf_models, tmp_path):
         else:
             delta = torch.zeros(b.shape, dtype=torch.float64)
         lora[n] = b.double() + delta
-    assert sum(bool((lora[n] != base[n].double()).any()) for n in base) == 2 * 3 + 2  # 3 modules x 2 layers, embed, head
+    assert (
+        sum(bool((lora[n] != base[n].double()).any()) for n in base) == 2 * 3 + 2
+    )  # 3 modules x 2 layers, embed, head
     by_name = {t.name: t for t in report.tensors}
     assert by_name["model.embed_tokens.weight"].dtypes["tuned2"] == "lora"
     assert by_name["lm_head.weight"].dtypes["tuned2"] == "F32"
@@ -283,9 +342,12 @@ def test_a_full_fine_tune_and_a_peft_adapter(hf_models, tmp_path):
         else:
             assert by_name[n].metrics("tuned2")["ratio"] == pytest.approx(ratio(lora[n], instruct[n], b), rel=1e-5), n
     names = list(base)
-    check_pair(report.model.metrics("tuned2"), metrics(cat([lora[n] for n in names]), cat([base[n] for n in names])), rel=1e-5)
+    check_pair(
+        report.model.metrics("tuned2"), metrics(cat([lora[n] for n in names]), cat([base[n] for n in names])), rel=1e-5
+    )
     assert report.model.metrics("tuned")["ratio"] == pytest.approx(
-        ratio(cat([full[n] for n in names]), cat([instruct[n] for n in names]), cat([base[n] for n in names])), rel=1e-6)
+        ratio(cat([full[n] for n in names]), cat([instruct[n] for n in names]), cat([base[n] for n in names])), rel=1e-6
+    )
 
     dora = make_adapter(root / "base", tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
     with pytest.raises(graftcore.AdapterError, match="DoRA.*does not measure DoRA updates yet"):
@@ -301,7 +363,9 @@ def test_bad_calls_are_one_line_errors(family, tmp_path):
     with pytest.raises(graftcore.GraftError, match="no tensor to measure"):
         graftcore.similarity(base=paths["base"], instruct=paths["instruct"], include="nothing-matches", quiet=True)
     lacking = write_checkpoint(tmp_path / "lacking", {n: t for n, t in tuned[0].items() if "norm" not in n}, 1)
-    with pytest.raises(graftcore.MismatchError, match="tensor 'model.layers.0.input_layernorm.weight' is in base but not in tuned"):
+    with pytest.raises(
+        graftcore.MismatchError, match="tensor 'model.layers.0.input_layernorm.weight' is in base but not in tuned"
+    ):
         graftcore.similarity(base=paths["base"], instruct=paths["instruct"], tuned=lacking, quiet=True)
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(graftcore.OutputError, match="a-file: exists and is not a folder"):
@@ -310,23 +374,43 @@ def test_bad_calls_are_one_line_errors(family, tmp_path):
 
 def test_cli_table_and_exit_codes(family, tmp_path, cli):
     paths, base, instruct, tuned = family
-    code, out, err = cli("similarity", "--base", paths["base"], "--instruct", paths["instruct"], "--tuned", paths["tuned"][0],
-                         "--tuned", paths["tuned"][1], "--quiet")
+    code, out, err = cli(
+        "similarity",
+        "--base",
+        paths["base"],
+        "--instruct",
+        paths["instruct"],
+        "--tuned",
+        paths["tuned"][0],
+        "--tuned",
+        paths["tuned"][1],
+        "--quiet",
+    )
     assert code == 0, err
     header, first, *rest = out.splitlines()
-    assert header.split()[:5] == ["tensors", "params", "σ(I,B)", "‖I-B‖/‖B‖", "cos(I,B)"] and "‖tuned2-B‖/‖I-B‖" in header
+    assert (
+        header.split()[:5] == ["tensors", "params", "σ(I,B)", "‖I-B‖/‖B‖", "cos(I,B)"] and "‖tuned2-B‖/‖I-B‖" in header
+    )
     assert first.split()[:2] == ["model", str(len(base))]  # the whole model first,
     labels = [r.split()[0] for r in rest]
     assert labels[: labels.index("layer")] == [k for k in (*PROJ, "embed", "lm_head", "norm") if k in labels]  # kinds,
-    assert [" ".join(r.split()[:2]) for r in rest if r.startswith(("layer", "no layer"))] == ["layer 0", "layer 1", "no layer"]
-    sigma = graftcore.similarity(base=paths["base"], instruct=paths["instruct"], quiet=True).model.metrics("instruct")["sigma"]
+    assert [" ".join(r.split()[:2]) for r in rest if r.startswith(("layer", "no layer"))] == [
+        "layer 0",
+        "layer 1",
+        "no layer",
+    ]
+    sigma = graftcore.similarity(base=paths["base"], instruct=paths["instruct"], quiet=True).model.metrics("instruct")[
+        "sigma"
+    ]
     assert first.split()[3] == f"{100 * sigma:.3f}%"
 
     broken = dict(base, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(64, 31, dtype=torch.bfloat16)})
     write_checkpoint(tmp_path / "broken", broken, 1)
     code, out, err = cli("similarity", "--base", tmp_path / "broken", "--instruct", paths["instruct"], "--quiet")
     assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
-    assert "model.layers.1.mlp.up_proj.weight" in err and str(paths["instruct"]) in err and str(tmp_path / "broken") in err
+    assert (
+        "model.layers.1.mlp.up_proj.weight" in err and str(paths["instruct"]) in err and str(tmp_path / "broken") in err
+    )
 
 
 def test_a_bad_input_is_refused_before_torch_loads(family, tmp_path):
@@ -334,12 +418,15 @@ def test_a_bad_input_is_refused_before_torch_loads(family, tmp_path):
     paths, base, instruct, tuned = family
     broken = dict(base, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(64, 31, dtype=torch.bfloat16)})
     write_checkpoint(tmp_path / "broken", broken, 1)
-    code = ("import sys, graftcore\n"
-            "try:\n"
-            f"    graftcore.similarity(base={str(tmp_path / 'broken')!r}, instruct={str(paths['instruct'])!r}, quiet=True)\n"
-            "except graftcore.MismatchError as e:\n"
-            "    print('refused:', e)\n"
-            "print('torch loaded:', 'torch' in sys.modules)\n")
+    code = (
+        "import sys, graftcore\n"
+        "try:\n"
+        f"    graftcore.similarity(base={str(tmp_path / 'broken')!r}, instruct={str(paths['instruct'])!r}, "
+        "quiet=True)\n"
+        "except graftcore.MismatchError as e:\n"
+        "    print('refused:', e)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     refused, loaded = run.stdout.splitlines()
@@ -359,10 +446,27 @@ def test_hub_inputs_resolve_as_for_merge(family, tmp_path):
         commits = {role: hub.add_folder(f"org/{role}", paths[role]) for role in ("base", "instruct")}
         commits["tuned"] = hub.add_folder("org/tuned", paths["tuned"][0])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-        env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_DISABLE_TELEMETRY="1",
-                   HF_ENDPOINT=hub.url)
-        cmd = [sys.executable, "-m", "graftcore", "similarity", "--base", "org/base", "--instruct",
-               f"org/instruct@{commits['instruct']}", "--tuned", "org/tuned", "--output", str(tmp_path / "out"), "--quiet"]
+        env.update(
+            HF_HOME=str(tmp_path / "hf-home"),
+            HF_HUB_CACHE=str(tmp_path / "cache"),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_ENDPOINT=hub.url,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "graftcore",
+            "similarity",
+            "--base",
+            "org/base",
+            "--instruct",
+            f"org/instruct@{commits['instruct']}",
+            "--tuned",
+            "org/tuned",
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     finally:
         hub.stop()
@@ -371,7 +475,9 @@ def test_hub_inputs_resolve_as_for_merge(family, tmp_path):
     assert {role: doc["inputs"][role]["revision"] for role in commits} == commits
     assert doc["inputs"]["instruct"]["ref"] == f"org/instruct@{commits['instruct']}"
     names = list(base)
-    check_pair(doc["model"]["pairs"]["tuned"], metrics(cat([tuned[0][n] for n in names]), cat([base[n] for n in names])))
+    check_pair(
+        doc["model"]["pairs"]["tuned"], metrics(cat([tuned[0][n] for n in names]), cat([base[n] for n in names]))
+    )
     assert run.stdout.splitlines()[1].split()[0] == "model"
 
 
@@ -433,6 +539,8 @@ def test_norms_of_huge_and_tiny_weights_are_exact(tmp_path, scale):
 def test_output_inside_an_input_folder_is_refused(family, cli):
     paths, *_ = family
     for out in (paths["instruct"], paths["base"] / "analysis"):
-        code, stdout, err = cli("similarity", "--base", paths["base"], "--instruct", paths["instruct"], "--output", out, "--quiet")
+        code, stdout, err = cli(
+            "similarity", "--base", paths["base"], "--instruct", paths["instruct"], "--output", out, "--quiet"
+        )
         assert code == 2 and "input's folder" in err and len(err.strip().splitlines()) == 1, err
     assert not (paths["instruct"] / "similarity.json").exists() and not (paths["base"] / "analysis").exists()

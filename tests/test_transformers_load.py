@@ -6,8 +6,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def test_output_loads_and_logits_match_reference(tmp_path, cli):
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base = {k: v.bfloat16() for k, v in LlamaForCausalLM(config).state_dict().items()}
     g = torch.Generator().manual_seed(1)
@@ -18,8 +26,18 @@ def test_output_loads_and_logits_match_reference(tmp_path, cli):
     instruct_dir = write_checkpoint(tmp_path / "instruct", instruct, 3)
     config.dtype = "bfloat16"
     config.save_pretrained(instruct_dir)
-    code, _, err = cli("merge", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--instruct", instruct_dir,
-                       "--output", tmp_path / "out", "--quiet")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--instruct",
+        instruct_dir,
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert code == 0, err
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).eval()

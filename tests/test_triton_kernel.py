@@ -68,8 +68,10 @@ def assert_same_bits(got, want):
     ok = got.view(INT_VIEW[got.dtype]) == want.view(INT_VIEW[want.dtype])
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
-        raise AssertionError(f"{bad.numel()} of {got.numel()} differ, first at {bad[:4].tolist()}: "
-                             f"{got[bad[:4]].tolist()} vs {want[bad[:4]].tolist()}")
+        raise AssertionError(
+            f"{bad.numel()} of {got.numel()} differ, first at {bad[:4].tolist()}: "
+            f"{got[bad[:4]].tolist()} vs {want[bad[:4]].tolist()}"
+        )
 
 
 def run_both(i, t, b, out_dtype, alpha=1.0):
@@ -193,8 +195,26 @@ def float32_edge_cases():
     values = torch.cat([bits, fp16_bits]).to(torch.int64)
     values = torch.where(values >= 1 << 31, values - (1 << 32), values).to(torch.int32).view(FP32)
     k = torch.arange(1, 1 << 12, 2, dtype=torch.float64)  # odd multiples of 2^-25: ties between fp16 subnormals
-    special = torch.tensor([65504.0, 65519.99, 65520.0, -65520.0, 2**-24, 2**-25, 3 * 2**-26, 3.3895314e38,
-                            3.4028235e38, -3.4028235e38, 1e-45, -1e-45, 0.0, -0.0, float("inf"), -float("inf")])
+    special = torch.tensor(
+        [
+            65504.0,
+            65519.99,
+            65520.0,
+            -65520.0,
+            2**-24,
+            2**-25,
+            3 * 2**-26,
+            3.3895314e38,
+            3.4028235e38,
+            -3.4028235e38,
+            1e-45,
+            -1e-45,
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+        ]
+    )
     return torch.cat([values, (k * 2**-25).float(), (-k * 2**-25).float(), special.float()])
 
 

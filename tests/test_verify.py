@@ -25,18 +25,31 @@ def merged(tmp_path):
     instruct = llama_tensors(4, noise=5e-3)
     instruct["lm_head.weight"] = llama_tensors(4, vocab=100, noise=5e-3)["lm_head.weight"]
     instruct["position_ids"] = torch.arange(7)  # copied byte for byte
-    paths = {"base": write_checkpoint(tmp_path / "base", base), "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2),
-             "tuned": [write_checkpoint(tmp_path / "t1", tuned[0], 3), write_checkpoint(tmp_path / "t2", tuned[1])]}
+    paths = {
+        "base": write_checkpoint(tmp_path / "base", base),
+        "instruct": write_checkpoint(tmp_path / "instruct", instruct, 2),
+        "tuned": [write_checkpoint(tmp_path / "t1", tuned[0], 3), write_checkpoint(tmp_path / "t2", tuned[1])],
+    }
     out = tmp_path / "out"
-    graftcore.graft(base=paths["base"], tuned=paths["tuned"], alpha=[0.5, 1.5], instruct=paths["instruct"], output=out,
-                    quiet=True, chunk_size=700, exclude=["norm"])
+    graftcore.graft(
+        base=paths["base"],
+        tuned=paths["tuned"],
+        alpha=[0.5, 1.5],
+        instruct=paths["instruct"],
+        output=out,
+        quiet=True,
+        chunk_size=700,
+        exclude=["norm"],
+    )
     return out, paths, tuned
 
 
 def test_a_fresh_merge_verifies_with_recomputed_chunks(merged, cli):
     out, *_ = merged
     report = graftcore.verify(out, recompute=12, seed=3)
-    assert report.shards == 2 and report.tensors == len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert report.shards == 2 and report.tensors == len(
+        json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     assert report.chunks_recomputed == 12 + 2 * 2 and report.within_ulp == 0
     code, stdout, err = cli("verify", out, "--recompute", "4")
     assert code == 0 and "verified" in stdout and "8 chunk(s) recomputed from the inputs: 8 bit-exact" in stdout, err
@@ -55,7 +68,9 @@ def test_verify_recomputes_lora_and_copies(tmp_path):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "instruct")
-    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    adapter = make_adapter(
+        tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+    )
     graftcore.graft(tuned=adapter, instruct=tmp_path / "instruct", output=tmp_path / "out", quiet=True, chunk_size=64)
     report = graftcore.verify(tmp_path / "out", recompute=30, seed=1)
     assert report.chunks_recomputed == 32
@@ -67,7 +82,9 @@ def test_the_files_check_needs_no_torch(merged):
     out, *_ = merged
     code = "import sys; from graftcore.cli import main; code = main(sys.argv[1:]); print(code, 'torch' in sys.modules)"
     for extra, loaded in (([], "False"), (["--recompute", "1"], "True")):
-        run = subprocess.run([sys.executable, "-c", code, "verify", str(out), *extra], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", code, "verify", str(out), *extra], capture_output=True, text=True, timeout=120
+        )
         assert run.stdout.split()[-2:] == ["0", loaded], run.stdout + run.stderr
 
 
@@ -107,7 +124,11 @@ def test_edited_index(merged, cli):
     index = out / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
     name = "model.layers.0.mlp.up_proj.weight"
-    doc["weight_map"][name] = "model-00002-of-00002.safetensors" if doc["weight_map"][name].startswith("model-00001") else "model-00001-of-00002.safetensors"
+    doc["weight_map"][name] = (
+        "model-00002-of-00002.safetensors"
+        if doc["weight_map"][name].startswith("model-00001")
+        else "model-00001-of-00002.safetensors"
+    )
     index.write_text(json.dumps(doc))
     assert_fails(cli, out, f"maps tensor {name!r}")
     del doc["weight_map"][name]
@@ -151,7 +172,9 @@ def test_recompute_compares_bits(merged, cli):
     (out / "graftcore.json").write_text(json.dumps(doc))
     code, _, err = cli("verify", out)
     assert code == 0, err
-    err = assert_fails(cli, out, "the bytes differ from what the recorded inputs give now", "--recompute", "1", "--seed", "0")
+    err = assert_fails(
+        cli, out, "the bytes differ from what the recorded inputs give now", "--recompute", "1", "--seed", "0"
+    )
     assert str(shard) in err and "tensor" in err
 
 
@@ -170,7 +193,18 @@ def test_verify_from_another_folder_finds_relative_inputs(tmp_path, cli, monkeyp
     write_checkpoint(tmp_path / "work" / "demo" / "tuned", tuned)
     write_checkpoint(tmp_path / "work" / "demo" / "instruct", llama_tensors(3, noise=5e-3))
     monkeypatch.chdir(tmp_path / "work")
-    code, _, err = cli("merge", "--base", "demo/base", "--tuned", "demo/tuned", "--instruct", "demo/instruct", "--output", "out", "--quiet")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        "demo/base",
+        "--tuned",
+        "demo/tuned",
+        "--instruct",
+        "demo/instruct",
+        "--output",
+        "out",
+        "--quiet",
+    )
     assert code == 0, err
     monkeypatch.chdir(tmp_path)
     code, stdout, err = cli("verify", "work/out", "--recompute", "3")
@@ -202,7 +236,9 @@ MANIFEST_EDITS = {
     "file_states a string": lambda d: d["inputs"]["base"].__setitem__("file_states", "abc"),
     "role renamed": lambda d: d["inputs"].__setitem__("tunedX", d["inputs"].pop("tuned2")),
     "chunk of 10**15": lambda d: d["options"].__setitem__("chunk_size", 10**15),
-    "shard outside the folder": lambda d: d["shards"].__setitem__("../base/model.safetensors", d["shards"].pop(first_shard(d))),
+    "shard outside the folder": lambda d: d["shards"].__setitem__(
+        "../base/model.safetensors", d["shards"].pop(first_shard(d))
+    ),
 }
 
 
@@ -243,7 +279,9 @@ def test_a_manifest_that_is_a_fifo_or_dev_zero(merged):
     for make in (lambda: os.mkfifo(manifest), lambda: os.symlink("/dev/zero", manifest)):
         manifest.unlink()
         make()
-        run = subprocess.run([sys.executable, "-m", "graftcore", "verify", str(out)], capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [sys.executable, "-m", "graftcore", "verify", str(out)], capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 2 and "not a regular file" in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
 
@@ -324,8 +362,18 @@ def test_recompute_is_capped_at_the_distinct_chunks(merged):
         assert report.chunks_recomputed == min(k + 2 * 2, total), k
 
 
-@pytest.mark.parametrize("args", [dict(recompute=-3), dict(recompute="3"), dict(recompute=True), dict(seed="x"),
-                                  dict(output=b"/tmp/out"), dict(output=5), dict(tokn="x")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(recompute=-3),
+        dict(recompute="3"),
+        dict(recompute=True),
+        dict(seed="x"),
+        dict(output=b"/tmp/out"),
+        dict(output=5),
+        dict(tokn="x"),
+    ],
+)
 def test_bad_arguments_to_verify(merged, args):
     out, *_ = merged
     kwargs = {"output": out, **args}

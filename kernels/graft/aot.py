@@ -42,9 +42,17 @@ def compile_graft(
     kind, out_type = OUT_KIND[out_dtype]
     pointers = {"out_ptr": out_type, "i_ptr": i_type, "b_ptr": b_type, "counts_ptr": "*i64"}
     pointers.update({f"t{k + 1}_ptr": t_types[k] if k < n else b_type for k in range(MAX_DELTAS)})
-    signature = {a: pointers.get(a) or ("i64" if a == "n_elements" else "fp32" if a.startswith("alpha") else "constexpr") for a in names}
-    constants = {"N_DELTAS": n, "OUT_KIND": kind, "BLOCK_SIZE": block, "I_BF16_BITS": in_dtypes[0] == "bfloat16",
-                 "B_BF16_BITS": in_dtypes[1] == "bfloat16"}
+    signature = {
+        a: pointers.get(a) or ("i64" if a == "n_elements" else "fp32" if a.startswith("alpha") else "constexpr")
+        for a in names
+    }
+    constants = {
+        "N_DELTAS": n,
+        "OUT_KIND": kind,
+        "BLOCK_SIZE": block,
+        "I_BF16_BITS": in_dtypes[0] == "bfloat16",
+        "B_BF16_BITS": in_dtypes[1] == "bfloat16",
+    }
     for k in range(MAX_DELTAS):
         constants[f"ALPHA{k + 1}_IS_ONE"] = k >= n or alphas[min(k, len(alphas) - 1)] == 1.0
         constants[f"T{k + 1}_BF16_BITS"] = k < n and t_types[k] == "*i16"

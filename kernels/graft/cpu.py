@@ -11,7 +11,8 @@ agree on every path, and one delta gives `I + a*(T - B)` exactly as before.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -43,7 +44,7 @@ class NonFinite(NamedTuple):
     def __bool__(self) -> bool:
         return any(self)
 
-    def plus(self, other: "NonFinite") -> "NonFinite":
+    def plus(self, other: NonFinite) -> NonFinite:
         return NonFinite(*(a + b for a, b in zip(self, other)))
 
 
@@ -84,7 +85,8 @@ def graft_cpu(
         NonFinite(deltas=0, overflow=0, instruct=0)
         >>> o
         tensor([2., 2., 2., 2.], dtype=torch.bfloat16)
-        >>> bool(graft_cpu(o, torch.ones(4), [torch.full((4,), 3.0), torch.full((4,), 4.0)], torch.full((4,), 2.0), [1.0, 0.5]))
+        >>> tuned = [torch.full((4,), 3.0), torch.full((4,), 4.0)]
+        >>> bool(graft_cpu(o, torch.ones(4), tuned, torch.full((4,), 2.0), [1.0, 0.5]))
         False
         >>> o
         tensor([3., 3., 3., 3.], dtype=torch.bfloat16)
@@ -121,7 +123,9 @@ def graft_cpu(
     return counts
 
 
-def round_into(out: torch.Tensor, acc: torch.Tensor, instruct: torch.Tensor, bad_delta: torch.Tensor | None) -> NonFinite:
+def round_into(
+    out: torch.Tensor, acc: torch.Tensor, instruct: torch.Tensor, bad_delta: torch.Tensor | None
+) -> NonFinite:
     """The one rounding, float32 `acc` -> `out`'s dtype (round-to-nearest-even), with the NaN policy and the
     NonFinite counts of this chunk (`bad_delta`: where some delta was NaN/Inf, or None). One min/max reduction
     flags the rare chunk whose result is not finite in the output dtype; only that one is looked at closely."""

@@ -26,7 +26,7 @@ are both round-to-nearest-even, subnormals and overflow to inf included (the tes
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -182,9 +182,7 @@ def triton_graft_kernel(
 
 # Keyed on nothing by name: Triton appends every tensor argument's dtype to the key, which is what
 # matters. Not keyed on n, so the choice is reused for every chunk size.
-_autotuned_kernel = triton.autotune(configs=AUTOTUNE_CONFIGS, key=[], reset_to_zero=["counts_ptr"])(
-    triton_graft_kernel
-)
+_autotuned_kernel = triton.autotune(configs=AUTOTUNE_CONFIGS, key=[], reset_to_zero=["counts_ptr"])(triton_graft_kernel)
 _tuned: set[tuple] = set()
 
 MAX_DELTAS = 4  # per launch; more deltas chain launches through an exact float32 partial sum
@@ -227,7 +225,9 @@ def _launch(out: torch.Tensor, instruct, tuned: list, base, counts: torch.Tensor
         for row, k in enumerate(steps):
             last = k + MAX_DELTAS >= len(tuned)
             source = instruct if k == 0 else partial
-            _launch(out if last else partial, source, tuned[k : k + MAX_DELTAS], base, rows[row], alphas[k : k + MAX_DELTAS])
+            _launch(
+                out if last else partial, source, tuned[k : k + MAX_DELTAS], base, rows[row], alphas[k : k + MAX_DELTAS]
+            )
         counts += torch.stack([rows[:, 0].sum(), rows[:, 1].sum(), rows[0, 2]])
         return
     n, k = out.numel(), len(tuned)
