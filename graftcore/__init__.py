@@ -7,8 +7,6 @@ Example:
     >>> report = graftcore.graft(base="base", tuned="sft", instruct="instruct", output="out")  # doctest: +SKIP
 """
 
-__version__ = "0.2.0"
-
 from .errors import (  # noqa: E402
     AdapterError,
     CheckpointError,
@@ -20,6 +18,7 @@ from .errors import (  # noqa: E402
     VerifyError,
 )
 from .options import MergeOptions  # noqa: E402
+from .version import __version__  # noqa: E402
 
 # loaded on first use (some import torch), so `graftcore --version` and `--help` start in a fraction of a second
 _LAZY = {
@@ -27,9 +26,9 @@ _LAZY = {
     "graft_tensor": "tensors",
     "graft_state_dict": "tensors",
     "open_checkpoint": "sources",
-    "Checkpoint": "sources",
-    "Report": "engine",
-    "Progress": "engine",
+    "Checkpoint": "checkpoint",
+    "Report": "report",
+    "Progress": "report",
     "Plan": "plan",
     "verify": "verification",
     "VerifyReport": "verification",

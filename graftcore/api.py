@@ -9,28 +9,21 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import __version__, interrupts
-from .devices import local_cuda_device, out_of_memory_is_an_error, select_compute
+from . import interrupts
+from .checkpoint import Checkpoint
+from .compute.devices import local_cuda_device, out_of_memory_is_an_error, select_compute
 from .distributed import joined_group, spawn_workers, write_output_distributed
 from .errors import GraftError
 from .inputs import Ref, check_output_outside_inputs, open_inputs
+from .job import job_fingerprint, write_output
 from .options import MergeOptions, option_fields
 from .output import OutputFolder
-from .plan import Plan, build_plan, entries_digest, plan_entries
-from .safetensors_io import planned_file_size
-from .sources import Checkpoint
-from .steps import files_depended_on, files_read
-
-if TYPE_CHECKING:
-    from .engine import Progress, Report  # torch: loaded once the inputs are planned (load_engine)
+from .plan import Plan, build_plan
+from .report import Progress, Report
 
 
 def graft(
@@ -100,11 +93,15 @@ def graft(
         error = e
     if group is not None:
         group.agree(error)  # every rank validated the same plan before any rank writes
+    if opts.dry_run:  # the plan described: no torch, no device chosen
+        report = Report(Path(output), opts.device, dry_run=True)
+        report.count(plan)
+        return report
     load_engine()
     workers = min(opts.workers, len(plan.shards))  # a worker per output shard at most
-    if group is None and workers > 1 and not opts.dry_run:  # the inputs are valid: start the processes
+    if group is None and workers > 1:  # the inputs are valid: start the processes
         args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
-        return spawn_workers(workers, {**args, "workers": 1}, log, progress)
+        return spawn_workers(graft, workers, {**args, "workers": 1}, log, progress)
     return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
 
 
@@ -124,18 +121,12 @@ def run_plan(
     progress=None,
     group=None,
 ) -> Report:
-    """Execute `plan` into `output` (or only describe it, for dry_run) with `compute` (default: per opts.device);
-    with `group` (distributed.Group), this rank's share of it."""
+    """Execute `plan` into `output` with `compute` (default: per opts.device); with `group` (distributed.Group),
+    this rank's share of it."""
     device = opts.device
     if group is not None and device in ("auto", "cuda"):
         device = local_cuda_device(group.local_rank) or device  # one GPU per local rank
     compute = compute or select_compute(device, opts.chunk_size, log)
-    from .engine import Report
-
-    if opts.dry_run:
-        report = Report(output, compute.name, dry_run=True)
-        report.count(plan)
-        return report
     check_output_outside_inputs(output, checkpoints)
     if group is not None:
         with out_of_memory_is_an_error(compute):
@@ -146,142 +137,3 @@ def run_plan(
             return write_output(plan, checkpoints, output, folder, opts, log, compute, progress)
     finally:
         folder.release()
-
-
-def write_output(
-    plan: Plan,
-    checkpoints: dict[str, Checkpoint],
-    output: Path,
-    folder: OutputFolder,
-    opts,
-    log,
-    compute,
-    progress=None,
-) -> Report:
-    """Claim `folder`, stream the plan into it, finalize it."""
-    sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
-    kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
-    if kept:
-        log(
-            f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge "
-            "(verified); resuming"
-        )
-    schedule_reads(plan, checkpoints, kept, output / ".graftcore-downloads")
-    from .engine import execute
-
-    with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
-        report = execute(plan, checkpoints, output, folder, opts, compute, kept, progress)
-        finish_output(plan, checkpoints, folder, opts, report)
-    return report
-
-
-def finish_output(
-    plan: Plan, checkpoints: dict[str, Checkpoint], folder: OutputFolder, opts: MergeOptions, report: Report
-) -> None:
-    """The index, Instruct's non-weight files and graftcore.json, once every shard is in `folder.finished`."""
-    for ck in checkpoints.values():  # e.g. the disk that --low-disk hub inputs took
-        report.notes += [n for n in ck.report_notes() if n not in report.notes]
-    instruct = checkpoints["instruct"]
-    index = None
-    if plan.write_index:
-        weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
-        index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
-    extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
-    interrupts.check()
-    folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
-
-
-def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str], scratch: Path) -> None:
-    """Tell each input the order in which the engine will open its shards (hub inputs download in that order,
-    ahead of the merge; --low-disk ones into `scratch/ROLE`). Shards in `kept` are not written."""
-    order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
-    for shard in plan.shards:
-        if shard.file not in kept:
-            for op in shard.ops:
-                for role, file in files_read(op):
-                    order.setdefault(role, {})[file] = None
-    for role, ck in checkpoints.items():
-        ck.schedule(list(order[role]), scratch / role)
-
-
-def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:
-    """Output shard -> a key of the job and of the state of every input file it is computed from."""
-    keys = {}
-    for shard in plan.shards:
-        files = {rf for op in shard.ops for rf in files_depended_on(op)}
-        state = sorted(f"{role}|{f}|{checkpoints[role].file_state(f)}" for role, f in files)
-        keys[shard.file] = hashlib.sha256(json.dumps([job, state]).encode()).hexdigest()
-    return keys
-
-
-def job_fingerprint(checkpoints: dict[str, Checkpoint], opts: MergeOptions) -> str:
-    """Same inputs and same bit-changing options -> same fingerprint (a rerun resumes)."""
-    doc = {"inputs": {r: c.fingerprint for r, c in sorted(checkpoints.items())}, "options": opts.bits_key()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> dict:
-    options = {k: v for k, v in asdict(opts).items() if k not in ("token", "dry_run", "quiet", "overwrite", "workers")}
-    return {
-        "graftcore_version": __version__,
-        "formula": formula(checkpoints, opts, report),
-        "inputs": {
-            role: {
-                "ref": ck.ref,
-                "revision": ck.revision,
-                "fingerprint": ck.fingerprint,
-                **local_path(ck),
-                **file_states(ck),
-            }
-            for role, ck in checkpoints.items()
-        },
-        "options": options,
-        "plan": {"tensors": len(report.plan.ops), "sha256": entries_digest(plan_entries(report.plan))},
-        "counts": {
-            "grafted": report.grafted,
-            "grafted_rows": report.grafted_rows,
-            "lora": report.lora,
-            "copied": report.copied,
-        },
-        "ignored": [{"name": name, "reason": reason} for name, reason in report.ignored],
-        "notes": report.notes,
-        "device": report.device,
-        "seconds": round(report.seconds, 3),
-        # seconds: compute, wait_input, wait_writer (compute thread), write (writer thread), fsync, read_ROLE (readers)
-        "timings": {k: round(v, 3) for k, v in report.timings.items()},
-        "reads": report.reads,  # per input: bytes read from the disk with O_DIRECT, and from the page cache
-    }
-
-
-def formula(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> str:
-    """The merge as graftcore.json states it, e.g. `instruct + 0.7 * (tuned - base) + 0.5 * lora(tuned2)`."""
-    roles = [r for r in checkpoints if r.startswith("tuned")]
-    adapters = report.plan.adapters if report.plan is not None else []
-    terms = [
-        f"{a:g} * lora({r})" if r in adapters else f"{a:g} * ({r} - base)"
-        for r, a in zip(roles, opts.alphas(len(roles)))
-    ]
-    text = "instruct + " + " + ".join(terms) + ", float32 math, terms added left to right, one rounding"
-    if adapters:
-        text += (
-            "; lora(adapter) = lora_alpha/r * (lora_B @ lora_A) for its LoRA tensors (DoRA as PEFT merges it), "
-            "tensor - base for full tensors it carries"
-        )
-    return text
-
-
-def file_states(ck: Checkpoint) -> dict:
-    """{"file_states": shard -> identity (device, inode, size, mtime, ctime) when the merge read it} of a local
-    input, for `graftcore verify --recompute` to refuse a file changed since; {} for a hub input (its commit
-    pins it)."""
-    states = {f: ck.file_state(f) for f in sorted(ck.identities) if ck.file_state(f)}
-    return {"file_states": states} if states and ck.revision is None else {}
-
-
-def local_path(ck: Checkpoint) -> dict:
-    """{"path": the absolute path} of a local input (its REF may be relative), for `graftcore verify` run from
-    anywhere; {} for a hub input."""
-    if ck.revision is not None:
-        return {}
-    path = Path(ck.ref).expanduser()
-    return {"path": str(path.resolve())} if path.exists() else {}

@@ -13,9 +13,10 @@ import signal
 import sys
 from dataclasses import MISSING
 
-from . import __version__, interrupts
+from . import interrupts
 from .errors import GraftError
 from .options import option_fields
+from .version import __version__
 
 
 class OneLineParser(argparse.ArgumentParser):

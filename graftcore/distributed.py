@@ -178,8 +178,8 @@ def assign(sizes: dict[str, int], kept: set[str], world: int) -> dict[str, int]:
 
 def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts, log, compute, progress=None):
     """This rank's share of the merge of `plan` into `output` (see the module docstring); returns its Report."""
-    from .api import finish_output, job_fingerprint, schedule_reads, shard_keys
     from .engine import execute
+    from .job import finish_output, job_fingerprint, schedule_reads, shard_keys
     from .output import OutputFolder
     from .safetensors_io import planned_file_size
 
@@ -293,7 +293,7 @@ class GroupProgress:
             self.bar.n = done
             self.bar.refresh()
         if self.callback is not None:
-            from .engine import Progress
+            from .report import Progress
 
             self.callback(Progress(done, self.total, *self.where))
 
@@ -305,10 +305,11 @@ class GroupProgress:
 # ---- --workers K: local processes ---------------------------------------------------------------------------
 
 
-def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
-    """`graft(**kwargs)` in `workers` local processes joined in a gloo group (torch.multiprocessing, a file
-    rendezvous); returns rank 0's Report (it counts the shards and bytes of all). Rank 0's log lines and progress
-    reach `log` and `progress` here, through the same queue; the first failure is raised as a GraftError.
+def spawn_workers(graft, workers: int, kwargs: dict, log=None, progress=None):
+    """`graft(**kwargs)` (api.graft, passed in: this layer imports no API) in `workers` local processes joined in
+    a gloo group (torch.multiprocessing, a file rendezvous); returns rank 0's Report (it counts the shards and
+    bytes of all). Rank 0's log lines and progress reach `log` and `progress` here, through the same queue; the
+    first failure is raised as a GraftError.
 
     torch.multiprocessing starts the workers with "spawn": a script calling this must guard its entry point with
     `if __name__ == "__main__":`, as for any multiprocessing program."""
@@ -321,7 +322,7 @@ def spawn_workers(workers: int, kwargs: dict, log=None, progress=None):
         messages = mp.get_context("spawn").SimpleQueue()
         context = mp.start_processes(
             _worker,
-            args=(workers, init, kwargs, messages, os.getpid()),
+            args=(graft, workers, init, kwargs, messages, os.getpid()),  # graft pickles by its name
             nprocs=workers,
             join=False,
             start_method="spawn",
@@ -376,7 +377,7 @@ def stop_workers(processes, drain, grace: float = 10.0) -> None:
         p.join()
 
 
-def _worker(index: int, world: int, init: str, kwargs: dict, messages, parent: int) -> None:
+def _worker(index: int, graft, world: int, init: str, kwargs: dict, messages, parent: int) -> None:
     """One --workers process: join the group, run graft, put ("done", rank, error or None, Report or None) on
     `messages`; rank 0 also forwards its log lines and the progress of all ranks. It stops as on SIGTERM (at its
     next step, its partial shard deleted) when the process `parent` that started it dies, even by SIGKILL."""
@@ -385,8 +386,6 @@ def _worker(index: int, world: int, init: str, kwargs: dict, messages, parent: i
     stop_with_parent(parent)
 
     import torch.distributed as dist
-
-    from .api import graft
 
     error, report = None, None
     forward = {}

@@ -17,76 +17,25 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import interrupts
+from .checkpoint import Checkpoint
 from .errors import NonFiniteError
 from .interrupts import POLL
 from .options import parse_size
-from .plan import Action, Ignored, Plan, TensorOp
+from .plan import Plan, TensorOp
 from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer, read_elements
+from .report import Progress, Report
 from .safetensors_io import ShardWriter, itemsize, torch_dtype
-from .sources import Checkpoint
 from .steps import Step, files_depended_on, op_inputs, op_steps
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 SMALL_RAW = 256 << 10  # bytes: a tensor copied unchanged below this is packed with its neighbours into one write
 DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
-
-
-@dataclass
-class Report:
-    """What a merge did: returned by `graftcore.graft`."""
-
-    output: Path
-    device: str
-    grafted: int = 0
-    grafted_rows: int = 0
-    lora: int = 0
-    copied: int = 0
-    shards_written: int = 0
-    shards_kept: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    ignored: list[Ignored] = field(default_factory=list)  # (name, reason) of tensors Instruct does not have
-    notes: list[str] = field(default_factory=list)
-    plan: object = None  # the Plan that was executed (or only described, for a dry run)
-    dry_run: bool = False
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_input, wait_writer, write, ...
-    reads: dict[str, dict[str, int]] = field(default_factory=dict)  # per input: bytes read direct / from the cache
-
-    def count(self, plan: Plan) -> None:
-        """Take the counts of tensors per action, the ignored tensors and the notes from `plan`."""
-        self.plan = plan
-        for op in plan.ops:
-            self.grafted += op.action is Action.GRAFT
-            self.grafted_rows += op.action is Action.GRAFT_ROWS
-            self.lora += op.action is Action.LORA
-            self.copied += op.action is Action.COPY
-        self.ignored = list(plan.ignored)
-        self.notes = list(plan.notes)
-
-    def summary(self) -> str:
-        """One line of counts, bytes and speed; for a dry run, the plan (what would be written)."""
-        if self.dry_run:
-            return f"{self.output}: dry run, nothing written\n" + self.plan.describe()
-        rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
-        parts = [f"{self.grafted} grafted"]
-        if self.grafted_rows:
-            parts.append(f"{self.grafted_rows} grafted on shared rows")
-        if self.lora:
-            parts.append(f"{self.lora} LoRA-merged")
-        parts.append(f"{self.copied} copied")
-        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
-        return (
-            f"{self.output}: {', '.join(parts)} tensors; {self.shards_written + self.shards_kept} shard(s){kept}, "
-            f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
-        )
 
 
 class WriterThread:
@@ -237,16 +186,6 @@ class ChunkSink:
             self.pool.put(buf)
 
 
-class Progress(NamedTuple):
-    """What `graft(..., progress=callback)` receives after every written piece: output bytes done and in all
-    (this run's: shards kept from an earlier run are not counted), the output shard and tensor being written."""
-
-    done: int
-    total: int
-    shard: str
-    tensor: str
-
-
 class ProgressBar:
     """The progress bar (tqdm, unless quiet) and the caller's progress callback, fed by the ChunkSink."""
 
@@ -265,64 +204,6 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-class CpuCompute:
-    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
-
-    Torch runs single-threaded while merging: the writer thread (pwrite + sha256) needs a core, and with
-    OpenMP threads spin-waiting beside it a 2-core machine ran 2x slower than with one compute thread.
-    """
-
-    name = "cpu"
-    pin_output = False
-    deferred = False  # NaN/Inf counts are known as soon as a chunk is computed
-
-    def __init__(self, chunk: int):
-        from .kernels import CpuScratch
-
-        self.chunk = chunk
-        self.scratch = CpuScratch(chunk)
-        self.counts: dict = {}  # tensor name -> kernels.NonFinite
-
-    def __enter__(self):
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self._threads)
-
-    def graft(self, out: torch.Tensor, i: torch.Tensor, tuned: list, b: torch.Tensor, alphas: list[float], name: str):
-        """`out = I + a1 * (T1 - B) + ...` now; returns None (nothing to wait for)."""
-        from .kernels import graft_cpu
-
-        self._count(name, graft_cpu(out, i, tuned, b, alphas, self.scratch))
-        return None
-
-    def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
-        """A block with LoRA terms (kernels.lora.block_cpu); returns None (nothing to wait for)."""
-        from .kernels.lora import block_cpu
-
-        self._count(name, block_cpu(out, i, b, terms, self.scratch))
-        return None
-
-    def place(self, loaded):
-        """A LoRA term's factors where the math runs: here, as they are."""
-        return loaded
-
-    def _count(self, name: str, found) -> None:
-        if found:
-            self.counts[name] = found.plus(self.counts[name]) if name in self.counts else found
-
-    def convert(self, out: torch.Tensor, src: torch.Tensor):
-        out.copy_(src)
-        return None
-
-    def nonfinite(self) -> dict:
-        """NonFinite counts per tensor since the last call."""
-        counts, self.counts = self.counts, {}
-        return counts
 
 
 def execute(

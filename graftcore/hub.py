@@ -45,9 +45,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from .errors import CheckpointError, DownloadError, GraftError
-from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, parse_header, read_header
-from .sources import (
+from .checkpoint import (
     INDEX_NAME,
     PICKLE_SUFFIXES,
     SINGLE_NAME,
@@ -57,6 +55,8 @@ from .sources import (
     is_extra_file,
     read_index,
 )
+from .errors import CheckpointError, DownloadError, GraftError
+from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, parse_header, read_header
 
 LOW_DISK_HELD = 2  # --low-disk: shards of one input on disk at once (the one being merged + the next)
 HEADER_THREADS = 8  # concurrent header range requests (each is two small GETs)

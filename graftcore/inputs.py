@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .errors import GraftError, OutputError
 from .lora import is_adapter, open_adapter
 from .options import MergeOptions
 from .plan import DeltaInput, tuned_role
-from .sources import Checkpoint, open_checkpoint
+from .sources import open_checkpoint
 
 Ref = str | os.PathLike
 

@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import Checkpoint
 from .errors import AdapterError, CheckpointError, NonFiniteError
 from .json_files import read_json_file
 from .safetensors_io import FLOAT_DTYPES, TensorInfo
-from .sources import Checkpoint, open_local
+from .sources import open_local
 
 if TYPE_CHECKING:
     import torch  # imported where the factors are loaded: planning needs no torch

@@ -32,14 +32,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
-from . import __version__, interrupts
+from . import interrupts
+from .checkpoint import Checkpoint
 from .errors import AdapterError, GraftError, MismatchError, OutputError
 from .inputs import Ref, check_output_outside_inputs, open_inputs
 from .options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
 from .output import atomic_write, output_errors
 from .plan import Action, DeltaInput, TensorOp, Term, strip_wrappers
 from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
-from .sources import Checkpoint
+from .version import __version__
 
 KINDS = (*PROJECTIONS, "embed", "lm_head", "norm", "other")  # the order of the table and the plot
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")

@@ -31,13 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import interrupts
+from .checkpoint import Checkpoint
 from .engine import drop_behind
 from .interrupts import POLL
 from .kernels import CHUNK
 from .options import MergeOptions, parse_size
 from .readers import BUFFER_BYTES, DEPTH, WORKERS, InputStreamer, read_elements
 from .safetensors_io import itemsize
-from .sources import Checkpoint
 from .steps import files_read, op_inputs, op_steps
 
 if TYPE_CHECKING:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
+from .checkpoint import SINGLE_NAME, Checkpoint
 from .errors import MismatchError
 from .options import MergeOptions, parse_size
 from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
-from .sources import SINGLE_NAME, Checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -356,3 +356,10 @@ def plan_entries(plan: Plan) -> list:
 def entries_digest(entries: list) -> str:
     """The plan as graftcore.json records it: sha256 of the sorted (shard, tensor, dtype, shape) list."""
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
+def headers_entries(headers: dict) -> list:
+    """plan_entries' form for the shards' headers (file -> ShardHeader) of a written output."""
+    return [
+        [file, name, info.dtype, list(info.shape)] for file, h in headers.items() for name, info in h.tensors.items()
+    ]

@@ -23,11 +23,11 @@ import torch
 from .errors import GraftError, VerifyError
 from .inputs import open_inputs
 from .options import MergeOptions
-from .plan import Plan, build_plan, plan_entries
+from .plan import Plan, build_plan, headers_entries, plan_entries
 from .readers import read_elements
+from .report import VerifyReport
 from .safetensors_io import TensorInfo, torch_dtype
 from .steps import Step, op_steps
-from .verification import VerifyReport, headers_entries
 
 
 def recompute_chunks(
@@ -67,7 +67,8 @@ def recompute_chunks(
     report.notes.append(f"chunks chosen with seed {seed}")
     chunk, merged_on_gpu = recorded_chunk(manifest)
     chosen = choose_steps(plan, chunk, k, rng)
-    from .engine import CpuCompute, load_lora
+    from .compute.cpu import CpuCompute
+    from .engine import load_lora
 
     compute = CpuCompute(chunk)
     files = {(r.role, r.info.file) for _, _, step in chosen for r in step.reads}
@@ -123,7 +124,7 @@ def tuned_order(role: str) -> int:
 
 def recorded_chunk(manifest: dict) -> tuple[int, bool]:
     """The chunk the merge computed with (LoRA blocks follow it) and whether it ran on a GPU."""
-    from .gpu import GPU_CHUNK
+    from .compute.cuda import GPU_CHUNK
     from .kernels import CHUNK
 
     on_gpu = str(manifest.get("device", "cpu")).startswith("cuda")

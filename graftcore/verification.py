@@ -21,40 +21,17 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import interrupts
 from .errors import GraftError, VerifyError
 from .json_files import read_json_file
 from .output import MANIFEST, file_sha256
-from .plan import entries_digest
+from .plan import entries_digest, headers_entries
+from .report import VerifyReport
 from .safetensors_io import read_header
 
 INDEX = "model.safetensors.index.json"
-
-
-@dataclass
-class VerifyReport:
-    """What `verify` checked (it raises VerifyError at the first discrepancy)."""
-
-    output: Path
-    shards: int = 0
-    tensors: int = 0
-    bytes_hashed: int = 0
-    chunks_recomputed: int = 0
-    within_ulp: int = 0  # of them, LoRA blocks merged on a GPU compared within one ulp
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        what = f"{self.shards} shard(s), {self.tensors} tensors, {self.bytes_hashed / 1e9:.2f} GB"
-        what += ": sha256, headers, index and plan hold"
-        if self.chunks_recomputed:
-            exact = self.chunks_recomputed - self.within_ulp
-            what += f"; {self.chunks_recomputed} chunk(s) recomputed from the inputs: {exact} bit-exact"
-            what += f", {self.within_ulp} LoRA block(s) within one ulp" if self.within_ulp else ""
-        return f"{self.output}: verified: {what} ({self.seconds:.1f} s)"
 
 
 def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = None, **hub_options) -> VerifyReport:
@@ -227,9 +204,3 @@ def check_index(folder: Path, manifest: dict, headers: dict) -> None:
     missing = [n for n in held if n not in weight_map]
     if missing:
         raise VerifyError(f"{index}: does not list tensor {missing[0]!r} ({held[missing[0]]}) ({len(missing)} missing)")
-
-
-def headers_entries(headers: dict) -> list:
-    return [
-        [file, name, info.dtype, list(info.shape)] for file, h in headers.items() for name, info in h.tensors.items()
-    ]

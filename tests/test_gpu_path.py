@@ -1,7 +1,7 @@
 """The GPU streaming path (staging slots, streams, events, per-tensor NaN counters).
 
 Without CUDA it runs on CPU tensors with null streams and the real Triton kernel under TRITON_INTERPRET=1,
-which exercises every buffer and ordering decision of graftcore.gpu except the asynchrony itself. With
+which exercises every buffer and ordering decision of graftcore.compute.cuda except the asynchrony itself. With
 CUDA the same merges run on the device and must equal the CPU path bit for bit.
 """
 
@@ -11,8 +11,8 @@ from helpers import interpreted_kernel_module, llama_tensors, load_folder, refer
 
 import graftcore
 from graftcore.api import run_plan
+from graftcore.compute.cuda import StreamCompute
 from graftcore.errors import NonFiniteError
-from graftcore.gpu import StreamCompute
 from graftcore.options import MergeOptions
 from graftcore.plan import DeltaInput, build_plan
 from graftcore.sources import open_checkpoint

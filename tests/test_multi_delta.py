@@ -15,7 +15,7 @@ from helpers import interpreted_kernel_module, llama_tensors, load_folder, same_
 
 import graftcore
 from graftcore.api import run_plan
-from graftcore.gpu import StreamCompute
+from graftcore.compute.cuda import StreamCompute
 from graftcore.options import MergeOptions
 from graftcore.plan import DeltaInput, build_plan
 from graftcore.sources import open_checkpoint

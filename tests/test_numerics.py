@@ -16,7 +16,7 @@ from helpers import interpreted_kernel_module, llama_tensors, load_folder, write
 
 import graftcore
 from graftcore.api import run_plan
-from graftcore.gpu import StreamCompute
+from graftcore.compute.cuda import StreamCompute
 from graftcore.kernels import CpuScratch, graft_cpu
 from graftcore.kernels.lora import FullDelta, LowRankDelta, block_cpu
 from graftcore.options import MergeOptions
@@ -274,13 +274,13 @@ def test_explicit_cuda_without_a_device_is_exit_2(trio, tmp_path, cli):
 
 def test_warm_up_launches_the_real_kernel_and_compares_bits():
     """The check `auto` runs before taking a GPU, here through the interpreted kernel on a CPU device."""
-    from graftcore.devices import warm_up
+    from graftcore.compute.devices import warm_up
 
     assert warm_up(StreamCompute("cpu", 4096, KERNEL.launch_graft)) is None
 
 
 def test_lora_gemm_leaves_the_callers_tf32_setting_as_it_was():
-    from graftcore.gpu import full_float32_matmul
+    from graftcore.compute.cuda import full_float32_matmul
 
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

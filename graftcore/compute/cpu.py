@@ -1,0 +1,68 @@
+"""The CPU compute: the kernels' CPU twin on chunks, into pooled output buffers, single-threaded beside the writer.
+
+Example:
+    >>> with CpuCompute(1 << 18) as compute:                          # doctest: +SKIP
+    ...     compute.graft(out, i, [t], b, [1.0], "w")
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CpuCompute:
+    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
+
+    Torch runs single-threaded while merging: the writer thread (pwrite + sha256) needs a core, and with
+    OpenMP threads spin-waiting beside it a 2-core machine ran 2x slower than with one compute thread.
+    """
+
+    name = "cpu"
+    pin_output = False
+    deferred = False  # NaN/Inf counts are known as soon as a chunk is computed
+
+    def __init__(self, chunk: int):
+        from ..kernels import CpuScratch
+
+        self.chunk = chunk
+        self.scratch = CpuScratch(chunk)
+        self.counts: dict = {}  # tensor name -> kernels.NonFinite
+
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
+
+    def graft(self, out: torch.Tensor, i: torch.Tensor, tuned: list, b: torch.Tensor, alphas: list[float], name: str):
+        """`out = I + a1 * (T1 - B) + ...` now; returns None (nothing to wait for)."""
+        from ..kernels import graft_cpu
+
+        self._count(name, graft_cpu(out, i, tuned, b, alphas, self.scratch))
+        return None
+
+    def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
+        """A block with LoRA terms (kernels.lora.block_cpu); returns None (nothing to wait for)."""
+        from ..kernels.lora import block_cpu
+
+        self._count(name, block_cpu(out, i, b, terms, self.scratch))
+        return None
+
+    def place(self, loaded):
+        """A LoRA term's factors where the math runs: here, as they are."""
+        return loaded
+
+    def _count(self, name: str, found) -> None:
+        if found:
+            self.counts[name] = found.plus(self.counts[name]) if name in self.counts else found
+
+    def convert(self, out: torch.Tensor, src: torch.Tensor):
+        out.copy_(src)
+        return None
+
+    def nonfinite(self) -> dict:
+        """NonFinite counts per tensor since the last call."""
+        counts, self.counts = self.counts, {}
+        return counts

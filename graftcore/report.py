@@ -1,0 +1,97 @@
+"""What a merge and a verification report: torch-free, so `graftcore.Report` and a dry run load no torch.
+
+Example:
+    >>> report = graftcore.graft(base="b", tuned="t", instruct="i", output="out")   # doctest: +SKIP
+    >>> print(report.summary())                                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from .plan import Action, Ignored, Plan
+
+
+@dataclass
+class Report:
+    """What a merge did: returned by `graftcore.graft`."""
+
+    output: Path
+    device: str
+    grafted: int = 0
+    grafted_rows: int = 0
+    lora: int = 0
+    copied: int = 0
+    shards_written: int = 0
+    shards_kept: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    ignored: list[Ignored] = field(default_factory=list)  # (name, reason) of tensors Instruct does not have
+    notes: list[str] = field(default_factory=list)
+    plan: object = None  # the Plan that was executed (or only described, for a dry run)
+    dry_run: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_input, wait_writer, write, ...
+    reads: dict[str, dict[str, int]] = field(default_factory=dict)  # per input: bytes read direct / from the cache
+
+    def count(self, plan: Plan) -> None:
+        """Take the counts of tensors per action, the ignored tensors and the notes from `plan`."""
+        self.plan = plan
+        for op in plan.ops:
+            self.grafted += op.action is Action.GRAFT
+            self.grafted_rows += op.action is Action.GRAFT_ROWS
+            self.lora += op.action is Action.LORA
+            self.copied += op.action is Action.COPY
+        self.ignored = list(plan.ignored)
+        self.notes = list(plan.notes)
+
+    def summary(self) -> str:
+        """One line of counts, bytes and speed; for a dry run, the plan (what would be written)."""
+        if self.dry_run:
+            return f"{self.output}: dry run, nothing written\n" + self.plan.describe()
+        rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        parts = [f"{self.grafted} grafted"]
+        if self.grafted_rows:
+            parts.append(f"{self.grafted_rows} grafted on shared rows")
+        if self.lora:
+            parts.append(f"{self.lora} LoRA-merged")
+        parts.append(f"{self.copied} copied")
+        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
+        return (
+            f"{self.output}: {', '.join(parts)} tensors; {self.shards_written + self.shards_kept} shard(s){kept}, "
+            f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
+        )
+
+
+class Progress(NamedTuple):
+    """What `graft(..., progress=callback)` receives after every written piece: output bytes done and in all
+    (this run's: shards kept from an earlier run are not counted), the output shard and tensor being written."""
+
+    done: int
+    total: int
+    shard: str
+    tensor: str
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked (it raises VerifyError at the first discrepancy)."""
+
+    output: Path
+    shards: int = 0
+    tensors: int = 0
+    bytes_hashed: int = 0
+    chunks_recomputed: int = 0
+    within_ulp: int = 0  # of them, LoRA blocks merged on a GPU compared within one ulp
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        what = f"{self.shards} shard(s), {self.tensors} tensors, {self.bytes_hashed / 1e9:.2f} GB"
+        what += ": sha256, headers, index and plan hold"
+        if self.chunks_recomputed:
+            exact = self.chunks_recomputed - self.within_ulp
+            what += f"; {self.chunks_recomputed} chunk(s) recomputed from the inputs: {exact} bit-exact"
+            what += f", {self.within_ulp} LoRA block(s) within one ulp" if self.within_ulp else ""
+        return f"{self.output}: verified: {what} ({self.seconds:.1f} s)"
