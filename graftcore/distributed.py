@@ -179,7 +179,7 @@ def assign(sizes: dict[str, int], kept: set[str], world: int) -> dict[str, int]:
 def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts, log, compute, progress=None):
     """This rank's share of the merge of `plan` into `output` (see the module docstring); returns its Report."""
     from .engine import execute
-    from .job import finish_output, job_fingerprint, schedule_reads, shard_keys
+    from .job import finish_output, job_fingerprint, shard_keys
     from .output import OutputFolder
     from .safetensors_io import planned_file_size
 
@@ -205,12 +205,12 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
                 "merge (verified); resuming"
             )
         skip = {f for f in sizes if owner.get(f) != group.rank}
-        schedule_reads(plan, checkpoints, skip, output / ".graftcore-downloads" / f"rank{group.rank}")
+        scratch = output / ".graftcore-downloads" / f"rank{group.rank}"  # --low-disk hub shards of this rank
         total = sum(op.out_nbytes for s in plan.shards if s.file in owner for op in s.ops)  # tensor bytes, as counted
         bar = GroupProgress(group, total, quiet=opts.quiet or group.rank != 0, callback=progress)
         quiet = replace(opts, quiet=True)
         with group.watching(), interrupts.deferred():
-            report = execute(plan, checkpoints, output, folder, quiet, compute, skip, bar.engine_callback)
+            report = execute(plan, checkpoints, output, folder, quiet, compute, skip, bar.engine_callback, scratch)
             report.shards_kept = len(kept_records)
             bar.flush()
             share = {

@@ -20,22 +20,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import interrupts
 from .checkpoint import Checkpoint
 from .errors import NonFiniteError
 from .interrupts import POLL
-from .options import parse_size
 from .plan import Plan, TensorOp
-from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer, read_elements
+from .readers import Held, read_elements
 from .report import Progress, Report
 from .safetensors_io import ShardWriter, itemsize, torch_dtype
-from .steps import Step, files_depended_on, op_inputs, op_steps
+from .steps import Step
+from .stream import StepConsumer, drop_behind, input_bytes, run_pass
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 SMALL_RAW = 256 << 10  # bytes: a tensor copied unchanged below this is packed with its neighbours into one write
-DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
 
 
 class WriterThread:
@@ -124,20 +122,21 @@ class WriterThread:
 class ChunkSink:
     """Where one output shard's bytes go: consecutive steps are computed into one pooled buffer until it is full,
     then the buffer is queued, in order, for the writer thread (so a shard of many small tensors costs a few
-    large writes, not a write per tensor); the progress bar and the time breakdown are kept on the way."""
+    large writes, not a write per tensor); the time breakdown is kept on the way."""
 
     def __init__(
-        self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, capacity: int, bar, clock: dict[str, float]
+        self, writer: ShardWriter, wt: WriterThread, pool: queue.Queue, capacity: int, clock: dict[str, float]
     ):
-        self.writer, self.wt, self.pool, self.bar, self.clock = writer, wt, pool, bar, clock
+        self.writer, self.wt, self.pool, self.clock = writer, wt, pool, clock
         self.capacity = capacity  # bytes of each pooled buffer
         self.buf: torch.Tensor | None = None  # the pooled buffer being filled
         self.used = 0  # bytes of it filled
         self.ready = None  # the last GPU event among its chunks (copies back run in order on one stream)
 
-    def raw(self, held: Held) -> None:
-        """Queue input bytes as they are (a tensor copied unchanged). A small piece is copied into the buffer being
-        filled; a large one goes to the writer as it is, its read buffer released once written."""
+    def raw(self, held: Held) -> int:
+        """Queue input bytes as they are (a tensor copied unchanged); returns their count. A small piece is copied
+        into the buffer being filled; a large one goes to the writer as it is, its read buffer released once
+        written."""
         n = held.data.numel()
         if n <= min(SMALL_RAW, self.capacity):
             self._space(n, 1).copy_(held.data)
@@ -146,11 +145,11 @@ class ChunkSink:
         else:
             self.flush()
             self.wt.put(self.writer, held.data, held.release)
-        self.bar.update(n)
+        return n
 
-    def chunk(self, n: int, dtype: str, fill: Callable[[torch.Tensor], object]) -> None:
-        """Add `n` elements of `dtype` that `fill(out)` computes in place; `fill` returns the event the writer must
-        wait for (GPU) or None."""
+    def chunk(self, n: int, dtype: str, fill: Callable[[torch.Tensor], object]) -> int:
+        """Add `n` elements of `dtype` that `fill(out)` computes in place (`fill` returns the event the writer
+        must wait for, on a GPU, or None); returns their bytes."""
         size = itemsize(dtype)
         space = self._space(n * size, size)
         t1 = time.perf_counter()
@@ -158,7 +157,7 @@ class ChunkSink:
         self.clock["compute"] += time.perf_counter() - t1
         self.ready = ready if ready is not None else self.ready
         self.used += n * size
-        self.bar.update(n * size)
+        return n * size
 
     def _space(self, nbytes: int, align: int) -> torch.Tensor:
         """`nbytes` of room in the buffer being filled (queuing it and taking a fresh one when it is full)."""
@@ -186,24 +185,74 @@ class ChunkSink:
             self.pool.put(buf)
 
 
-class ProgressBar:
-    """The progress bar (tqdm, unless quiet) and the caller's progress callback, fed by the ChunkSink."""
+class MergeConsumer(StepConsumer):
+    """The merge's side of the pass: each output shard (a group) into a ShardWriter through the ChunkSink and the
+    writer thread; NaN/Inf checked per tensor (CPU) or per shard (GPU: one device sync); a shard fsynced and
+    renamed once its inputs are known unchanged, then recorded in the folder's progress file."""
 
-    def __init__(self, total: int, quiet: bool, callback: Callable[[Progress], None] | None):
-        self.bar = tqdm(
-            total=total, unit="B", unit_scale=True, desc="graft", disable=True if quiet else None, leave=False
+    def __init__(self, plan: Plan, checkpoints, folder, opts, compute, report: Report, drop: bool):
+        self.plan, self.checkpoints, self.folder, self.opts, self.compute = plan, checkpoints, folder, opts, compute
+        self.report, self.drop = report, drop
+        self.shards = {s.file: s for s in plan.shards}
+        self.writer_thread = WriterThread(POOL)
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(POOL):
+            self.pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
+        self.clock = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
+        self.notes: list[str] = []
+        self.shard = self.writer = self.sink = self.loaded = None
+
+    def begin_group(self, name: str, ops: list[TensorOp]) -> None:
+        self.shard = self.shards[name]
+        self.writer = ShardWriter(
+            self.folder.path / name, self.shard.entries, self.shard.metadata, drop_behind=self.drop
         )
-        self.total, self.done, self.callback = total, 0, callback
-        self.shard = self.tensor = ""
+        self.sink = ChunkSink(self.writer, self.writer_thread, self.pool, self.compute.chunk * 4, self.clock)
 
-    def update(self, n: int) -> None:
-        self.bar.update(n)
-        self.done += n
-        if self.callback is not None:
-            self.callback(Progress(self.done, self.total, self.shard, self.tensor))
+    def begin_op(self, op: TensorOp) -> None:
+        self.loaded = load_lora(op, self.compute, self.checkpoints, self.opts) if op.low_rank else None
+
+    def step(self, op: TensorOp, step: Step, held: list[Held]) -> int:
+        if step.raw:
+            return self.sink.raw(held[0])
+        compute, loaded = self.compute, self.loaded
+        try:
+            return self.sink.chunk(
+                step.hi - step.lo, op.out_dtype, lambda out: compute_step(op, step, held, out, compute, loaded)
+            )
+        finally:
+            event = compute.input_event  # the GPU path may still be copying from the read buffers
+            for h in held:
+                h.release(event)
+
+    def end_op(self, op: TensorOp) -> None:
+        if not self.compute.deferred:
+            check_finite(self.compute, self.shard, self.checkpoints, self.opts, self.notes)
+
+    def drain_group(self) -> None:
+        check_finite(self.compute, self.shard, self.checkpoints, self.opts, self.notes)  # one device sync per shard
+        self.sink.flush()
+        t_drain = time.perf_counter()
+        self.writer_thread.drain()
+        self.clock["wait_writer"] += time.perf_counter() - t_drain
+
+    def finish_group(self) -> None:
+        t_fsync = time.perf_counter()
+        sha = self.writer.finish()
+        self.clock["fsync"] += time.perf_counter() - t_fsync
+        self.folder.shard_done(self.shard.file, self.writer.size, sha)
+        self.report.shards_written += 1
+        self.report.bytes_written += self.writer.size
+        self.writer = None
+
+    def abort_group(self) -> None:
+        if self.writer is not None:  # it may still hold the file's descriptor: closed once the thread is gone
+            self.writer.abort(close=self.writer_thread.close())
+            self.writer = None
 
     def close(self) -> None:
-        self.bar.close()
+        self.writer_thread.close()
+        self.clock["write"] = self.writer_thread.busy
 
 
 def execute(
@@ -215,102 +264,40 @@ def execute(
     compute,
     skip: set[str],
     progress: Callable[[Progress], None] | None = None,
+    scratch: Path | None = None,
 ) -> Report:
-    """Write every shard of `plan` not in `skip` into the OutputFolder `folder`; returns the Report."""
+    """Write every shard of `plan` not in `skip` into the OutputFolder `folder`; returns the Report. `scratch`:
+    where --low-disk hub inputs download (default: OUTPUT/.graftcore-downloads)."""
     report = Report(Path(output), compute.name)
     t0 = time.perf_counter()
     shards = [s for s in plan.shards if s.file not in skip]
     report.shards_kept = len(plan.shards) - len(shards)
     ops = [op for s in shards for op in s.ops]
     todo = sum(op.out_nbytes for op in ops)
-    drop = drop_behind(todo + sum(info.nbytes for op in ops for _, info in op_inputs(op)))
-    buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
-    streamer = InputStreamer(
-        checkpoints,
-        ops,
-        compute.chunk,
-        compute.pin_output,
-        drop,
-        buffer_bytes,
-        opts.read_depth or DEPTH,
-        opts.read_workers or WORKERS,
-    )
-    writer_thread = WriterThread(POOL)
-    pool: queue.Queue = queue.Queue()
-    for _ in range(POOL):
-        pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
-    bar = ProgressBar(todo, opts.quiet, progress)
-    nonfinite_notes: list[str] = []
-    clock = report.timings = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
+    consumer = MergeConsumer(plan, checkpoints, folder, opts, compute, report, drop_behind(todo + input_bytes(ops)))
     with compute:
         try:
-            for shard in shards:
-                writer = ShardWriter(folder.path / shard.file, shard.entries, shard.metadata, drop_behind=drop)
-                sink = ChunkSink(writer, writer_thread, pool, compute.chunk * 4, bar, clock)
-                try:
-                    bar.shard = shard.file
-                    for op in shard.ops:
-                        bar.tensor = op.name
-                        stream_op(op, streamer, sink, compute, opts, checkpoints)
-                        if not compute.deferred:
-                            check_finite(compute, shard, checkpoints, opts, nonfinite_notes)
-                    check_finite(compute, shard, checkpoints, opts, nonfinite_notes)  # one device sync per shard
-                    sink.flush()
-                    t_drain = time.perf_counter()
-                    writer_thread.drain()
-                    check_inputs_unchanged(shard, checkpoints)  # before the shard takes its final name
-                    t_fsync = time.perf_counter()
-                    sha = writer.finish()
-                    clock["wait_writer"] += t_fsync - t_drain
-                    clock["fsync"] += time.perf_counter() - t_fsync
-                except BaseException:
-                    # the writer may still hold this file's descriptor: close it only once the thread is gone
-                    writer.abort(close=writer_thread.close())
-                    raise
-                folder.shard_done(shard.file, writer.size, sha)
-                report.shards_written += 1
-                report.bytes_written += writer.size
+            stats = run_pass(
+                [(s.file, s.ops) for s in shards],
+                checkpoints,
+                opts,
+                consumer,
+                chunk=compute.chunk,
+                total=todo,
+                label="graft",
+                scratch=scratch or Path(output) / ".graftcore-downloads",
+                pin=compute.pin_output,
+                out_bytes=todo,
+                progress=progress,
+            )
         finally:
-            writer_thread.close()
-            streamer.close()
-            bar.close()
-            clock["write"] = writer_thread.busy
-            clock["wait_input"] = streamer.waited()
-            clock.update(streamer.timings())
-            report.reads = streamer.bytes_read()
+            consumer.close()
+    report.timings = {**consumer.clock, "wait_input": stats.waited, **stats.timings}
+    report.reads = stats.reads
     report.count(plan)
-    report.notes += nonfinite_notes
+    report.notes += consumer.notes
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def drop_behind(pass_bytes: int) -> bool:
-    """Whether to drop consumed input and written output pages from the page cache: only when the pass moves
-    more than DROP_BEHIND_FRACTION of the memory available, so a merge that fits leaves its inputs cached
-    (a rerun reads them at memory speed) and one that does not never pushes the machine into reclaim."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    return pass_bytes > DROP_BEHIND_FRACTION * available
-
-
-def stream_op(op: TensorOp, streamer: InputStreamer, sink: ChunkSink, compute, opts, checkpoints) -> None:
-    """Append the output bytes of one tensor to the shard, step by step (steps.py)."""
-    loaded = load_lora(op, compute, checkpoints, opts) if op.low_rank else None
-    for step in op_steps(op, compute.chunk, streamer.raw_bytes):
-        interrupts.check()
-        held = [streamer.take(r) for r in step.reads]
-        if step.raw:
-            sink.raw(held[0])
-            continue
-        try:
-            sink.chunk(step.hi - step.lo, op.out_dtype, lambda out: compute_step(op, step, held, out, compute, loaded))
-        finally:
-            event = getattr(compute, "input_event", None)  # the GPU path may still be copying from the buffers
-            for h in held:
-                h.release(event)
 
 
 def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, loaded):
@@ -346,12 +333,6 @@ def block_terms(op: TensorOp, block: tuple[int, int, int, int], by_role: dict[st
         dora = None if f.dora_scale is None else f.dora_scale[r0:r1] if axis == "rows" else f.dora_scale[c0:c1]
         terms.append(LowRankDelta(f.left[r0:r1], f.right[:, c0:c1], f.scale, term.alpha, dora, axis))
     return terms
-
-
-def check_inputs_unchanged(shard, checkpoints: dict[str, Checkpoint]) -> None:
-    """CheckpointError if an input file this shard was computed from changed since its header was read."""
-    for role, file in sorted({rf for op in shard.ops for rf in files_depended_on(op)}):
-        checkpoints[role].verify_unchanged(file)
 
 
 def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts, notes: list[str]) -> None:

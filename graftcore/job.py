@@ -21,7 +21,7 @@ from .output import OutputFolder
 from .plan import Plan, entries_digest, plan_entries
 from .report import Report
 from .safetensors_io import planned_file_size
-from .steps import files_depended_on, files_read
+from .steps import files_depended_on
 from .version import __version__
 
 
@@ -43,7 +43,6 @@ def write_output(
             f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge "
             "(verified); resuming"
         )
-    schedule_reads(plan, checkpoints, kept, output / ".graftcore-downloads")
     from .engine import execute
 
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
@@ -66,19 +65,6 @@ def finish_output(
     extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
     interrupts.check()
     folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
-
-
-def schedule_reads(plan: Plan, checkpoints: dict[str, Checkpoint], kept: set[str], scratch: Path) -> None:
-    """Tell each input the order in which the engine will open its shards (hub inputs download in that order,
-    ahead of the merge; --low-disk ones into `scratch/ROLE`). Shards in `kept` are not written."""
-    order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
-    for shard in plan.shards:
-        if shard.file not in kept:
-            for op in shard.ops:
-                for role, file in files_read(op):
-                    order.setdefault(role, {})[file] = None
-    for role, ck in checkpoints.items():
-        ck.schedule(list(order[role]), scratch / role)
 
 
 def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
-"""The streaming pass of `graftcore similarity`: every measured tensor's float64 sums, chunk by chunk.
+"""Similarity's side of the one streaming pass: every measured tensor's float64 sums, chunk by chunk.
 
-The inputs are streamed as a merge streams them (readers.InputStreamer, the same buffers and memory bound);
+The inputs are streamed as a merge streams them (stream.run_pass: the same readers, buffers and memory bound);
 each step's chunk goes to one of a few compute threads (ComputePool) and its sums are added to its tensor's
 accumulator in step order, so the result does not depend on which thread computed what.
 
@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -28,20 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from . import interrupts
 from .checkpoint import Checkpoint
-from .engine import drop_behind
 from .interrupts import POLL
 from .kernels import CHUNK
-from .options import MergeOptions, parse_size
-from .readers import BUFFER_BYTES, DEPTH, WORKERS, InputStreamer, read_elements
+from .options import MergeOptions
+from .readers import DEPTH, WORKERS, read_elements
 from .safetensors_io import itemsize
-from .steps import files_read, op_inputs, op_steps
+from .steps import op_inputs
+from .stream import StepConsumer, run_pass
 
 if TYPE_CHECKING:
-    from .measure import Measured, MeasurePlan
+    from .measure import MeasurePlan
 
 BLOCK = 256  # float32 terms summed into one partial sum before the float64 reduction
 # a block norm below this may have lost squares of |x| < 1.1e-19 (under float32's smallest normal 1.2e-38) by
@@ -125,71 +125,96 @@ def lowrank_into(
 
 
 def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[str], opts: MergeOptions):
-    """Stream every op of `plan` through the input streamer; return (each tensor's float64 sums in plan order, in
-    the order ChunkMath.sums gives them; bytes read per input; seconds). The main thread takes each step's reads
-    in plan order and hands the step to the compute threads."""
+    """Stream every op of `plan` (stream.run_pass) into the compute threads; return (each tensor's float64 sums in
+    plan order, in the order ChunkMath.sums gives them; bytes read per input; seconds)."""
     ops = [m.op for m in plan.measured]
     chunk = opts.chunk_size or CHUNK
-    order: dict[str, dict[str, None]] = {role: {} for role in checkpoints}
-    for op in ops:
-        for role, file in files_read(op):
-            order[role][file] = None
-    for role, ck in checkpoints.items():  # hub inputs download ahead, in the order they are read
-        ck.schedule(list(order[role]), Path(".graftcore-downloads") / role)
     total = sum(info.nbytes if info.numel else 0 for op in ops for _, info in op_inputs(op))
-    buffer_bytes = parse_size(opts.read_buffer, "--read-buffer") if opts.read_buffer else BUFFER_BYTES
-    bar = tqdm(
-        total=total, unit="B", unit_scale=True, desc="similarity", disable=True if opts.quiet else None, leave=False
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # parallel over chunks (ComputePool), not inside each op: OpenMP threads spinning
-    streamer = pool = None  # beside the readers made a 2-core machine several times slower
+    consumer = SimilarityConsumer(plan, checkpoints, chunk, len(roles), opts)
+    t0 = time.perf_counter()
     try:
         with interrupts.deferred():
-            streamer = InputStreamer(
+            stats = run_pass(
+                [("", ops)],
                 checkpoints,
-                ops,
-                chunk,
-                False,
-                drop_behind(total),
-                buffer_bytes,
-                opts.read_depth or DEPTH + 1,
-                opts.read_workers or WORKERS,
-            )  # + 1: the buffers
-            # the steps in flight in the ComputePool hold would otherwise leave the readers waiting for a free one
-            pool = ComputePool(COMPUTE_THREADS, chunk, len(roles))
-            # The steps the main thread has taken but not yet handed over pin their read buffers: they must span
-            # fewer buffers than a reader's ring holds, or the next take() would wait for one only it can free.
-            depth = max(opts.read_depth or DEPTH + 1, (opts.read_workers or WORKERS) + 1)
-            largest = max(min(info.numel, chunk) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op))
-            per_task = next(
-                s
-                for s in range(STEPS_PER_TASK, 0, -1)
-                if s == 1 or min(s, -(-s * largest // streamer.raw_bytes) + 1) <= depth - 1
+                opts,
+                consumer,
+                chunk=chunk,
+                total=total,
+                label="similarity",
+                scratch=Path(tempfile.gettempdir()) / "graftcore-downloads",  # --low-disk is not a similarity option
+                extra_depth=1,  # the steps in flight in the ComputePool hold their read buffers
             )
-            t0 = time.perf_counter()
-            accs = [stream_tensor(m, streamer, pool, checkpoints, chunk, per_task, bar) for m in plan.measured]
-            pool.drain()
-            waited = streamer.waited()
-            timings = {
-                "stream": time.perf_counter() - t0,
-                "wait_input": waited,
-                "wait_compute": pool.waited,
-                **streamer.timings(),
-            }
-            reads = streamer.bytes_read()
-            streamer.close()
-            streamer = None
-        for role, file in sorted({rf for op in ops for rf in files_read(op)}):  # nothing changed under us
-            checkpoints[role].verify_unchanged(file)
     finally:
-        torch.set_num_threads(threads)
-        bar.close()
-        if pool is not None:
-            pool.close()
-        if streamer is not None:
-            streamer.close()
-    return [acc.tolist() for acc in accs], reads, timings
+        consumer.close()
+    timings = {
+        "stream": time.perf_counter() - t0,
+        "wait_input": stats.waited,
+        "wait_compute": consumer.pool.waited,
+        **stats.timings,
+    }
+    return [acc.tolist() for acc in consumer.accs], stats.reads, timings
+
+
+class SimilarityConsumer(StepConsumer):
+    """Similarity's side of the pass: the steps of each measured tensor handed to the ComputePool `per_task` at a
+    time; each tensor's float64 accumulator is complete once the pool is drained (drain_group)."""
+
+    def __init__(self, plan: MeasurePlan, checkpoints, chunk: int, m: int, opts: MergeOptions):
+        self.checkpoints, self.chunk, self.opts = checkpoints, chunk, opts
+        self.ops = [m.op for m in plan.measured]
+        self.measured = iter(plan.measured)
+        self.pool = ComputePool(COMPUTE_THREADS, chunk, m)
+        self.accs: list[torch.Tensor] = []
+        self.per_task = STEPS_PER_TASK
+
+    def begin_pass(self, streamer) -> None:
+        # The steps taken but not yet handed over pin their read buffers: they must span fewer buffers than a
+        # reader's ring holds, or the next take() would wait for one only the pool can free.
+        opts, chunk = self.opts, self.chunk
+        depth = max(opts.read_depth or DEPTH + 1, (opts.read_workers or WORKERS) + 1)
+        largest = max(min(info.numel, chunk) * itemsize(info.dtype) for op in self.ops for _, info in op_inputs(op))
+        self.per_task = next(
+            s
+            for s in range(STEPS_PER_TASK, 0, -1)
+            if s == 1 or min(s, -(-s * largest // streamer.raw_bytes) + 1) <= depth - 1
+        )
+
+    def begin_op(self, op) -> None:
+        m = self.m = next(self.measured)
+        assert m.op is op
+        self.loaded = {}
+        for role, how, u in m.sources:
+            if how == "lowrank":
+                ck = self.checkpoints[role]
+                self.loaded[role] = u.load(
+                    lambda info, ck=ck: read_elements(ck.shard_path(info.file), info), allow_nonfinite=True
+                )
+        self.acc = torch.zeros(2 + 4 * self.pool.m, dtype=torch.float64)  # ChunkMath.sums: 2 * (1 + 2m)
+        self.accs.append(self.acc)
+        self.cols = op.numel // op.shape[0] if op.shape and op.shape[0] else 1
+        self.diffs = [0] + [k for k, (_, how, _) in enumerate(m.sources, start=1) if how == "full"]  # X - B to compute
+        self.batch: list = []
+
+    def step(self, op, step, held) -> int:
+        self.batch.append((step, held))
+        if len(self.batch) == self.per_task:
+            self._submit()
+        return sum(r.end_byte - r.start_byte for r in step.reads)
+
+    def end_op(self, op) -> None:
+        if self.batch:
+            self._submit()
+
+    def _submit(self) -> None:
+        self.pool.submit(self.acc, compute_steps, self.m.sources, self.batch, self.loaded, self.cols, self.diffs)
+        self.batch = []
+
+    def drain_group(self) -> None:
+        self.pool.drain()
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 COMPUTE_THREADS = min(4, os.cpu_count() or 1)  # torch releases the GIL inside each op: chunks compute in parallel
@@ -241,35 +266,6 @@ class ComputePool:
     def close(self) -> None:
         """Wait for the chunks being computed (they release their buffers); drop the others."""
         self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def stream_tensor(
-    m: Measured, streamer: InputStreamer, pool: ComputePool, checkpoints, chunk: int, per_task: int, bar
-) -> torch.Tensor:
-    """Take the reads of every step of `m` in order and hand them to the pool `per_task` steps at a time; returns
-    the tensor's accumulator (complete once the pool is drained)."""
-    op = m.op
-    loaded = {}
-    for role, how, u in m.sources:
-        if how == "lowrank":
-            ck = checkpoints[role]
-            loaded[role] = u.load(
-                lambda info, ck=ck: read_elements(ck.shard_path(info.file), info), allow_nonfinite=True
-            )
-    acc = torch.zeros(2 + 4 * pool.m, dtype=torch.float64)  # ChunkMath.sums: 2 * (1 + 2m)
-    cols = op.numel // op.shape[0] if op.shape and op.shape[0] else 1
-    diffs = [0] + [k for k, (_, how, _) in enumerate(m.sources, start=1) if how == "full"]  # X - B to compute
-    batch: list = []
-    for step in op_steps(op, chunk, streamer.raw_bytes):
-        interrupts.check()
-        batch.append((step, [streamer.take(r) for r in step.reads]))
-        if len(batch) == per_task:
-            pool.submit(acc, compute_steps, m.sources, batch, loaded, cols, diffs)
-            batch = []
-        bar.update(sum(r.end_byte - r.start_byte for r in step.reads))
-    if batch:
-        pool.submit(acc, compute_steps, m.sources, batch, loaded, cols, diffs)
-    return acc
 
 
 STEPS_PER_TASK = 4  # steps handed to a compute thread at once (at most): fewer thread hand-offs per byte

@@ -322,23 +322,24 @@ class InputStreamer:
         buffer_bytes: int = BUFFER_BYTES,
         depth: int = DEPTH,
         workers: int = WORKERS,
+        steps=None,
     ):
         """Start reading the inputs of `ops` (in execution order) for steps of `chunk` elements; `pin` the
-        buffers for CUDA copies; `drop_behind` consumed pages from the page cache."""
-        from .steps import op_inputs, plan_reads
+        buffers for CUDA copies; `drop_behind` consumed pages from the page cache. `steps(k, op, raw_bytes)`:
+        the steps of the k-th op that are taken (default: all, steps.op_steps)."""
+        from .steps import op_inputs, op_steps, plan_reads
 
         last_use: dict[str, dict[str, int]] = {}
-        largest = 0  # the largest single read: a computed step is at most `chunk` elements of one tensor
         for k, op in enumerate(ops):
             for role, info in op_inputs(op):
                 last_use.setdefault(role, {})[info.file] = k
-                largest = max(largest, min(info.numel, chunk) * itemsize(info.dtype))
-        self.raw_bytes = buffer_bytes = max(buffer_bytes, largest)  # a tensor copied as it is: a buffer per step
+        self.raw_bytes = buffer_bytes = raw_step_bytes(ops, chunk, buffer_bytes)
+        steps = steps or (lambda k, op, raw: op_steps(op, chunk, raw))
         self.readers = {
             role: RoleReader(
                 role,
                 checkpoints[role],
-                plan_reads(ops, role, chunk, buffer_bytes),
+                plan_reads(ops, role, steps, buffer_bytes),
                 files,
                 buffer_bytes,
                 max(depth, workers + 1),
@@ -370,6 +371,15 @@ class InputStreamer:
             r.stop.set()
         for r in self.readers.values():
             r.close()
+
+
+def raw_step_bytes(ops: list, chunk: int, buffer_bytes: int) -> int:
+    """The bytes of a read buffer, and of a step that copies a tensor as it is: `buffer_bytes`, or more if a
+    computed step (at most `chunk` elements of one input tensor) needs more."""
+    from .steps import op_inputs
+
+    largest = max((min(info.numel, chunk) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op)), default=0)
+    return max(buffer_bytes, largest)
 
 
 def read_elements(path, info: TensorInfo, first: int = 0, stop: int | None = None) -> torch.Tensor:

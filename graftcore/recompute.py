@@ -4,8 +4,9 @@ The inputs are opened as graftcore.json records them (hub inputs pinned to their
 at their recorded absolute paths); each must have its recorded fingerprint (headers) and, for a local input,
 each file the identity the merge saw. The plan is rebuilt from them and the recorded options (the same
 tensors, dtypes, shapes, shard for shard), and K random chunks plus the first and last chunk of every shard
-are computed again on the CPU and compared bit for bit (LoRA blocks merged on a GPU: within one ulp, the
-GEMM's order being the device's). This module imports torch; verification.py loads it only for --recompute.
+are read through the streaming pass (stream.run_pass, only those steps) and computed again on the CPU, compared
+bit for bit (LoRA blocks merged on a GPU: within one ulp, the GEMM's order being the device's). This module
+imports torch; verification.py loads it only for --recompute.
 
 Example:
     >>> recompute_chunks(folder, manifest, headers, 8, None, report, {})   # doctest: +SKIP
@@ -24,10 +25,11 @@ from .errors import GraftError, VerifyError
 from .inputs import open_inputs
 from .options import MergeOptions
 from .plan import Plan, build_plan, headers_entries, plan_entries
-from .readers import read_elements
+from .readers import raw_step_bytes, read_elements
 from .report import VerifyReport
-from .safetensors_io import TensorInfo, torch_dtype
+from .safetensors_io import torch_dtype
 from .steps import Step, op_steps
+from .stream import StepConsumer, read_buffer_bytes, run_pass
 
 
 def recompute_chunks(
@@ -66,30 +68,77 @@ def recompute_chunks(
         rng = random.Random(seed)
     report.notes.append(f"chunks chosen with seed {seed}")
     chunk, merged_on_gpu = recorded_chunk(manifest)
-    chosen = choose_steps(plan, chunk, k, rng)
     from .compute.cpu import CpuCompute
-    from .engine import load_lora
 
-    compute = CpuCompute(chunk)
-    files = {(r.role, r.info.file) for _, _, step in chosen for r in step.reads}
-    for role, ck in checkpoints.items():
-        ck.schedule(sorted(f for rr, f in files if rr == role), folder / ".graftcore-downloads" / role)
-    loaded_for: dict[str, dict] = {}
-    with compute:
-        for shard, op, step in chosen:
-            if op.low_rank and op.name not in loaded_for:
-                loaded_for[op.name] = load_lora(op, compute, checkpoints, opts)
-            got = output_elements(folder, headers[shard.file], op.name, step)
-            want = recompute_step(op, step, checkpoints, compute, loaded_for.get(op.name))
-            ulp = op.low_rank and merged_on_gpu
+    ops = [op for shard in plan.shards for op in shard.ops]
+    raw = raw_step_bytes(ops, chunk, read_buffer_bytes(opts))  # what the streamer makes of every op
+    chosen = choose_steps(plan, chunk, raw, k, rng)
+    groups = [(shard.file, [op for op, _ in picks]) for shard, picks in chosen]
+    steps = [steps for _, picks in chosen for _, steps in picks]  # by the op's index in the pass
+    consumer = RecomputeConsumer(folder, headers, checkpoints, CpuCompute(chunk), opts, merged_on_gpu, report)
+    with consumer.compute:
+        run_pass(
+            groups,
+            checkpoints,
+            opts,
+            consumer,
+            chunk=chunk,
+            total=0,
+            label="verify",
+            scratch=folder / ".graftcore-downloads",
+            buffer_bytes=raw,
+            steps=lambda k, op, _raw: iter(steps[k]),
+        )
+
+
+class RecomputeConsumer(StepConsumer):
+    """Verify's side of the pass: each chosen step computed again on the CPU and compared with the output's bytes
+    (bit for bit; LoRA blocks merged on a GPU within one ulp); VerifyError at the first difference."""
+
+    def __init__(self, folder: Path, headers: dict, checkpoints: dict, compute, opts, merged_on_gpu, report):
+        self.folder, self.headers, self.checkpoints, self.compute, self.opts = (
+            folder,
+            headers,
+            checkpoints,
+            compute,
+            opts,
+        )
+        self.merged_on_gpu, self.report = merged_on_gpu, report
+        self.loaded = None
+
+    def begin_group(self, name: str, ops: list) -> None:
+        self.header, self.file = self.headers[name], name
+
+    def begin_op(self, op) -> None:
+        from .engine import load_lora
+
+        self.loaded = load_lora(op, self.compute, self.checkpoints, self.opts) if op.low_rank else None
+
+    def step(self, op, step: Step, held: list) -> int:
+        from .engine import compute_step
+
+        try:
+            if step.raw:
+                want = held[0].tensor(op.instruct)
+            else:
+                want = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
+                compute_step(op, step, held, want, self.compute, self.loaded)
+                self.compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
+            info = self.header.tensors[op.name]
+            got = read_elements(self.folder / info.file, info, step.lo, step.hi)
+            ulp = op.low_rank and self.merged_on_gpu
             if not same(got, want, ulp):
                 raise VerifyError(
-                    f"{folder / shard.file}: tensor {op.name!r}, elements {step.lo}..{step.hi}: the bytes differ from "
-                    f"what the recorded inputs give now (an input's data changed since the merge, or the shard was "
-                    f"written wrong)"
+                    f"{self.folder / self.file}: tensor {op.name!r}, elements {step.lo}..{step.hi}: the bytes differ "
+                    "from what the recorded inputs give now (an input's data changed since the merge, or the shard "
+                    "was written wrong)"
                 )
-            report.chunks_recomputed += 1
-            report.within_ulp += ulp
+        finally:
+            for h in held:
+                h.release()
+        self.report.chunks_recomputed += 1
+        self.report.within_ulp += ulp
+        return 0
 
 
 def recorded_options(manifest: dict, hub: dict) -> MergeOptions:
@@ -132,15 +181,14 @@ def recorded_chunk(manifest: dict) -> tuple[int, bool]:
     return (chunk if isinstance(chunk, int) and chunk > 0 else GPU_CHUNK if on_gpu else CHUNK), on_gpu
 
 
-def choose_steps(plan: Plan, chunk: int, k: int, rng: random.Random) -> list:
-    """(shard, op, step): the first and last chunk of every shard, and `k` other distinct chunks drawn uniformly
-    (all of them when the output has no more than that); each chunk at most once, in plan order."""
-    from .readers import BUFFER_BYTES
-
+def choose_steps(plan: Plan, chunk: int, raw: int, k: int, rng: random.Random) -> list:
+    """[(shard, [(op, [step, ...]), ...]), ...]: the first and last chunk of every shard, and `k` other distinct
+    chunks drawn uniformly (all of them when the output has no more than that); each chunk at most once, in plan
+    order, only the shards and ops that have one. `raw`: the bytes of a copied step."""
     ops = [(shard, op) for shard in plan.shards for op in shard.ops]
     starts = [0]  # the index of each op's first chunk among all the output's chunks
     for _, op in ops:
-        starts.append(starts[-1] + sum(1 for _ in op_steps(op, chunk, BUFFER_BYTES)))
+        starts.append(starts[-1] + sum(1 for _ in op_steps(op, chunk, raw)))
     fixed: set[int] = set()
     i = 0
     for shard in plan.shards:  # a shard's ops are consecutive in `ops`
@@ -159,48 +207,14 @@ def choose_steps(plan: Plan, chunk: int, k: int, rng: random.Random) -> list:
         if g not in fixed:
             drawn.add(g)
     wanted = sorted(fixed | drawn)
-    chosen = []
+    chosen: dict = {}
     for (shard, op), start, end in zip(ops, starts, starts[1:]):
         lo = bisect.bisect_left(wanted, start)
         if lo < len(wanted) and wanted[lo] < end:
             picks = set(wanted[lo : bisect.bisect_left(wanted, end)])
-            chosen += [
-                (shard, op, step) for j, step in enumerate(op_steps(op, chunk, BUFFER_BYTES)) if start + j in picks
-            ]
-    return chosen
-
-
-class _Read:
-    """An input range read whole, standing in for the streamer's Held."""
-
-    def __init__(self, data: torch.Tensor):
-        self.data = data
-
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
-        return self.data
-
-    def release(self, event=None) -> None:
-        pass
-
-
-def recompute_step(op, step: Step, checkpoints: dict, compute, loaded) -> torch.Tensor:
-    """The output elements of `step`, computed again from the inputs on the CPU."""
-    from .engine import compute_step
-
-    held = [
-        _Read(read_elements(checkpoints[r.role].shard_path(r.info.file), r.info, r.first, r.stop)) for r in step.reads
-    ]
-    if step.raw:
-        return held[0].data
-    out = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
-    compute_step(op, step, held, out, compute, loaded)
-    compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
-    return out
-
-
-def output_elements(folder: Path, header, name: str, step: Step) -> torch.Tensor:
-    info = header.tensors[name]
-    return read_elements(folder / info.file, info, step.lo, step.hi)
+            steps = [step for j, step in enumerate(op_steps(op, chunk, raw)) if start + j in picks]
+            chosen.setdefault(shard.file, (shard, []))[1].append((op, steps))
+    return list(chosen.values())
 
 
 def same(got: torch.Tensor, want: torch.Tensor, within_ulp: bool) -> bool:

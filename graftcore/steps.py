@@ -108,10 +108,11 @@ def block_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
         r0 = r1
 
 
-def plan_reads(ops: list[TensorOp], role: str, chunk: int, raw_bytes: int) -> Iterator[tuple[int, Read]]:
-    """(index of the op in `ops`, Read) for every read of `role`, in the order the engine takes them."""
+def plan_reads(ops: list[TensorOp], role: str, steps, raw_bytes: int) -> Iterator[tuple[int, Read]]:
+    """(index of the op in `ops`, Read) for every read of `role`, in the order the pass takes them; `steps(k, op,
+    raw_bytes)` gives the steps of the k-th op."""
     for k, op in enumerate(ops):
-        for step in op_steps(op, chunk, raw_bytes):
+        for step in steps(k, op, raw_bytes):
             for read in step.reads:
                 if read.role == role:
                     yield k, read

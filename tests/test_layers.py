@@ -21,7 +21,7 @@ LAYERS = [
     ("sources", {"checkpoint", "hub", "sources"}),
     ("plan", {"lora", "plan", "steps", "inputs", "report"}),
     ("compute", {"compute", "compute.cpu", "compute.cuda", "compute.devices"}),
-    ("pass", {"readers", "engine", "measure_stream"}),
+    ("pass", {"readers", "stream", "engine", "measure_stream"}),
     ("analysis", {"measure", "verification", "recompute"}),
     ("job", {"job", "distributed"}),
     ("api", {"api", "tensors"}),

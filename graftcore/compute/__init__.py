@@ -19,6 +19,7 @@ class Compute(Protocol):
     chunk: int  # elements per computed step
     pin_output: bool  # output buffers in pinned memory (for device-to-host copies)
     deferred: bool  # NaN/Inf counts known only when nonfinite() is called (once per shard), not per chunk
+    input_event: object  # what the read buffers' release waits for (a CUDA event after the copy to the device)
 
     def __enter__(self) -> Compute: ...
 

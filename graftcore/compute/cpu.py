@@ -1,4 +1,4 @@
-"""The CPU compute: the kernels' CPU twin on chunks, into pooled output buffers, single-threaded beside the writer.
+"""The CPU compute: the kernels' CPU twin on chunks, into pooled output buffers.
 
 Example:
     >>> with CpuCompute(1 << 18) as compute:                          # doctest: +SKIP
@@ -11,15 +11,13 @@ import torch
 
 
 class CpuCompute:
-    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk).
-
-    Torch runs single-threaded while merging: the writer thread (pwrite + sha256) needs a core, and with
-    OpenMP threads spin-waiting beside it a 2-core machine ran 2x slower than with one compute thread.
-    """
+    """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk). It runs on the
+    pass's thread, which keeps torch single-threaded (stream.run_pass)."""
 
     name = "cpu"
     pin_output = False
     deferred = False  # NaN/Inf counts are known as soon as a chunk is computed
+    input_event = None  # nothing reads the input buffers after a call returns
 
     def __init__(self, chunk: int):
         from ..kernels import CpuScratch
@@ -29,12 +27,10 @@ class CpuCompute:
         self.counts: dict = {}  # tensor name -> kernels.NonFinite
 
     def __enter__(self):
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self._threads)
+        pass
 
     def graft(self, out: torch.Tensor, i: torch.Tensor, tuned: list, b: torch.Tensor, alphas: list[float], name: str):
         """`out = I + a1 * (T1 - B) + ...` now; returns None (nothing to wait for)."""
