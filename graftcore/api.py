@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .checkpoint import Checkpoint
 from .compute.devices import local_cuda_device, out_of_memory_is_an_error, select_compute
 from .distributed import joined_group, spawn_workers, write_output_distributed
 from .errors import GraftError
-from .inputs import Ref, check_output_outside_inputs, open_inputs
+from .inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
 from .job import job_fingerprint, write_output
 from .options import MergeOptions, option_fields
 from .output import OutputFolder
@@ -64,18 +63,10 @@ def graft(
         >>> report = graftcore.graft(base="Llama-3.1-8B", tuned=["math-sft", "code-sft"], alpha=[0.7, 0.5],
         ...                          instruct="Llama-3.1-8B-Instruct", output="shadow")      # doctest: +SKIP
     """
-    unknown = sorted(set(options) - {f.name for f in option_fields()})
-    if unknown:
-        raise GraftError(f"graft: unknown option(s) {', '.join(unknown)} (see graftcore.MergeOptions)")
+    allowed = [f.name for f in option_fields()]
+    check_call("graft", options, allowed, {"instruct": instruct, "output": output, "base": base}, optional={"base"})
     opts = MergeOptions(alpha=alpha, device=device, **options)
-    refs = (
-        [tuned] if isinstance(tuned, (str, os.PathLike)) else list(tuned) if isinstance(tuned, (list, tuple)) else None
-    )
-    if not refs or not all(isinstance(r, (str, os.PathLike)) for r in refs):
-        raise GraftError(f"tuned: expected a REF or a list of REFs (folders, files, hub ids), got {tuned!r}")
-    for role, ref in (("instruct", instruct), ("output", output), ("base", base)):
-        if not isinstance(ref, (str, os.PathLike)) and not (role == "base" and ref is None):
-            raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
+    refs = tuned_refs(tuned)
     log = log or (lambda _msg: None)
     group = joined_group()  # torchrun, or a process group the caller initialised
     if group is not None and opts.workers > 1:

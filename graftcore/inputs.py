@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from .checkpoint import Checkpoint
@@ -22,6 +23,40 @@ from .plan import DeltaInput, tuned_role
 from .sources import open_checkpoint
 
 Ref = str | os.PathLike
+
+
+def check_call(call: str, options: dict, allowed: Collection[str], refs: dict[str, object], optional=()) -> None:
+    """The checks graft(), similarity() and verify() share, before any input is opened: GraftError for an option
+    `call` does not take, or a REF that is not a str or os.PathLike (None only for the roles in `optional`).
+
+    Example:
+        >>> check_call("graft", {"colour": "red"}, ["alpha"], {})
+        Traceback (most recent call last):
+        graftcore.errors.GraftError: graft: unknown option(s) colour (it takes alpha)
+    """
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise GraftError(f"{call}: unknown option(s) {', '.join(unknown)} (it takes {', '.join(allowed)})")
+    for role, ref in refs.items():
+        if not isinstance(ref, (str, os.PathLike)) and not (ref is None and role in optional):
+            raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
+
+
+def tuned_refs(tuned, optional: bool = False) -> list[Ref]:
+    """`tuned` as a list of REFs: one REF, or a non-empty list or tuple of them (None or empty: none, where
+    `optional`); GraftError for anything else."""
+    if tuned is None and optional:
+        return []
+    if isinstance(tuned, (str, os.PathLike)):
+        return [tuned]
+    if (
+        isinstance(tuned, (list, tuple))
+        and (tuned or optional)
+        and all(isinstance(r, (str, os.PathLike)) for r in tuned)
+    ):
+        return list(tuned)
+    what = "None, a REF" if optional else "a REF"
+    raise GraftError(f"tuned: expected {what} or a list of REFs (folders, files, hub ids), got {tuned!r}")
 
 
 def open_inputs(

@@ -35,10 +35,10 @@ from pathlib import Path
 from . import interrupts
 from .checkpoint import Checkpoint
 from .errors import AdapterError, GraftError, MismatchError, OutputError
-from .inputs import Ref, check_output_outside_inputs, open_inputs
+from .inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
 from .options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
 from .output import atomic_write, output_errors
-from .plan import Action, DeltaInput, TensorOp, Term, strip_wrappers
+from .plan import Action, DeltaInput, TensorOp, Term, match_inputs, swapped_hint
 from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
 from .version import __version__
 
@@ -319,29 +319,17 @@ class MeasurePlan:
 
 def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput], opts: MergeOptions) -> MeasurePlan:
     """Which tensors to measure and how each input is read; MismatchError / AdapterError before anything is read."""
-    from .lora import adapter_terms
-
-    instruct, base = checkpoints["instruct"], checkpoints["base"]
-    notes: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    base_t = strip_wrappers(base, instruct.tensors, "base", notes)
-    sources = []  # (delta, full tensors by Instruct name, low-rank updates by Instruct name)
-    for d in deltas:
-        if d.adapter is None:
-            sources.append((d, strip_wrappers(d.checkpoint, instruct.tensors, d.role, notes), {}))
-            continue
-        full, updates = adapter_terms(d.adapter, instruct, base, notes)
+    instruct = checkpoints["instruct"]
+    matched = match_inputs(instruct, deltas, checkpoints["base"])
+    for _, _, updates in matched.sources:
         dora = next((u for u in updates.values() if u.magnitude is not None), None)
         if dora is not None:
             raise AdapterError(
                 f"{dora.where}: DoRA adapter (tensor {dora.magnitude.name!r}): graftcore similarity does not measure "
                 f"DoRA updates yet; merge the adapter into Base (PEFT merge_and_unload) and pass that model as --tuned"
             )
-        sources.append((d, full, updates))
-
-    def locate(role: str, info: TensorInfo | None) -> str:
-        return checkpoints[role].ref if info is None else checkpoints[role].locate(info.file)
-
+    base_t, sources, notes, locate = matched.base, matched.sources, matched.notes, matched.locate
+    skipped: list[tuple[str, str]] = []
     measured = []
     for name, i in instruct.tensors.items():
         b = base_t.get(name)
@@ -394,9 +382,7 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
         info = i if rows is None else i._replace(shape=b.shape, end=i.start + b.numel * itemsize(i.dtype))
         op = MeasureOp(name, Action.GRAFT, info.dtype, info, b, tuple(terms))
         measured.append(Measured(op, tuple(i.shape), rows, how))
-    seen = set(instruct.tensors)
-    for role, tensors in [("base", base_t), *((d.role, full) for d, full, _ in sources if d.adapter is None)]:
-        skipped += [(n, f"in {role}, not in Instruct") for n in tensors if n not in seen]
+    skipped += [(name, reason) for name, reason in matched.ignored()]
     return MeasurePlan(measured, skipped, notes)
 
 
@@ -407,12 +393,9 @@ def shared_rows(name: str, i: TensorInfo, b: TensorInfo, locate) -> int | None:
         return None
     if len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:] and i.shape[0] > b.shape[0]:
         return b.shape[0]
-    hint = ""
-    if len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:]:
-        hint = "; were --base and --instruct swapped? (Instruct may have more rows than Base, never fewer)"
     raise MismatchError(
         f"{locate('instruct', i)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(b.shape)} "
-        f"in base ({locate('base', b)}){hint}"
+        f"in base ({locate('base', b)}){swapped_hint(i, b, i)}"
     )
 
 
@@ -449,25 +432,17 @@ def similarity(
         >>> r.model.metrics("instruct")["sigma"]                                                       # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    unknown = sorted(set(options) - set(SIMILARITY_OPTIONS))
-    if unknown:
-        raise GraftError(
-            f"similarity: unknown option(s) {', '.join(unknown)} (it takes {', '.join(SIMILARITY_OPTIONS)})"
-        )
-    opts = MergeOptions(**options)
     if base is None:
         raise GraftError("--base is required: similarity measures Instruct (and each tuned input) against Base")
-    if tuned is None:
-        refs = []
-    elif isinstance(tuned, (str, os.PathLike)):
-        refs = [tuned]
-    elif isinstance(tuned, (list, tuple)) and all(isinstance(r, (str, os.PathLike)) for r in tuned):
-        refs = list(tuned)
-    else:
-        raise GraftError(f"tuned: expected None, a REF or a list of REFs (folders, files, hub ids), got {tuned!r}")
-    for role, ref in (("instruct", instruct), ("base", base), ("output", output)):
-        if not isinstance(ref, (str, os.PathLike)) and not (role == "output" and ref is None):
-            raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
+    check_call(
+        "similarity",
+        options,
+        SIMILARITY_OPTIONS,
+        {"instruct": instruct, "base": base, "output": output},
+        optional={"output"},
+    )
+    opts = MergeOptions(**options)
+    refs = tuned_refs(tuned, optional=True)
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; --output names the folder for {JSON_NAME}")

@@ -156,6 +156,51 @@ class Plan:
         return "\n".join(lines)
 
 
+@dataclass
+class MatchedInputs:
+    """The inputs as both planners (the merge's build_plan and similarity's) match them, by Instruct's names:
+    Base's tensors, and per tuned input its full tensors and its adapter's low-rank updates."""
+
+    instruct: Checkpoint
+    checkpoints: dict[str, Checkpoint]  # role -> Checkpoint
+    base: dict[str, TensorInfo]
+    sources: list[tuple[DeltaInput, dict[str, TensorInfo], dict]]  # (delta, full tensors, low-rank updates)
+    notes: list[str]
+
+    def locate(self, role: str, info: TensorInfo | None) -> str:
+        """Where `info` of input `role` is (its shard file); the input's ref for None."""
+        ck = self.checkpoints[role]
+        return ck.ref if info is None else ck.locate(info.file)
+
+    def ignored(self) -> list[Ignored]:
+        """Tensors of Base or of a full tuned input that Instruct does not have, with the inputs that hold them."""
+        extra: dict[str, list[str]] = {}
+        fulls = [(d.role, full) for d, full, _ in self.sources if d.adapter is None]
+        for role, tensors in [("base", self.base), *fulls]:
+            for n in tensors:
+                if n not in self.instruct.tensors:
+                    extra.setdefault(n, []).append(role)
+        return [Ignored(n, f"in {' and '.join(roles)}, not in Instruct") for n, roles in extra.items()]
+
+
+def match_inputs(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None) -> MatchedInputs:
+    """Every input's tensors under Instruct's names (wrapper prefixes stripped), adapters turned into low-rank
+    updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit."""
+    from .lora import adapter_terms
+
+    notes: list[str] = []
+    checkpoints = {"instruct": instruct, **({"base": base} if base is not None else {})}
+    sources = []
+    for d in deltas:
+        checkpoints[d.role] = d.checkpoint
+        if d.adapter is None:
+            sources.append((d, strip_wrappers(d.checkpoint, instruct.tensors, d.role, notes), {}))
+        else:
+            sources.append((d, *adapter_terms(d.adapter, instruct, base, notes)))
+    base_t = strip_wrappers(base, instruct.tensors, "base", notes) if base is not None else {}
+    return MatchedInputs(instruct, checkpoints, base_t, sources, notes)
+
+
 def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, opts: MergeOptions) -> Plan:
     """Decide graft / graft rows / LoRA / copy for every Instruct tensor; raise MismatchError (or AdapterError)
     on inconsistent inputs, before anything is written.
@@ -165,30 +210,12 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
         >>> plan = build_plan(open_checkpoint(i), tuned, open_checkpoint(b), MergeOptions())          # doctest: +SKIP
         >>> print(plan.describe())                                                                    # doctest: +SKIP
     """
-    from .lora import adapter_terms
-
-    notes: list[str] = []
-    checkpoints = {"instruct": instruct, **({"base": base} if base is not None else {})}
-    sources = []  # (delta, full tensors by Instruct name, low-rank updates by Instruct name)
-    for d in deltas:
-        checkpoints[d.role] = d.checkpoint
-        if d.adapter is None:
-            sources.append((d, strip_wrappers(d.checkpoint, instruct.tensors, d.role, notes), {}))
-        else:
-            sources.append((d, *adapter_terms(d.adapter, instruct, base, notes)))
-    base_t = strip_wrappers(base, instruct.tensors, "base", notes) if base is not None else {}
-
-    def locate(role: str, info: TensorInfo | None) -> str:
-        """Where `info` of input `role` is (its shard file); the input's ref for None."""
-        return checkpoints[role].ref if info is None else checkpoints[role].locate(info.file)
-
-    ops = {name: plan_tensor(name, i, base_t.get(name), sources, opts, locate) for name, i in instruct.tensors.items()}
-    extra: dict[str, list[str]] = {}
-    for role, tensors in [("base", base_t), *((d.role, full) for d, full, _ in sources if d.adapter is None)]:
-        for n in tensors:
-            if n not in instruct.tensors:
-                extra.setdefault(n, []).append(role)
-    ignored = [Ignored(n, f"in {' and '.join(roles)}, not in Instruct") for n, roles in extra.items()]
+    matched = match_inputs(instruct, deltas, base)
+    ops = {
+        name: plan_tensor(name, i, matched.base.get(name), matched.sources, opts, matched.locate)
+        for name, i in instruct.tensors.items()
+    }
+    ignored, notes = matched.ignored(), matched.notes
     adapters = [d.role for d in deltas if d.adapter is not None]
     return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import interrupts
 from .errors import GraftError, VerifyError
+from .inputs import check_call
 from .json_files import read_json_file
 from .output import MANIFEST, file_sha256
 from .plan import entries_digest, headers_entries
@@ -55,9 +56,7 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
         raise GraftError(f"--recompute: expected a whole number >= 0, got {recompute!r}")
     if seed is not None and not is_whole(seed):
         raise GraftError(f"--seed: expected a whole number, got {seed!r}")
-    unknown = sorted(set(hub_options) - {"token", "cache_dir", "quiet"})
-    if unknown:
-        raise GraftError(f"verify: unknown option(s) {', '.join(unknown)} (it takes token, cache_dir, quiet)")
+    check_call("verify", hub_options, ("token", "cache_dir", "quiet"), {})
     folder = Path(output)
     manifest = read_manifest(folder)
     report = VerifyReport(folder)
