@@ -15,8 +15,6 @@ from .errors import CheckpointError
 from .json_files import parse_json, read_file_bytes
 from .safetensors_io import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, utf8
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # files that are weights (never copied to the output as "non-weight files")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
@@ -113,6 +111,19 @@ class Checkpoint:
     def extra_file_path(self, name: str) -> Path:
         assert self.root is not None
         return self.root / name
+
+
+NEVER_UNPICKLES = "graftcore reads safetensors and never unpickles (unpickling runs the file's code)"
+
+
+def pickled_only(where: str, pickles: list[str], load_args: str, save_to: str) -> str:
+    """The refusal of a model stored only as pickled weights, with the one-line conversion that fixes it
+    (`load_args`: what from_pretrained takes, e.g. "'org/name', revision='main'")."""
+    return (
+        f"{where}: holds only pickled weights ({', '.join(pickles[:3])}); {NEVER_UNPICKLES}. Convert first: "
+        f'python -c "from transformers import AutoModelForCausalLM as M; '
+        f"M.from_pretrained({load_args}).save_pretrained('{save_to}')\""
+    )
 
 
 def is_extra_file(rel: str) -> bool:

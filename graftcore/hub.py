@@ -46,17 +46,16 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from .checkpoint import (
-    INDEX_NAME,
     PICKLE_SUFFIXES,
-    SINGLE_NAME,
     Checkpoint,
     check_index,
     collect_tensors,
     is_extra_file,
+    pickled_only,
     read_index,
 )
 from .errors import CheckpointError, DownloadError, GraftError
-from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, parse_header, read_header
+from .safetensors_io import INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME, ShardHeader, parse_header, read_header
 
 LOW_DISK_HELD = 2  # --low-disk: shards of one input on disk at once (the one being merged + the next)
 HEADER_THREADS = 8  # concurrent header range requests (each is two small GETs)
@@ -284,12 +283,8 @@ def weight_files(hub: HubRepo, sizes: dict[str, int]) -> tuple[list[str], dict[s
         return shards, None
     pickles = sorted(f for f in sizes if f.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise CheckpointError(
-            f"{hub.where}: holds only pickled weights ({', '.join(pickles[:3])}); graftcore reads safetensors and "
-            "never "
-            f'unpickles. Convert first: python -c "from transformers import AutoModelForCausalLM as M; '
-            f"M.from_pretrained('{hub.repo}', revision='{hub.requested}').save_pretrained('local-safetensors')\""
-        )
+        load_args = f"'{hub.repo}', revision='{hub.requested}'"
+        raise CheckpointError(pickled_only(hub.where, pickles, load_args, "local-safetensors"))
     raise CheckpointError(f"{hub.where}: no .safetensors weights and no {INDEX_NAME} in the repo")
 
 

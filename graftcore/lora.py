@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import Checkpoint
+from .checkpoint import NEVER_UNPICKLES, Checkpoint
 from .errors import AdapterError, CheckpointError, NonFiniteError
 from .json_files import read_json_file
 from .safetensors_io import FLOAT_DTYPES, TensorInfo
@@ -266,7 +266,7 @@ def open_adapter(ref) -> Adapter:
         pickles = [n for n in PICKLE_NAMES if (root / n).is_file()]
         if pickles:
             raise AdapterError(
-                f"{root / pickles[0]}: the adapter is stored only as pickled weights; graftcore never unpickles. "
+                f"{root / pickles[0]}: the adapter is stored only as pickled weights; {NEVER_UNPICKLES}. "
                 f"Re-save it with PEFT: model.save_pretrained(dir, safe_serialization=True)"
             )
         raise AdapterError(f"{root}: no {WEIGHTS_NAME} in the adapter folder")
@@ -311,7 +311,7 @@ class LowRankUpdate:
         """Read the factors in float32, laid out for row chunks (left [rows, r], right [r, cols], contiguous)."""
         import torch  # not at the top: planning (this module's other half) needs no torch
 
-        a = view(self.a).to(torch.float32, copy=True)  # a copy: nothing keeps the adapter's map alive
+        a = view(self.a).to(torch.float32, copy=True)  # a float32 copy: the read buffer is not kept
         if self.kind == "bias":
             left, right = a.reshape(-1, 1).contiguous(), torch.ones(1, 1)
         else:

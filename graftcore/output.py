@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import GraftError, OutputError
 from .json_files import read_json_file
-from .safetensors_io import fsync_dir
+from .safetensors_io import INDEX_NAME, fsync_dir
 
 PROGRESS = "graftcore.progress.json"
 MANIFEST = "graftcore.json"
@@ -275,8 +275,8 @@ class OutputFolder:
                 atomic_copy(src, self.path / rel)
         written = [*self.finished, *(rel for _, rel in extra_files)]
         if index is not None:
-            atomic_write(self.path / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-            written.append("model.safetensors.index.json")
+            atomic_write(self.path / INDEX_NAME, json.dumps(index, indent=2).encode())
+            written.append(INDEX_NAME)
         manifest = {**manifest, "fingerprint": self.fingerprint, "shards": self.finished, "files": sorted(written)}
         atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=2).encode())
         with output_errors(self.path, "finish the output folder"):

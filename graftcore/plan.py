@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
-from .checkpoint import SINGLE_NAME, Checkpoint
+from .checkpoint import Checkpoint
 from .errors import MismatchError
 from .options import MergeOptions, parse_size
-from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
+from .safetensors_io import FLOAT_DTYPES, SINGLE_NAME, TensorInfo, itemsize
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

@@ -25,6 +25,8 @@ from typing import NamedTuple
 from .errors import CheckpointError, OutputError
 from .json_files import parse_json
 
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> shard map
+SINGLE_NAME = "model.safetensors"  # an unsharded checkpoint's one file
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
 WRITEBACK_EVERY = 32 << 20  # start writing dirty pages to disk after this many bytes, so fsync finds little left
 

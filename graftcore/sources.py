@@ -1,7 +1,7 @@
 """REF -> Checkpoint (checkpoint.py): which safetensors files make up an input, and where each tensor lies in them.
 
 A REF is an existing local path (a folder, or one `.safetensors` file) or a hub repo id `org/name[@rev]`.
-Only headers are read here; tensor data is mapped later by the engine, file by file, through
+Only headers are read here; tensor data is read later by the streaming pass (readers.py), file by file, through
 `Checkpoint.shard_path`, which is where a hub checkpoint downloads.
 """
 
@@ -12,16 +12,16 @@ import re
 from pathlib import Path
 
 from .checkpoint import (
-    INDEX_NAME,
+    NEVER_UNPICKLES,
     PICKLE_SUFFIXES,
-    SINGLE_NAME,
     Checkpoint,
     check_index,
     checkpoint_from_headers,
+    pickled_only,
     read_index,
 )
 from .errors import CheckpointError
-from .safetensors_io import read_header
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, read_header
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -82,11 +82,7 @@ def open_local(path: Path) -> Checkpoint:
     if not shards:
         pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if pickles:
-            raise CheckpointError(
-                f"{path}: holds only pickled weights ({', '.join(pickles[:3])}); graftcore reads safetensors "
-                f'and never unpickles. Convert first: python -c "from transformers import AutoModelForCausalLM as M; '
-                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
-            )
+            raise CheckpointError(pickled_only(str(path), pickles, f"'{path}'", f"{path}-safetensors"))
         raise CheckpointError(f"{path}: no .safetensors files and no {INDEX_NAME}")
     headers = [read_header(p) for p in shards]
     return checkpoint_from_headers(str(path), path, headers, has_index=False, files={p.name: p for p in shards})
@@ -106,7 +102,5 @@ def open_indexed_folder(path: Path, index: Path) -> Checkpoint:
 
 def pickle_hint(path: Path) -> str:
     if path.name.endswith(PICKLE_SUFFIXES):
-        return (
-            " (pickled weights: graftcore never unpickles; convert to safetensors with transformers' save_pretrained)"
-        )
+        return f" (pickled weights: {NEVER_UNPICKLES}; convert to safetensors with transformers' save_pretrained)"
     return ""

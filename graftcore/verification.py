@@ -30,9 +30,7 @@ from .json_files import read_json_file
 from .output import MANIFEST, file_sha256
 from .plan import entries_digest, headers_entries
 from .report import VerifyReport
-from .safetensors_io import read_header
-
-INDEX = "model.safetensors.index.json"
+from .safetensors_io import INDEX_NAME, read_header
 
 
 def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = None, **hub_options) -> VerifyReport:
@@ -187,7 +185,7 @@ def check_shards(folder: Path, manifest: dict, report: VerifyReport) -> dict:
 def check_index(folder: Path, manifest: dict, headers: dict) -> None:
     """The index (when the output has one) maps exactly the tensors the shards hold, each to its shard."""
     held = {name: file for file, h in headers.items() for name in h.tensors}
-    index = folder / INDEX
+    index = folder / INDEX_NAME
     if not index.exists():
         if len(headers) > 1:
             raise VerifyError(f"{index}: missing, and the output has {len(headers)} shards")

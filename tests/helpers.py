@@ -11,6 +11,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# ---- trios of checkpoints ----
+
+
+def write_trio(
+    folder: Path,
+    tensors: tuple[dict, dict, dict],
+    shards=(1, 1, 1),
+    config=None,
+    config_roles=("instruct",),
+    extra_files=None,
+) -> tuple[Path, Path, Path]:
+    """Base, tuned and Instruct (`tensors` in that order) written as `folder/base`, `/tuned` and `/instruct`, in
+    `shards` files each; `config` (config.json) goes to the roles in `config_roles`, `extra_files` to Instruct."""
+    return tuple(
+        write_checkpoint(
+            Path(folder) / role,
+            sd,
+            k,
+            config=config if role in config_roles else None,
+            extra_files=extra_files if role == "instruct" else None,
+        )
+        for role, sd, k in zip(("base", "tuned", "instruct"), tensors, shards)
+    )
+
 
 def llama_tensors(seed: int, dtype=torch.bfloat16, vocab=96, hidden=32, inter=64, layers=2, tied=False, noise=0.0):
     """Llama-shaped random tensors; `noise` perturbs a shared seed-0 set, like a fine-tune of one Base."""
@@ -125,3 +149,61 @@ def interpreted_kernel_module():
             os.environ["TRITON_INTERPRET"] = saved
     assert module.INTERPRET
     return module
+
+
+# ---- models and adapters made by transformers and PEFT ----
+
+LLAMA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    attention_bias=True,
+)
+
+
+def perturbed(model, seed: int, scale: float):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model
+
+
+def load_model(folder, cls=None):
+    import transformers
+
+    cls = cls or transformers.AutoModelForCausalLM
+    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def make_adapter(base: Path, out: Path, seed: int = 7, save_embedding_layers="auto", **lora) -> Path:
+    """A PEFT adapter trained (here: randomised) on Base: every trainable tensor gets non-zero noise."""
+    import peft
+
+    model = peft.get_peft_model(load_model(base), peft.LoraConfig(**lora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))  # DoRA magnitudes near the norms
+            elif "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))  # B is zero at init
+            else:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))  # modules_to_save, trained biases
+    model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
+    return out
+
+
+def peft_merge(model_dir: Path, adapter: Path):
+    """PEFT's own answer: the adapter loaded onto `model_dir` and merged, float32."""
+    import peft
+
+    model = peft.PeftModel.from_pretrained(load_model(model_dir), str(adapter)).merge_and_unload()
+    return model, {k: v.detach() for k, v in model.state_dict().items()}

@@ -7,14 +7,12 @@ import sys
 
 import pytest
 import torch
-from helpers import llama_tensors, write_checkpoint
+from helpers import llama_tensors, write_checkpoint, write_trio
 
 
 def good_trio(tmp_path, instruct_shards=1):
-    b = write_checkpoint(tmp_path / "base", llama_tensors(1))
-    t = write_checkpoint(tmp_path / "tuned", llama_tensors(2, noise=1e-3))
-    i = write_checkpoint(tmp_path / "instruct", llama_tensors(3, noise=1e-3), instruct_shards, config={})
-    return b, t, i
+    sds = llama_tensors(1), llama_tensors(2, noise=1e-3), llama_tensors(3, noise=1e-3)
+    return write_trio(tmp_path, sds, (1, 1, instruct_shards), config={})
 
 
 def raw_file(path, header: bytes | dict, data: bytes = b"", length: int | None = None):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_tensors, write_checkpoint
+from helpers import llama_tensors, write_checkpoint, write_trio
 
 from graftcore.cli import main
 from graftcore.output import config_with_dtype
@@ -27,12 +27,8 @@ def trio(tmp_path, extra_tensors: int = 0, config: dict | None = None):
         f"extra.{k:05d}.a_long_name_so_that_the_plan_fills_a_pipe_buffer.weight": torch.zeros(1, dtype=torch.bfloat16)
         for k in range(extra_tensors)
     }
-    b = write_checkpoint(tmp_path / "base", {**llama_tensors(1), **extras})
-    t = write_checkpoint(tmp_path / "tuned", {**llama_tensors(2, noise=1e-3), **extras})
-    i = write_checkpoint(
-        tmp_path / "instruct", llama_tensors(3, noise=1e-3), config=config if config is not None else {}
-    )
-    return b, t, i
+    sds = {**llama_tensors(1), **extras}, {**llama_tensors(2, noise=1e-3), **extras}, llama_tensors(3, noise=1e-3)
+    return write_trio(tmp_path, sds, config=config if config is not None else {})
 
 
 def offline_env(tmp_path) -> dict:

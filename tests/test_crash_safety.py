@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import load_folder, reference, same_bits, write_checkpoint
+from helpers import load_folder, reference, same_bits, write_trio
 from safetensors import safe_open
 
 from graftcore.safetensors_io import read_header
@@ -20,10 +20,7 @@ def big_trio(tmp_path):
     base = {n: (torch.randn(512, 1024, generator=g) * 0.02).bfloat16() for n in names}
     tuned = {n: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).bfloat16() for n, v in base.items()}
     instruct = {n: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).bfloat16() for n, v in base.items()}
-    return (base, tuned, instruct), [
-        write_checkpoint(tmp_path / r, sd, k)
-        for r, sd, k in (("base", base, 2), ("tuned", tuned, 3), ("instruct", instruct, 4))
-    ]
+    return (base, tuned, instruct), list(write_trio(tmp_path, (base, tuned, instruct), (2, 3, 4)))
 
 
 def start(paths, out, chunk="256"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
+from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint, write_trio
 
 import graftcore
 
@@ -25,11 +25,8 @@ if not torch.distributed.is_available():
 def trio(tmp_path):
     base, tuned = llama_tensors(1, layers=4), llama_tensors(2, torch.float32, noise=2e-3, layers=4)
     instruct = llama_tensors(3, noise=5e-3, layers=4)
-    paths = {
-        "base": write_checkpoint(tmp_path / "base", base, 1),
-        "tuned": write_checkpoint(tmp_path / "tuned", tuned, 2),
-        "instruct": write_checkpoint(tmp_path / "instruct", instruct, 5, config={"torch_dtype": "bfloat16"}),
-    }
+    written = write_trio(tmp_path, (base, tuned, instruct), (1, 2, 5), config={"torch_dtype": "bfloat16"})
+    paths = dict(zip(("base", "tuned", "instruct"), written))
     return paths, base, tuned, instruct
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
+from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint, write_trio
 from safetensors import safe_open
 
 import graftcore
@@ -26,10 +26,11 @@ from graftcore.safetensors_io import read_header
 
 def trio(tmp_path, shards=(1, 2, 3)):
     sds = llama_tensors(1), llama_tensors(2, noise=2e-3), llama_tensors(3, noise=5e-3)
-    paths = [
-        write_checkpoint(tmp_path / r, sd, k, config={"torch_dtype": "bfloat16"})
-        for r, sd, k in zip(("base", "tuned", "instruct"), sds, shards)
-    ]
+    paths = list(
+        write_trio(
+            tmp_path, sds, shards, config={"torch_dtype": "bfloat16"}, config_roles=("base", "tuned", "instruct")
+        )
+    )
     return sds, paths
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_folder
+from helpers import LLAMA, load_folder, load_model, make_adapter, peft_merge, perturbed
 from safetensors.torch import load_file, save_file
 
 import graftcore
@@ -23,28 +23,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 transformers.utils.logging.disable_progress_bar()
 
-LLAMA = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    attention_bias=True,
-)
 GPT2 = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=0)
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = torch.tensor([[1, 5, 17, 42, 3, 88, 7, 60]])
-
-
-def perturbed(model, seed: int, scale: float):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -66,35 +47,6 @@ def gpt2(tmp_path_factory):
     model.save_pretrained(root / "base")
     perturbed(model, 1, 0.01).save_pretrained(root / "instruct")
     return root / "base", root / "instruct"
-
-
-def load_model(folder, cls=None):
-    cls = cls or transformers.AutoModelForCausalLM
-    return cls.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def make_adapter(base: Path, out: Path, seed: int = 7, save_embedding_layers="auto", **lora) -> Path:
-    """A PEFT adapter trained (here: randomised) on Base: every trainable tensor gets non-zero noise."""
-    model = peft.get_peft_model(load_model(base), peft.LoraConfig(**lora))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))  # DoRA magnitudes near the norms
-            elif "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))  # B is zero at init
-            else:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))  # modules_to_save, trained biases
-    model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
-    return out
-
-
-def peft_merge(model_dir: Path, adapter: Path):
-    """PEFT's own answer: the adapter loaded onto `model_dir` and merged, float32."""
-    model = peft.PeftModel.from_pretrained(load_model(model_dir), str(adapter)).merge_and_unload()
-    return model, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def ulp_bf16(x: torch.Tensor) -> torch.Tensor:

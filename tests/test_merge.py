@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, reference, reference64, same_bits, write_checkpoint
+from helpers import llama_tensors, load_folder, reference, reference64, same_bits, write_trio
 
 import graftcore
 
@@ -13,10 +13,7 @@ CFG = {"model_type": "llama"}
 
 
 def trio(tmp_path, base, tuned, instruct, shards=(1, 1, 1), extra=None):
-    b = write_checkpoint(tmp_path / "base", base, shards[0])
-    t = write_checkpoint(tmp_path / "tuned", tuned, shards[1])
-    i = write_checkpoint(tmp_path / "instruct", instruct, shards[2], config=CFG, extra_files=extra)
-    return b, t, i
+    return write_trio(tmp_path, (base, tuned, instruct), shards, config=CFG, extra_files=extra)
 
 
 def standard(dtype=torch.bfloat16, tuned_dtype=None, **kw):

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import interpreted_kernel_module, llama_tensors, load_folder, write_checkpoint
+from helpers import interpreted_kernel_module, llama_tensors, load_folder, write_checkpoint, write_trio
 
 import graftcore
 from graftcore.api import run_plan
@@ -110,10 +110,7 @@ def trio(tmp_path):
         llama_tensors(2, FP16, noise=2e-3),
         llama_tensors(3, FP16, noise=5e-3),
     )
-    paths = {
-        r: write_checkpoint(tmp_path / r, sd, k)
-        for r, sd, k in (("base", base, 1), ("tuned", tuned, 2), ("instruct", instruct, 1))
-    }
+    paths = dict(zip(("base", "tuned", "instruct"), write_trio(tmp_path, (base, tuned, instruct), (1, 2, 1))))
     return paths, base, tuned, instruct
 
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, write_checkpoint
+from helpers import llama_tensors, load_folder, make_adapter, write_checkpoint
 from safetensors.torch import load_file
 
 import graftcore
@@ -296,7 +296,6 @@ def hf_models(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`", "ignore::FutureWarning")
 def test_a_full_fine_tune_and_a_peft_adapter(hf_models, tmp_path):
     pytest.importorskip("peft")
-    from test_lora import make_adapter  # the PEFT adapter maker the LoRA tests use
 
     root = hf_models
     adapter = make_adapter(

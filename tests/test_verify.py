@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, write_checkpoint
+from helpers import LLAMA, llama_tensors, load_folder, make_adapter, write_checkpoint
 
 import graftcore
 
@@ -59,7 +59,6 @@ def test_verify_recomputes_lora_and_copies(tmp_path):
     """A PEFT adapter merged onto Instruct: its LoRA blocks recompute to the same bits on the CPU."""
     pytest.importorskip("peft")
     import transformers
-    from test_lora import LLAMA, make_adapter  # the real PEFT adapter maker
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)

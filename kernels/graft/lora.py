@@ -88,10 +88,3 @@ def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | No
             d.mul_(term.alpha)
         acc.add_(d)
     return round_into(out.reshape(-1), acc.reshape(-1), instruct, bad_delta)  # the one rounding
-
-
-def torch_lora(
-    instruct: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """The formula written plainly (whole tensors, float32): the reference the blocked kernel is checked against."""
-    return (instruct.float() + scale * (left.float() @ right.float())).to(dtype)
