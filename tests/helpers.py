@@ -166,6 +166,13 @@ LLAMA = dict(
 )
 
 
+def tiny_llama_config(**overrides):
+    """A transformers LlamaConfig of LLAMA's tiny sizes, with `overrides`."""
+    import transformers
+
+    return transformers.LlamaConfig(**{**LLAMA, **overrides})
+
+
 def perturbed(model, seed: int, scale: float):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_tensors, write_checkpoint, write_trio
+from helpers import llama_tensors, tiny_llama_config, write_checkpoint, write_trio
 
 from graftcore.cli import main
 from graftcore.output import config_with_dtype
@@ -227,16 +227,7 @@ def test_config_with_dtype_leaves_text_alone(text):
 
 def test_output_loads_in_transformers_with_the_new_dtype(tmp_path, cli):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(intermediate_size=64, attention_bias=False)
     torch.manual_seed(0)
     sd = {k: v.bfloat16() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
     for role in ("base", "tuned"):

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import llama_tensors, load_folder, make_adapter, write_checkpoint
+from helpers import llama_tensors, load_folder, make_adapter, tiny_llama_config, write_checkpoint
 from safetensors.torch import load_file
 
 import graftcore
@@ -263,17 +263,7 @@ def hf_models(tmp_path_factory):
     pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    )
+    config = tiny_llama_config()
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -1,21 +1,12 @@
 """The output loads in transformers as is, and its logits equal those of a model built from the reference weights."""
 
 import torch
-from helpers import reference, write_checkpoint
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from helpers import reference, tiny_llama_config, write_checkpoint
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 
 def test_output_loads_and_logits_match_reference(tmp_path, cli):
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(vocab_size=128, intermediate_size=64, attention_bias=False)
     torch.manual_seed(0)
     base = {k: v.bfloat16() for k, v in LlamaForCausalLM(config).state_dict().items()}
     g = torch.Generator().manual_seed(1)
