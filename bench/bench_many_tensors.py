@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import DATA, append_results, gb, log, measure, table  # noqa: E402
 
-from graftcore.safetensors_io import ShardWriter  # noqa: E402
+from graftcore.io.safetensors_file import ShardWriter  # noqa: E402
 
 SHAPES = [(64, 64), (64,), (16, 256)]  # cycled: 4096-, 64- and 4096-element tensors
 

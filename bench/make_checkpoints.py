@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from graftcore.safetensors_io import ShardWriter  # noqa: E402
+from graftcore.io.safetensors_file import ShardWriter  # noqa: E402
 
 GEN_VERSION = 3  # bump when the values written for a given spec change, to invalidate old stamps
 CHUNK = 1 << 22  # elements drawn per randn call: 16 MB of float32, what bounds memory per tensor

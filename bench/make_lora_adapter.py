@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from graftcore.safetensors_io import TORCH_TO_CODE, ShardWriter
-from graftcore.sources import open_checkpoint
+from graftcore.io.safetensors_file import TORCH_TO_CODE, ShardWriter
+from graftcore.sources.local import open_checkpoint
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET = re.compile(rf"^(?P<module>.*\.(?P<proj>{'|'.join(PROJECTIONS)}))\.weight$")

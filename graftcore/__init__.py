@@ -7,7 +7,7 @@ Example:
     >>> report = graftcore.graft(base="base", tuned="sft", instruct="instruct", output="out")  # doctest: +SKIP
 """
 
-from .errors import (  # noqa: E402
+from graftcore.errors import (  # noqa: E402
     AdapterError,
     CheckpointError,
     DownloadError,
@@ -17,8 +17,8 @@ from .errors import (  # noqa: E402
     OutputError,
     VerifyError,
 )
-from .options import MergeOptions  # noqa: E402
-from .version import __version__  # noqa: E402
+from graftcore.options import MergeOptions  # noqa: E402
+from graftcore.version import __version__  # noqa: E402
 
 # loaded on first use (some import torch), so `graftcore --version` and `--help` start in a fraction of a second
 _LAZY = {
@@ -26,14 +26,14 @@ _LAZY = {
     "graft_tensor": "tensors",
     "graft_state_dict": "tensors",
     "open_checkpoint": "sources",
-    "Checkpoint": "checkpoint",
+    "Checkpoint": "sources",
     "Report": "report",
     "Progress": "report",
     "Plan": "plan",
-    "verify": "verification",
-    "VerifyReport": "verification",
-    "similarity": "measure",
-    "SimilarityReport": "measure",
+    "verify": "analysis.verify",
+    "VerifyReport": "report",
+    "similarity": "analysis.similarity",
+    "SimilarityReport": "analysis.similarity",
 }
 
 

@@ -1,5 +1,5 @@
 """`python -m graftcore ...` (and `torchrun ... -m graftcore ...`) runs the `graftcore` command."""
 
-from .cli import entry
+from graftcore.cli import entry
 
 entry()

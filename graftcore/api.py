@@ -12,17 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import interrupts
-from .checkpoint import Checkpoint
-from .compute.devices import local_cuda_device, out_of_memory_is_an_error, select_compute
-from .distributed import joined_group, spawn_workers, write_output_distributed
-from .errors import GraftError
-from .inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
-from .job import job_fingerprint, write_output
-from .options import MergeOptions, option_fields
-from .output import OutputFolder
-from .plan import Plan, build_plan
-from .report import Progress, Report
+from graftcore import interrupts
+from graftcore.compute.devices import local_cuda_device, out_of_memory_is_an_error, select_compute
+from graftcore.distributed import joined_group, spawn_workers, write_output_distributed
+from graftcore.errors import GraftError
+from graftcore.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
+from graftcore.io.output_folder import OutputFolder
+from graftcore.job import job_fingerprint, write_output
+from graftcore.options import MergeOptions, option_fields
+from graftcore.plan import Plan, build_plan
+from graftcore.report import Progress, Report
+from graftcore.sources.checkpoint import Checkpoint
 
 
 def graft(

@@ -13,10 +13,10 @@ import signal
 import sys
 from dataclasses import MISSING
 
-from . import interrupts
-from .errors import GraftError
-from .options import option_fields
-from .version import __version__
+from graftcore import interrupts
+from graftcore.errors import GraftError
+from graftcore.options import option_fields
+from graftcore.version import __version__
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_similarity_parser(sub) -> None:
-    from .options import SIMILARITY_OPTIONS
+    from graftcore.options import SIMILARITY_OPTIONS
 
     similarity = sub.add_parser(
         "similarity",
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.check()  # a signal that came while the arguments were parsed
         code = run(args)
         if args.command == "merge":
-            from .distributed import shutdown
+            from graftcore.distributed import shutdown
 
             shutdown()
     except KeyboardInterrupt:
@@ -277,7 +277,7 @@ def quiet_exit_on_closed_pipe(error: BrokenPipeError) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .verification import verify
+    from graftcore.analysis.verify import verify
 
     try:  # verify() checks its arguments, for the API and the CLI alike
         report = verify(args.output, args.recompute, args.seed, token=args.token, cache_dir=args.cache_dir)
@@ -291,8 +291,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    from .measure import similarity
-    from .options import SIMILARITY_OPTIONS
+    from graftcore.analysis.similarity import similarity
+    from graftcore.options import SIMILARITY_OPTIONS
 
     options = {k: v for k, v in vars(args).items() if k in SIMILARITY_OPTIONS and v is not None}
 
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         return run_verify(args)
     if args.command == "similarity":
         return run_similarity(args)
-    from .api import graft
+    from graftcore.api import graft
 
     option_names = {f.name for f in option_fields()}
     options = {k: v for k, v in vars(args).items() if k in option_names and v is not None}

@@ -29,8 +29,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import interrupts
-from .errors import GraftError
+from graftcore import interrupts
+from graftcore.errors import GraftError
 
 POLL = 0.5  # seconds between looks at the store (another rank's failure, progress, the end)
 _initialised_here: list[bool] = []  # whether joined_group() initialised the process group (torchrun's env)
@@ -178,10 +178,10 @@ def assign(sizes: dict[str, int], kept: set[str], world: int) -> dict[str, int]:
 
 def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts, log, compute, progress=None):
     """This rank's share of the merge of `plan` into `output` (see the module docstring); returns its Report."""
-    from .engine import execute
-    from .job import finish_output, job_fingerprint, shard_keys
-    from .output import OutputFolder
-    from .safetensors_io import planned_file_size
+    from graftcore.engine import execute
+    from graftcore.io.output_folder import OutputFolder
+    from graftcore.io.safetensors_file import planned_file_size
+    from graftcore.job import finish_output, job_fingerprint, shard_keys
 
     fingerprint = job_fingerprint(checkpoints, opts)
     keys = shard_keys(plan, checkpoints, fingerprint)
@@ -293,7 +293,7 @@ class GroupProgress:
             self.bar.n = done
             self.bar.refresh()
         if self.callback is not None:
-            from .report import Progress
+            from graftcore.report import Progress
 
             self.callback(Progress(done, self.total, *self.where))
 

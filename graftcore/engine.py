@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from . import interrupts
-from .checkpoint import Checkpoint
-from .errors import NonFiniteError
-from .interrupts import POLL
-from .plan import Plan, TensorOp
-from .readers import Held, read_elements
-from .report import Progress, Report
-from .safetensors_io import ShardWriter, itemsize, torch_dtype
-from .steps import Step
-from .stream import StepConsumer, drop_behind, input_bytes, run_pass
+from graftcore import interrupts
+from graftcore.errors import NonFiniteError
+from graftcore.interrupts import POLL
+from graftcore.io.safetensors_file import ShardWriter, itemsize, torch_dtype
+from graftcore.plan import Plan, TensorOp
+from graftcore.readers import Held, read_elements
+from graftcore.report import Progress, Report
+from graftcore.sources.checkpoint import Checkpoint
+from graftcore.steps import Step
+from graftcore.stream import StepConsumer, drop_behind, input_bytes, run_pass
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 SMALL_RAW = 256 << 10  # bytes: a tensor copied unchanged below this is packed with its neighbours into one write
@@ -320,7 +320,7 @@ def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, 
 def block_terms(op: TensorOp, block: tuple[int, int, int, int], by_role: dict[str, Held], loaded: dict) -> list:
     """The terms of one block of an op with LoRA terms: FullDelta / LowRankDelta over rows [r0, r1), columns
     [c0, c1)."""
-    from .kernels.lora import FullDelta, LowRankDelta
+    from graftcore.kernels.lora import FullDelta, LowRankDelta
 
     r0, r1, c0, c1 = block
     terms = []
@@ -373,7 +373,7 @@ def load_lora(op: TensorOp, compute, checkpoints: dict[str, Checkpoint], opts) -
     """The factors of each LoRA term of `op` in float32, by role, where the math runs (read whole: rank r is
     small); for DoRA, also magnitude / norm, from one pass over Base's rows read directly (the streamer then
     reads Base again for the merge)."""
-    from .lora import dora_scale
+    from graftcore.lora import dora_scale
 
     loaded = {}
     for term in op.terms:

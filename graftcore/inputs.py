@@ -15,12 +15,12 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .errors import GraftError, OutputError
-from .lora import is_adapter, open_adapter
-from .options import MergeOptions
-from .plan import DeltaInput, tuned_role
-from .sources import open_checkpoint
+from graftcore.errors import GraftError, OutputError
+from graftcore.lora import is_adapter, open_adapter
+from graftcore.options import MergeOptions
+from graftcore.plan import DeltaInput, tuned_role
+from graftcore.sources.checkpoint import Checkpoint
+from graftcore.sources.local import open_checkpoint
 
 Ref = str | os.PathLike
 

@@ -14,15 +14,15 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from . import interrupts
-from .checkpoint import Checkpoint
-from .options import MergeOptions
-from .output import OutputFolder
-from .plan import Plan, entries_digest, plan_entries
-from .report import Report
-from .safetensors_io import planned_file_size
-from .steps import files_depended_on
-from .version import __version__
+from graftcore import interrupts
+from graftcore.io.output_folder import OutputFolder
+from graftcore.io.safetensors_file import planned_file_size
+from graftcore.options import MergeOptions
+from graftcore.plan import Plan, entries_digest, plan_entries
+from graftcore.report import Report
+from graftcore.sources.checkpoint import Checkpoint
+from graftcore.steps import files_depended_on
+from graftcore.version import __version__
 
 
 def write_output(
@@ -43,7 +43,7 @@ def write_output(
             f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge "
             "(verified); resuming"
         )
-    from .engine import execute
+    from graftcore.engine import execute
 
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
         report = execute(plan, checkpoints, output, folder, opts, compute, kept, progress)

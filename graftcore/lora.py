@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import NEVER_UNPICKLES, Checkpoint
-from .errors import AdapterError, CheckpointError, NonFiniteError
-from .json_files import read_json_file
-from .safetensors_io import FLOAT_DTYPES, TensorInfo
-from .sources import open_local
+from graftcore.errors import AdapterError, CheckpointError, NonFiniteError
+from graftcore.io.json_files import read_json_file
+from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo
+from graftcore.sources.checkpoint import NEVER_UNPICKLES, Checkpoint
+from graftcore.sources.local import open_local
 
 if TYPE_CHECKING:
     import torch  # imported where the factors are loaded: planning needs no torch

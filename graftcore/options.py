@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from .errors import GraftError
+from graftcore.errors import GraftError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_CHUNK = 1 << 28  # elements: 1 GiB of float32 per compute buffer

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
-from .checkpoint import Checkpoint
-from .errors import MismatchError
-from .options import MergeOptions, parse_size
-from .safetensors_io import FLOAT_DTYPES, SINGLE_NAME, TensorInfo, itemsize
+from graftcore.errors import MismatchError
+from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, TensorInfo, itemsize
+from graftcore.options import MergeOptions, parse_size
+from graftcore.sources.checkpoint import Checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -186,7 +186,7 @@ class MatchedInputs:
 def match_inputs(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None) -> MatchedInputs:
     """Every input's tensors under Instruct's names (wrapper prefixes stripped), adapters turned into low-rank
     updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit."""
-    from .lora import adapter_terms
+    from graftcore.lora import adapter_terms
 
     notes: list[str] = []
     checkpoints = {"instruct": instruct, **({"base": base} if base is not None else {})}

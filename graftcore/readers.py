@@ -31,11 +31,11 @@ from concurrent import futures
 
 import torch
 
-from . import interrupts
-from .input_file import BLOCK, InputFile, read_exactly
-from .interrupts import POLL
-from .safetensors_io import TensorInfo, itemsize, torch_dtype_or_none
-from .steps import Read
+from graftcore import interrupts
+from graftcore.interrupts import POLL
+from graftcore.io.input_file import BLOCK, InputFile, read_exactly
+from graftcore.io.safetensors_file import TensorInfo, itemsize, torch_dtype_or_none
+from graftcore.steps import Read
 
 BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
 DEPTH = 3  # buffers per input: WORKERS being read, one being consumed (4 bought no time we could measure)
@@ -327,7 +327,7 @@ class InputStreamer:
         """Start reading the inputs of `ops` (in execution order) for steps of `chunk` elements; `pin` the
         buffers for CUDA copies; `drop_behind` consumed pages from the page cache. `steps(k, op, raw_bytes)`:
         the steps of the k-th op that are taken (default: all, steps.op_steps)."""
-        from .steps import op_inputs, op_steps, plan_reads
+        from graftcore.steps import op_inputs, op_steps, plan_reads
 
         last_use: dict[str, dict[str, int]] = {}
         for k, op in enumerate(ops):
@@ -376,7 +376,7 @@ class InputStreamer:
 def raw_step_bytes(ops: list, chunk: int, buffer_bytes: int) -> int:
     """The bytes of a read buffer, and of a step that copies a tensor as it is: `buffer_bytes`, or more if a
     computed step (at most `chunk` elements of one input tensor) needs more."""
-    from .steps import op_inputs
+    from graftcore.steps import op_inputs
 
     largest = max((min(info.numel, chunk) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op)), default=0)
     return max(buffer_bytes, largest)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .plan import Action, TensorOp
-from .safetensors_io import TensorInfo, itemsize
+from graftcore.io.safetensors_file import TensorInfo, itemsize
+from graftcore.plan import Action, TensorOp
 
 
 @dataclass(frozen=True, slots=True)

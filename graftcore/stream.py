@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import interrupts
-from .checkpoint import Checkpoint
-from .options import MergeOptions, parse_size
-from .plan import TensorOp
-from .readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer
-from .report import Progress
-from .steps import Step, files_depended_on, files_read, op_inputs, op_steps
+from graftcore import interrupts
+from graftcore.options import MergeOptions, parse_size
+from graftcore.plan import TensorOp
+from graftcore.readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer
+from graftcore.report import Progress
+from graftcore.sources.checkpoint import Checkpoint
+from graftcore.steps import Step, files_depended_on, files_read, op_inputs, op_steps
 
 DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
 

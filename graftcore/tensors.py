@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .errors import GraftError, MismatchError, NonFiniteError
-from .options import MergeOptions, alphas_from
-from .plan import Action, DeltaInput, plan_tensor, tuned_role
-from .safetensors_io import TORCH_TO_CODE, TensorInfo
+from graftcore.errors import GraftError, MismatchError, NonFiniteError
+from graftcore.io.safetensors_file import TORCH_TO_CODE, TensorInfo
+from graftcore.options import MergeOptions, alphas_from
+from graftcore.plan import Action, DeltaInput, plan_tensor, tuned_role
 
 GRAFTABLE = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -49,7 +49,7 @@ def graft_tensor(
         >>> graft_tensor(torch.ones(2), [a + 1, a + 2], b, alpha=[1.0, 0.5], dtype="float16")
         tensor([3., 3.], dtype=torch.float16)
     """
-    from .kernels import graft_
+    from graftcore.kernels import graft_
 
     tuned = [tuned] if isinstance(tuned, torch.Tensor) else list(tuned)
     alphas = alphas_from(alpha)

@@ -13,7 +13,7 @@ import torch
 from helpers import llama_tensors, tiny_llama_config, write_checkpoint, write_trio
 
 from graftcore.cli import main
-from graftcore.output import config_with_dtype
+from graftcore.io.output_folder import config_with_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 # what a quiet exit may never print

@@ -11,7 +11,7 @@ import torch
 from helpers import load_folder, reference, same_bits, write_trio
 from safetensors import safe_open
 
-from graftcore.safetensors_io import read_header
+from graftcore.io.safetensors_file import read_header
 
 
 def big_trio(tmp_path):

@@ -15,7 +15,7 @@ from graftcore.compute.cuda import StreamCompute
 from graftcore.errors import NonFiniteError
 from graftcore.options import MergeOptions
 from graftcore.plan import DeltaInput, build_plan
-from graftcore.sources import open_checkpoint
+from graftcore.sources.local import open_checkpoint
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -19,9 +19,9 @@ from helpers import llama_tensors, load_folder, reference, same_bits, write_chec
 from safetensors import safe_open
 
 import graftcore
-from graftcore import input_file
 from graftcore.errors import CheckpointError, GraftError
-from graftcore.safetensors_io import read_header
+from graftcore.io import input_file
+from graftcore.io.safetensors_file import read_header
 
 
 def trio(tmp_path, shards=(1, 2, 3)):

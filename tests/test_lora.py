@@ -495,7 +495,7 @@ def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
     from graftcore.lora import open_adapter
     from graftcore.options import MergeOptions
     from graftcore.plan import DeltaInput, build_plan
-    from graftcore.sources import open_checkpoint
+    from graftcore.sources.local import open_checkpoint
 
     base, instruct = llama
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=PROJ, use_dora=dora)

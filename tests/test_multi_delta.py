@@ -18,7 +18,7 @@ from graftcore.api import run_plan
 from graftcore.compute.cuda import StreamCompute
 from graftcore.options import MergeOptions
 from graftcore.plan import DeltaInput, build_plan
-from graftcore.sources import open_checkpoint
+from graftcore.sources.local import open_checkpoint
 
 KERNEL = interpreted_kernel_module()
 

@@ -21,7 +21,7 @@ from graftcore.kernels import CpuScratch, graft_cpu
 from graftcore.kernels.lora import FullDelta, LowRankDelta, block_cpu
 from graftcore.options import MergeOptions
 from graftcore.plan import DeltaInput, build_plan
-from graftcore.sources import open_checkpoint
+from graftcore.sources.local import open_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the interpreter: inf - inf
 KERNEL = interpreted_kernel_module()

@@ -59,6 +59,8 @@ def test_a_built_wheel_installs_and_merges(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "graftcore/kernels/__init__.py" in names and "graftcore/kernels/triton_graft.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "the wheel ships a top-level kernels package"
+    ours = {f"graftcore/{p.relative_to(ROOT / 'graftcore')}" for p in (ROOT / "graftcore").rglob("*.py")}
+    assert sorted(ours - set(names)) == []  # every subpackage listed in pyproject.toml
 
     env = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)

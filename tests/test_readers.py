@@ -13,10 +13,11 @@ import torch
 from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
 
 import graftcore
-from graftcore import input_file, readers
+from graftcore import readers
 from graftcore.errors import CheckpointError
-from graftcore.input_file import PageMap
-from graftcore.safetensors_io import TORCH_TO_CODE, ShardWriter, read_header, tensor_bytes
+from graftcore.io import input_file
+from graftcore.io.input_file import PageMap
+from graftcore.io.safetensors_file import TORCH_TO_CODE, ShardWriter, read_header, tensor_bytes
 
 
 def write_in_order(path, tensors: dict):
@@ -241,7 +242,7 @@ def test_truncated_input_is_exit_2_from_the_cli(tmp_path):
     victim = tmp_path / "base" / "model.safetensors"
     probe = f"""
 import os, sys
-import graftcore.input_file as r
+import graftcore.io.input_file as r
 real = os.preadv
 def cut(fd, bufs, off):
     if os.path.samefile(f"/proc/self/fd/{{fd}}", {str(victim)!r}) and os.path.getsize({str(victim)!r}) > 100:
@@ -301,7 +302,7 @@ def test_reader_and_engine_agree_on_every_read(tmp_path):
     """The streamer hands out exactly the bytes each step asks for (checked against the file itself)."""
     from graftcore.options import MergeOptions
     from graftcore.plan import DeltaInput, build_plan
-    from graftcore.sources import open_checkpoint
+    from graftcore.sources.local import open_checkpoint
     from graftcore.steps import op_steps
 
     trio = odd_trio(tmp_path)

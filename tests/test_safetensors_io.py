@@ -6,8 +6,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from graftcore.errors import CheckpointError, OutputError
+from graftcore.io.safetensors_file import ShardWriter, read_header
 from graftcore.readers import read_elements
-from graftcore.safetensors_io import ShardWriter, read_header
 
 
 def test_writer_output_loads_with_safetensors_and_is_aligned(tmp_path):

@@ -22,7 +22,7 @@ from helpers import llama_tensors, load_folder, make_adapter, tiny_llama_config,
 from safetensors.torch import load_file
 
 import graftcore
-from graftcore.measure import FIGURE_PX
+from graftcore.analysis.similarity import FIGURE_PX
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -482,8 +482,8 @@ def test_missing_base_on_the_command_line_is_one_line(tmp_path, capsys):
 def test_interrupted_while_plotting_leaves_the_previous_pair(family, tmp_path, monkeypatch):
     """Ctrl-C while the PNG is drawn: the folder keeps the previous similarity.json and .png (here: none), no new
     JSON beside an old plot, and no .partial; Ctrl-C inside the atomic write leaves no .partial either."""
-    import graftcore.measure
-    import graftcore.output
+    import graftcore.analysis.similarity
+    import graftcore.io.output_folder
 
     paths, *_ = family
     out = tmp_path / "out"
@@ -492,7 +492,7 @@ def test_interrupted_while_plotting_leaves_the_previous_pair(family, tmp_path, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(graftcore.measure, "plot", interrupted)
+    monkeypatch.setattr(graftcore.analysis.similarity, "plot", interrupted)
     with pytest.raises(KeyboardInterrupt):
         graftcore.similarity(**kw)
     assert list(out.iterdir()) == []
@@ -500,12 +500,14 @@ def test_interrupted_while_plotting_leaves_the_previous_pair(family, tmp_path, m
     graftcore.similarity(**kw)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == ["similarity.json", "similarity.png"]
-    monkeypatch.setattr(graftcore.measure, "plot", interrupted)
+    monkeypatch.setattr(graftcore.analysis.similarity, "plot", interrupted)
     with pytest.raises(KeyboardInterrupt):
         graftcore.similarity(**kw, include="q_proj")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.undo()
-    monkeypatch.setattr(graftcore.output.os, "replace", interrupted)  # Ctrl-C between the write and the rename
+    monkeypatch.setattr(
+        graftcore.io.output_folder.os, "replace", interrupted
+    )  # Ctrl-C between the write and the rename
     with pytest.raises(KeyboardInterrupt):
         graftcore.similarity(**kw, include="q_proj")
     assert sorted(p.name for p in out.iterdir()) == ["similarity.json", "similarity.png"]

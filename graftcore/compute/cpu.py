@@ -20,7 +20,7 @@ class CpuCompute:
     input_event = None  # nothing reads the input buffers after a call returns
 
     def __init__(self, chunk: int):
-        from ..kernels import CpuScratch
+        from graftcore.kernels import CpuScratch
 
         self.chunk = chunk
         self.scratch = CpuScratch(chunk)
@@ -34,14 +34,14 @@ class CpuCompute:
 
     def graft(self, out: torch.Tensor, i: torch.Tensor, tuned: list, b: torch.Tensor, alphas: list[float], name: str):
         """`out = I + a1 * (T1 - B) + ...` now; returns None (nothing to wait for)."""
-        from ..kernels import graft_cpu
+        from graftcore.kernels import graft_cpu
 
         self._count(name, graft_cpu(out, i, tuned, b, alphas, self.scratch))
         return None
 
     def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
         """A block with LoRA terms (kernels.lora.block_cpu); returns None (nothing to wait for)."""
-        from ..kernels.lora import block_cpu
+        from graftcore.kernels.lora import block_cpu
 
         self._count(name, block_cpu(out, i, b, terms, self.scratch))
         return None

@@ -69,7 +69,7 @@ class StreamCompute:
     def __init__(self, device: str | torch.device, chunk: int = GPU_CHUNK, launch=None):
         """`launch` is `graftcore.kernels.triton_graft.launch_graft` (tests pass an interpreted copy)."""
         if launch is None:
-            from ..kernels.triton_graft import launch_graft as launch
+            from graftcore.kernels.triton_graft import launch_graft as launch
         self.launch = launch
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -165,7 +165,7 @@ class StreamCompute:
         from dataclasses import replace
         from types import SimpleNamespace
 
-        from ..kernels.lora import FullDelta, block_cpu
+        from graftcore.kernels.lora import FullDelta, block_cpu
 
         if self._block_scratch is None:
             new = lambda: torch.empty(self.chunk, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -193,7 +193,7 @@ class StreamCompute:
 
     def nonfinite(self) -> dict:
         """NonFinite counts per tensor since the last call (synchronizes once)."""
-        from ..kernels import NonFinite
+        from graftcore.kernels import NonFinite
 
         if self.cuda:
             self.kernels.synchronize()

@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from ..errors import GraftError
+from graftcore.errors import GraftError
 
 
 def select_compute(device: str, chunk: int | None, log: Callable[[str], None]):
     """CpuCompute or a warmed-up StreamCompute for `device` ("auto", "cpu", "cuda", "cuda:N")."""
     import torch
 
-    from ..kernels import CHUNK
-    from .cpu import CpuCompute
+    from graftcore.compute.cpu import CpuCompute
+    from graftcore.kernels import CHUNK
 
     if device == "auto":
         why = cuda_unavailable(None)
@@ -70,7 +70,7 @@ def cuda_unavailable(device: str | None) -> str | None:
 
 def warmed_up(device: str, chunk: int | None, launch=None):
     """(StreamCompute, None) once a 4096-element graft on `device` gave the CPU twin's bits, else (None, why)."""
-    from .cuda import GPU_CHUNK, StreamCompute
+    from graftcore.compute.cuda import GPU_CHUNK, StreamCompute
 
     try:
         compute = StreamCompute(device, chunk or GPU_CHUNK, launch)
@@ -85,7 +85,7 @@ def warm_up(compute) -> str | None:
     and compare with the CPU twin; returns why not, or None when the bits agree."""
     import torch
 
-    from ..kernels import graft_cpu
+    from graftcore.kernels import graft_cpu
 
     g = torch.Generator().manual_seed(0)
     i, b = torch.randn(4096, generator=g).bfloat16(), torch.randn(4096, generator=g).bfloat16()

@@ -11,7 +11,9 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import (
+from graftcore.errors import CheckpointError
+from graftcore.io.safetensors_file import INDEX_NAME, SINGLE_NAME, read_header
+from graftcore.sources.checkpoint import (
     NEVER_UNPICKLES,
     PICKLE_SUFFIXES,
     Checkpoint,
@@ -20,8 +22,6 @@ from .checkpoint import (
     pickled_only,
     read_index,
 )
-from .errors import CheckpointError
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, read_header
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -58,7 +58,7 @@ def open_checkpoint(ref: str | os.PathLike, **hub_options) -> Checkpoint:
     ref = str(ref)
     reason = local_ref_reason(ref)
     if reason is None:
-        from .hub import open_hub_checkpoint
+        from graftcore.sources.hub import open_hub_checkpoint
 
         return open_hub_checkpoint(ref, **hub_options)
     path = Path(ref).expanduser()

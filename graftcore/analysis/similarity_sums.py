@@ -30,18 +30,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import interrupts
-from .checkpoint import Checkpoint
-from .interrupts import POLL
-from .kernels import CHUNK
-from .options import MergeOptions
-from .readers import DEPTH, WORKERS, read_elements
-from .safetensors_io import itemsize
-from .steps import op_inputs
-from .stream import StepConsumer, run_pass
+from graftcore import interrupts
+from graftcore.interrupts import POLL
+from graftcore.io.safetensors_file import itemsize
+from graftcore.kernels import CHUNK
+from graftcore.options import MergeOptions
+from graftcore.readers import DEPTH, WORKERS, read_elements
+from graftcore.sources.checkpoint import Checkpoint
+from graftcore.steps import op_inputs
+from graftcore.stream import StepConsumer, run_pass
 
 if TYPE_CHECKING:
-    from .measure import MeasurePlan
+    from graftcore.analysis.similarity import MeasurePlan
 
 BLOCK = 256  # float32 terms summed into one partial sum before the float64 reduction
 # a block norm below this may have lost squares of |x| < 1.1e-19 (under float32's smallest normal 1.2e-38) by

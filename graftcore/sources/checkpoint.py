@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
-from .json_files import parse_json, read_file_bytes
-from .safetensors_io import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, utf8
+from graftcore.errors import CheckpointError
+from graftcore.io.json_files import parse_json, read_file_bytes
+from graftcore.io.safetensors_file import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, utf8
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # files that are weights (never copied to the output as "non-weight files")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import CheckpointError, OutputError
-from .json_files import parse_json
+from graftcore.errors import CheckpointError, OutputError
+from graftcore.io.json_files import parse_json
 
 INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> shard map
 SINGLE_NAME = "model.safetensors"  # an unsharded checkpoint's one file

@@ -45,7 +45,16 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from .checkpoint import (
+from graftcore.errors import CheckpointError, DownloadError, GraftError
+from graftcore.io.safetensors_file import (
+    INDEX_NAME,
+    MAX_HEADER_BYTES,
+    SINGLE_NAME,
+    ShardHeader,
+    parse_header,
+    read_header,
+)
+from graftcore.sources.checkpoint import (
     PICKLE_SUFFIXES,
     Checkpoint,
     check_index,
@@ -54,8 +63,6 @@ from .checkpoint import (
     pickled_only,
     read_index,
 )
-from .errors import CheckpointError, DownloadError, GraftError
-from .safetensors_io import INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME, ShardHeader, parse_header, read_header
 
 LOW_DISK_HELD = 2  # --low-disk: shards of one input on disk at once (the one being merged + the next)
 HEADER_THREADS = 8  # concurrent header range requests (each is two small GETs)

@@ -21,7 +21,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import CheckpointError, GraftError
+from graftcore.errors import CheckpointError, GraftError
 
 MAX_JSON_BYTES = 100_000_000  # as the reference parser's header limit: every file we parse is smaller
 

@@ -20,9 +20,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import GraftError, OutputError
-from .json_files import read_json_file
-from .safetensors_io import INDEX_NAME, fsync_dir
+from graftcore.errors import GraftError, OutputError
+from graftcore.io.json_files import read_json_file
+from graftcore.io.safetensors_file import INDEX_NAME, fsync_dir
 
 PROGRESS = "graftcore.progress.json"
 MANIFEST = "graftcore.json"

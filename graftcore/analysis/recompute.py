@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import GraftError, VerifyError
-from .inputs import open_inputs
-from .options import MergeOptions
-from .plan import Plan, build_plan, headers_entries, plan_entries
-from .readers import raw_step_bytes, read_elements
-from .report import VerifyReport
-from .safetensors_io import torch_dtype
-from .steps import Step, op_steps
-from .stream import StepConsumer, read_buffer_bytes, run_pass
+from graftcore.errors import GraftError, VerifyError
+from graftcore.inputs import open_inputs
+from graftcore.io.safetensors_file import torch_dtype
+from graftcore.options import MergeOptions
+from graftcore.plan import Plan, build_plan, headers_entries, plan_entries
+from graftcore.readers import raw_step_bytes, read_elements
+from graftcore.report import VerifyReport
+from graftcore.steps import Step, op_steps
+from graftcore.stream import StepConsumer, read_buffer_bytes, run_pass
 
 
 def recompute_chunks(
@@ -68,7 +68,7 @@ def recompute_chunks(
         rng = random.Random(seed)
     report.notes.append(f"chunks chosen with seed {seed}")
     chunk, merged_on_gpu = recorded_chunk(manifest)
-    from .compute.cpu import CpuCompute
+    from graftcore.compute.cpu import CpuCompute
 
     ops = [op for shard in plan.shards for op in shard.ops]
     raw = raw_step_bytes(ops, chunk, read_buffer_bytes(opts))  # what the streamer makes of every op
@@ -110,12 +110,12 @@ class RecomputeConsumer(StepConsumer):
         self.header, self.file = self.headers[name], name
 
     def begin_op(self, op) -> None:
-        from .engine import load_lora
+        from graftcore.engine import load_lora
 
         self.loaded = load_lora(op, self.compute, self.checkpoints, self.opts) if op.low_rank else None
 
     def step(self, op, step: Step, held: list) -> int:
-        from .engine import compute_step
+        from graftcore.engine import compute_step
 
         try:
             if step.raw:
@@ -173,8 +173,8 @@ def tuned_order(role: str) -> int:
 
 def recorded_chunk(manifest: dict) -> tuple[int, bool]:
     """The chunk the merge computed with (LoRA blocks follow it) and whether it ran on a GPU."""
-    from .compute.cuda import GPU_CHUNK
-    from .kernels import CHUNK
+    from graftcore.compute.cuda import GPU_CHUNK
+    from graftcore.kernels import CHUNK
 
     on_gpu = str(manifest.get("device", "cpu")).startswith("cuda")
     chunk = (manifest.get("options") or {}).get("chunk_size")

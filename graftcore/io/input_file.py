@@ -20,7 +20,7 @@ import errno
 import mmap
 import os
 
-from .errors import CheckpointError
+from graftcore.errors import CheckpointError
 
 BLOCK = 4096  # O_DIRECT alignment of addresses, offsets and lengths (the largest logical block in common use)
 PAGE = mmap.PAGESIZE

@@ -23,14 +23,14 @@ import re
 import time
 from pathlib import Path
 
-from . import interrupts
-from .errors import GraftError, VerifyError
-from .inputs import check_call
-from .json_files import read_json_file
-from .output import MANIFEST, file_sha256
-from .plan import entries_digest, headers_entries
-from .report import VerifyReport
-from .safetensors_io import INDEX_NAME, read_header
+from graftcore import interrupts
+from graftcore.errors import GraftError, VerifyError
+from graftcore.inputs import check_call
+from graftcore.io.json_files import read_json_file
+from graftcore.io.output_folder import MANIFEST, file_sha256
+from graftcore.io.safetensors_file import INDEX_NAME, read_header
+from graftcore.plan import entries_digest, headers_entries
+from graftcore.report import VerifyReport
 
 
 def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = None, **hub_options) -> VerifyReport:
@@ -64,7 +64,7 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
         raise VerifyError(f"{folder / MANIFEST}: the shards' tensors (names, dtypes, shapes) are not the planned ones")
     report.tensors = sum(len(h.tensors) for h in headers.values())
     if recompute > 0:
-        recompute_chunks = interrupts.import_deferred(".recompute").recompute_chunks  # torch: only for this
+        recompute_chunks = interrupts.import_deferred(".analysis.recompute").recompute_chunks  # torch: only for this
         recompute_chunks(folder, manifest, headers, recompute, seed, report, hub_options)
     report.seconds = time.perf_counter() - t0
     return report

@@ -32,15 +32,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
-from . import interrupts
-from .checkpoint import Checkpoint
-from .errors import AdapterError, GraftError, MismatchError, OutputError
-from .inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
-from .options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
-from .output import atomic_write, output_errors
-from .plan import Action, DeltaInput, TensorOp, Term, match_inputs, swapped_hint
-from .safetensors_io import FLOAT_DTYPES, TensorInfo, itemsize
-from .version import __version__
+from graftcore import interrupts
+from graftcore.errors import AdapterError, GraftError, MismatchError, OutputError
+from graftcore.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
+from graftcore.io.output_folder import atomic_write, output_errors
+from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo, itemsize
+from graftcore.options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
+from graftcore.plan import Action, DeltaInput, TensorOp, Term, match_inputs, swapped_hint
+from graftcore.sources.checkpoint import Checkpoint
+from graftcore.version import __version__
 
 KINDS = (*PROJECTIONS, "embed", "lm_head", "norm", "other")  # the order of the table and the plot
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -463,7 +463,7 @@ def similarity(
             raise OutputError(f"{out}: not writable")
     roles = ["instruct", *(d.role for d in deltas)]
     t_load = time.perf_counter()
-    measure = interrupts.import_deferred(".measure_stream").measure  # torch: not needed to resolve and plan
+    measure = interrupts.import_deferred(".analysis.similarity_sums").measure  # torch: not needed to resolve and plan
     t_load = time.perf_counter() - t_load
     sums, reads, timings = measure(plan, checkpoints, roles, opts)
     timings = {"load_torch": t_load, **timings}

@@ -1,0 +1,1 @@
+"""What users ask of a pair or an output: similarity and verify (with --recompute)."""
