@@ -67,7 +67,7 @@ def similarity_args(trio: dict) -> list[str]:
     return ["similarity", "--base", b, "--instruct", i, "--tuned", t, "--quiet"]
 
 
-def rows_for(trio: dict, work: Path) -> list[Row]:
+def rows_for(trio: dict, work: Path, before: Path | None = None) -> list[Row]:
     reads = (
         " & ".join(f"cat {shlex.quote(trio['roles'][r]['dir'])}/*.safetensors > /dev/null" for r in ROLES) + " & wait"
     )
@@ -84,6 +84,17 @@ def rows_for(trio: dict, work: Path) -> list[Row]:
             "output",
             "graftcore similarity --output (+ JSON and PNG)",
             [*graftcore_cmd(), *similarity_args(trio), "--output", str(work / "similarity-out")],
+        ),
+        *(
+            [
+                Row(
+                    "before",
+                    f"graftcore similarity before (from {before.name})",
+                    [str(before / "bin" / "graftcore"), *similarity_args(trio)],
+                )
+            ]
+            if before is not None
+            else []
         ),
     ]
 
@@ -182,18 +193,19 @@ def main() -> None:
     ap.add_argument("--data", help="trio folder (default bench/data/PRESET)")
     ap.add_argument("--no-check", action="store_true", help="skip the untimed float64 check")
     ap.add_argument("--no-record", action="store_true", help="print the tables but do not append to bench/RESULTS.md")
+    ap.add_argument("--before", metavar="VENV", help="a venv holding an earlier graftcore: adds its row (key 'before')")
     args = ap.parse_args()
     modes = args.modes or ["cold", "warm"]
 
     data = Path(args.data or DATA / args.preset)
     trio = make_trio(data, PRESETS[args.preset], log=log)
     work = Path(tempfile.mkdtemp(prefix="bench-similarity-"))
-    rows = rows_for(trio, work)
-    keys = set((args.only or "floor,similarity").split(","))
+    rows = rows_for(trio, work, Path(args.before).resolve() if args.before else None)
+    keys = set((args.only or "floor,similarity" + (",before" if args.before else "")).split(","))
     if keys - {r.key for r in rows}:
         sys.exit(
             f"bench_similarity: unknown --only key(s) {sorted(keys - {r.key for r in rows})}; known: floor, "
-            "similarity, output"
+            "similarity, output, before (with --before)"
         )
     rows = [r for r in rows if r.key in keys]
     inputs = [Path(trio["roles"][r]["dir"]) / f for r in ROLES for f in trio["roles"][r]["files"]]
