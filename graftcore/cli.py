@@ -306,6 +306,8 @@ def run_similarity(args: argparse.Namespace) -> int:
         return 2
     for note in report.notes:
         log(note)
+    if report.skipped:
+        log(report.not_measured())
     print(report.table())
     if report.json_path is not None:
         log(f"wrote {report.json_path}" + (f" and {report.png_path}" if report.png_path is not None else ""))

@@ -172,7 +172,11 @@ class MergeOptions:
             return False
         if self.include and not any(re.search(p, name) for p in self.include):
             return False
-        return not any(re.search(p, name) for p in self.exclude)
+        return not self.excludes(name)
+
+    def excludes(self, name: str) -> bool:
+        """Whether `name` is matched by an --exclude pattern: left out on purpose."""
+        return any(re.search(p, name) for p in self.exclude)
 
     def bits_key(self) -> dict:
         """The options that change output bytes: part of the resume fingerprint."""

@@ -216,8 +216,50 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
         for name, i in instruct.tensors.items()
     }
     ignored, notes = matched.ignored(), matched.notes
+    check_nothing_dropped(ops, ignored, matched, opts)
     adapters = [d.role for d in deltas if d.adapter is not None]
     return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters)
+
+
+LORA_SKIPPED = " (its LoRA update is skipped)"
+LISTED = 3  # names an error lists before "..."
+
+
+def listed(names: list[str]) -> str:
+    """The first few names, and how many more."""
+    more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
+    return ", ".join(repr(n) for n in names[:LISTED]) + more
+
+
+def check_nothing_dropped(ops: dict[str, TensorOp], ignored: list[Ignored], matched: MatchedInputs, opts) -> None:
+    """MismatchError when an update would not reach the output without the user having asked for that: a tensor
+    a full tuned input holds that Instruct has no counterpart for, an adapter's update left out by --targets or
+    --include, or no tensor grafted at all. --exclude names what is dropped on purpose."""
+    held = {}  # tensor -> (role, info) of the first full tuned input holding it
+    for d, full, _ in matched.sources:
+        if d.adapter is None:
+            for n, info in full.items():
+                held.setdefault(n, (d.role, info))
+    lost = [ig.name for ig in ignored if ig.name in held and not opts.excludes(ig.name)]
+    if lost:
+        role, info = held[lost[0]]
+        raise MismatchError(
+            f"{matched.locate(role, info)}: {len(lost)} tensor(s) of {role} have no counterpart in Instruct "
+            f"({matched.instruct.ref}), so their update would be dropped: {listed(lost)}; --exclude REGEX drops "
+            f"them on purpose"
+        )
+    skipped = [op.name for op in ops.values() if op.reason.endswith(LORA_SKIPPED) and not opts.excludes(op.name)]
+    if skipped:
+        raise MismatchError(
+            f"{matched.instruct.ref}: {len(skipped)} adapter update(s) are outside --targets/--include and would be "
+            f"dropped: {listed(skipped)}; widen the selection, or --exclude REGEX drops them on purpose"
+        )
+    if ops and all(op.action is Action.COPY for op in ops.values()):
+        reasons = sorted({op.reason for op in ops.values() if op.reason})
+        raise MismatchError(
+            f"{matched.instruct.ref}: nothing to graft: every tensor of Instruct would be copied as it is "
+            f"({'; '.join(reasons[:LISTED])}); check --include / --exclude / --targets and the inputs' names"
+        )
 
 
 def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, opts: MergeOptions, locate) -> TensorOp:
@@ -225,7 +267,7 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
     out_dtype = output_dtype(i, opts)
     found = [(d, full.get(name), updates.get(name)) for d, full, updates in sources]
     if not opts.selects(name):
-        skipped = " (its LoRA update is skipped)" if any(u is not None for _, _, u in found) else ""
+        skipped = LORA_SKIPPED if any(u is not None for _, _, u in found) else ""
         return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected" + skipped)
     if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not i.dtype.startswith("F8"):
         return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, not floating point")

@@ -51,7 +51,20 @@ def test_dry_run_into_head_exits_quietly(tmp_path):
     """The plan (~500 KB) is far larger than a pipe's buffer: the print is still writing when head exits."""
     b, t, i = trio(tmp_path, extra_tensors=6000)
     cmd = shlex.join(
-        graftcore_cmd("merge", "--dry-run", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "out")
+        graftcore_cmd(
+            "merge",
+            "--dry-run",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "out",
+            "--exclude",
+            r"^extra\.",  # dropped on purpose: listed in the plan
+        )
     )
     script = f'{cmd} | head -1; echo "graftcore exit ${{PIPESTATUS[0]}}" >&2'
     run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=offline_env(tmp_path), timeout=300)
@@ -86,7 +99,20 @@ def test_stdout_to_a_file_is_unchanged(tmp_path):
     """The quiet exit is only for a closed pipe: a normal --dry-run still prints the whole plan, exit 0."""
     b, t, i = trio(tmp_path, extra_tensors=10)
     run = subprocess.run(
-        graftcore_cmd("merge", "--dry-run", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o"),
+        graftcore_cmd(
+            "merge",
+            "--dry-run",
+            "--base",
+            b,
+            "--tuned",
+            t,
+            "--instruct",
+            i,
+            "--output",
+            tmp_path / "o",
+            "--exclude",
+            r"^extra\.",
+        ),
         capture_output=True,
         text=True,
         env=offline_env(tmp_path),

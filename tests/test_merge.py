@@ -151,7 +151,24 @@ def test_instruct_grown_vocabulary_and_instruct_only_tensors(tmp_path, cli):
     instruct["vision_tower.proj.weight"] = torch.randn(8, 8).bfloat16()
     base["model.extra_head.weight"] = tuned["model.extra_head.weight"] = torch.randn(4, 4).bfloat16()
     b, t, i = trio(tmp_path, base, tuned, instruct)
-    code, out, _ = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "dry", "--dry-run")
+    # base and tuned hold a tensor Instruct lacks: its update would be lost, so not without being asked
+    code, out, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "dry", "--dry-run")
+    assert code == 2 and "'model.extra_head.weight'" in err and "would be dropped" in err and "--exclude" in err, err
+    assert str(t) in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "dry").exists()
+    code, out, _ = cli(
+        "merge",
+        "--base",
+        b,
+        "--tuned",
+        t,
+        "--instruct",
+        i,
+        "--output",
+        tmp_path / "dry",
+        "--dry-run",
+        "--exclude",
+        "extra_head",
+    )
     assert code == 0 and not (tmp_path / "dry").exists()
     assert "graft rows" in out and "vision_tower.proj.weight" in out and "model.extra_head.weight" in out
     assert (
@@ -168,6 +185,8 @@ def test_instruct_grown_vocabulary_and_instruct_only_tensors(tmp_path, cli):
             "--quiet",
             "--chunk-size",
             "500",
+            "--exclude",
+            "extra_head",
         )[0]
         == 0
     )

@@ -194,6 +194,7 @@ class SimilarityReport:
     layers: dict[int | None, Stats]
     layer_kinds: dict[tuple[int | None, str], Stats]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    instruct_numel: int = 0  # every parameter of Instruct: what the "% params" column is a fraction of
     notes: list[str] = field(default_factory=list)
     inputs: dict[str, dict] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
@@ -218,6 +219,7 @@ class SimilarityReport:
         header = ["", "tensors", "params", "σ(I,B)", "‖I-B‖/‖B‖", "cos(I,B)"]
         for role in self.roles[1:]:
             header += [f"σ({role},B)", f"‖{role}-B‖/‖B‖", f"cos({role},B)", f"‖{role}-B‖/‖I-B‖"]
+        header.append("% params")  # of Instruct's: the model row says how much of the model was measured
         lines = []
         for label, s in self.groups():
             row = [label, str(s.tensors), count(s.numel)]
@@ -226,6 +228,7 @@ class SimilarityReport:
                 row += [percent(m["sigma"]), number(m["rel_l2"]), f"{m['cosine']:.6f}"]
                 if role != "instruct":
                     row.append(number(m["ratio"]))
+            row.append(f"{100 * s.numel / self.instruct_numel:.1f}%" if self.instruct_numel else "-")
             lines.append(row)
         widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
 
@@ -233,6 +236,25 @@ class SimilarityReport:
             return "  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r)))
 
         return "\n".join(fmt(r).rstrip() for r in [header, *lines])
+
+    @property
+    def coverage(self) -> float:
+        """The fraction of Instruct's parameters the whole-model row measures."""
+        return self.model.numel / self.instruct_numel if self.instruct_numel else 0.0
+
+    def not_measured(self) -> str:
+        """One line for the terminal: how many tensors were not measured, why, and how much of the model the
+        measured ones cover ('' when every tensor was measured)."""
+        if not self.skipped:
+            return ""
+        reasons: dict[str, list[str]] = {}
+        for name, reason in self.skipped:
+            reasons.setdefault(reason, []).append(name)
+        why = "; ".join(f"{len(names)} {reason} (e.g. {names[0]!r})" for reason, names in reasons.items())
+        return (
+            f"{len(self.skipped)} tensor(s) not measured: {why}; the model row covers {100 * self.coverage:.1f}% of "
+            f"Instruct's parameters"
+        )
 
     def summary(self) -> str:
         """One line: the whole model's sigma(I, B), tensors, seconds."""
@@ -260,6 +282,7 @@ class SimilarityReport:
             "reads": self.reads,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "notes": self.notes,
+            "coverage": self.coverage,  # of Instruct's parameters, by the model row
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "model": self.model.to_json(),
             "kinds": {k: s.to_json() for k, s in self.kinds.items()},
@@ -475,6 +498,7 @@ def similarity(
             notes.append(f"{t.name}: NaN/Inf in {' and '.join(bad)} or base; its metrics are NaN")
     report = aggregate(tensors, roles)
     report.skipped, report.notes, report.reads, report.timings = plan.skipped, notes, reads, timings
+    report.instruct_numel = sum(info.numel for info in checkpoints["instruct"].tensors.values())
     report.inputs = {
         role: {"ref": ck.ref, "revision": ck.revision, "fingerprint": ck.fingerprint}
         for role, ck in checkpoints.items()
