@@ -16,9 +16,9 @@ from graftcore import interrupts
 from graftcore.compute.devices import local_cuda_device, out_of_memory_is_an_error, select_compute
 from graftcore.distributed import joined_group, spawn_workers, write_output_distributed
 from graftcore.errors import GraftError
-from graftcore.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
+from graftcore.inputs import Ref, check_call, check_output_outside_inputs, job_fingerprint, open_inputs, tuned_refs
 from graftcore.io.output_folder import OutputFolder
-from graftcore.job import job_fingerprint, write_output
+from graftcore.job import write_output
 from graftcore.options import MergeOptions, option_fields
 from graftcore.plan import Plan, build_plan
 from graftcore.report import Progress, Report
@@ -84,7 +84,9 @@ def graft(
         error = e
     if group is not None:
         group.agree(error)  # every rank validated the same plan before any rank writes
-    if opts.dry_run:  # the plan described: no torch, no device chosen
+    if opts.dry_run:  # the plan described, and the output folder checked as a merge would: no torch, no device
+        check_output_outside_inputs(Path(output), checkpoints)
+        OutputFolder(output, job_fingerprint(checkpoints, opts)).check_claimable(opts.overwrite)
         report = Report(Path(output), opts.device, dry_run=True)
         report.count(plan)
         return report

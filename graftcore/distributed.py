@@ -179,9 +179,10 @@ def assign(sizes: dict[str, int], kept: set[str], world: int) -> dict[str, int]:
 def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts, log, compute, progress=None):
     """This rank's share of the merge of `plan` into `output` (see the module docstring); returns its Report."""
     from graftcore.engine import execute
+    from graftcore.inputs import job_fingerprint
     from graftcore.io.output_folder import OutputFolder
     from graftcore.io.safetensors_file import planned_file_size
-    from graftcore.job import finish_output, job_fingerprint, shard_keys
+    from graftcore.job import finish_output, shard_keys
 
     fingerprint = job_fingerprint(checkpoints, opts)
     keys = shard_keys(plan, checkpoints, fingerprint)
@@ -348,6 +349,8 @@ def spawn_workers(graft, workers: int, kwargs: dict, log=None, progress=None):
             # Stop them before leaving this block: it deletes the rendezvous file their store lives in, and a
             # store call on a deleted file waits forever (so would this process, joining them at exit).
             stop_workers(context.processes, drain)
+            if 0 in outcomes and outcomes[0][0] is None:  # too late: rank 0 had finished the folder (graftcore.json)
+                return outcomes[0][1]
             raise
         except mp.ProcessExitedException as e:
             raise GraftError(f"worker {e.error_index} of {workers} died ({e})") from None

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -40,6 +42,8 @@ def check_call(call: str, options: dict, allowed: Collection[str], refs: dict[st
     for role, ref in refs.items():
         if not isinstance(ref, (str, os.PathLike)) and not (ref is None and role in optional):
             raise GraftError(f"{role}: expected a folder, file or hub id, got {ref!r}")
+        if ref is not None and not str(os.fspath(ref)).strip():
+            raise GraftError(f"{role}: an empty path")
 
 
 def tuned_refs(tuned, optional: bool = False) -> list[Ref]:
@@ -96,3 +100,9 @@ def check_output_outside_inputs(output: Path, checkpoints: dict[str, Checkpoint]
             if out == root or out.is_relative_to(root) or (root.is_relative_to(out) and not may_contain):
                 where = "is" if out == root else "is inside" if out.is_relative_to(root) else "contains"
                 raise OutputError(f"{output}: {where} the {role} input's folder {root}; choose another --output")
+
+
+def job_fingerprint(checkpoints: dict[str, Checkpoint], opts: MergeOptions) -> str:
+    """Same inputs and same bit-changing options -> same fingerprint (a rerun resumes)."""
+    doc = {"inputs": {r: c.fingerprint for r, c in sorted(checkpoints.items())}, "options": opts.bits_key()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -3,7 +3,7 @@ schedule the inputs' downloads, stream the plan (engine.execute), then the index
 graftcore.json with what the run records (manifest). distributed.py runs each rank's share with the same pieces.
 
 Example:
-    >>> report = write_output(plan, checkpoints, out, OutputFolder(out, job_fingerprint(checkpoints, opts)),
+    >>> report = write_output(plan, checkpoints, out, OutputFolder(out, fingerprint),
     ...                       opts, print, CpuCompute(1 << 18))                      # doctest: +SKIP
 """
 
@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from graftcore import interrupts
-from graftcore.io.output_folder import OutputFolder
+from graftcore.io.output_folder import OutputFolder, config_takes_dtype
 from graftcore.io.safetensors_file import planned_file_size
 from graftcore.options import MergeOptions
 from graftcore.plan import Plan, entries_digest, plan_entries
@@ -63,6 +63,11 @@ def finish_output(
         weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
         index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
     extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
+    config = next((src for src, rel in extras if rel == "config.json"), None)
+    if opts.dtype != "auto" and config is not None and not config_takes_dtype(config):
+        report.notes.append(
+            f"{config}: not a JSON object, copied as it is: it does not say torch_dtype {opts.dtype} as the weights are"
+        )
     interrupts.check()
     folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
 
@@ -75,12 +80,6 @@ def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict
         state = sorted(f"{role}|{f}|{checkpoints[role].file_state(f)}" for role, f in files)
         keys[shard.file] = hashlib.sha256(json.dumps([job, state]).encode()).hexdigest()
     return keys
-
-
-def job_fingerprint(checkpoints: dict[str, Checkpoint], opts: MergeOptions) -> str:
-    """Same inputs and same bit-changing options -> same fingerprint (a rerun resumes)."""
-    doc = {"inputs": {r: c.fingerprint for r, c in sorted(checkpoints.items())}, "options": opts.bits_key()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Report) -> dict:

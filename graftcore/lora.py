@@ -312,20 +312,20 @@ class LowRankUpdate:
         import torch  # not at the top: planning (this module's other half) needs no torch
 
         a = view(self.a).to(torch.float32, copy=True)  # a float32 copy: the read buffer is not kept
-        if self.kind == "bias":
-            left, right = a.reshape(-1, 1).contiguous(), torch.ones(1, 1)
-        else:
-            a = a.reshape(self.a.shape)
-            b = view(self.b).to(torch.float32, copy=True).reshape(self.b.shape)
-            left, right = (b, a) if self.kind == "linear" else (a.T, b.T)
-            left, right = left.contiguous(), right.contiguous()
+        b = None if self.kind == "bias" else view(self.b).to(torch.float32, copy=True).reshape(self.b.shape)
         magnitude = None if self.magnitude is None else view(self.magnitude).to(torch.float32, copy=True)
-        if not allow_nonfinite:
-            for t, info in ((left, self.a), (right, self.b), (magnitude, self.magnitude)):
+        if not allow_nonfinite:  # each factor named as the adapter file names it (lora_A, lora_B, magnitude)
+            for t, info in ((a, self.a), (b, self.b), (magnitude, self.magnitude)):
                 if t is not None and not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(
                         f"{self.where}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to keep them)"
                     )
+        if self.kind == "bias":
+            left, right = a.reshape(-1, 1).contiguous(), torch.ones(1, 1)
+        else:
+            a = a.reshape(self.a.shape)
+            left, right = (b, a) if self.kind == "linear" else (a.T, b.T)
+            left, right = left.contiguous(), right.contiguous()
         return LoadedUpdate(self, left, right, magnitude)
 
 

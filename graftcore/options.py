@@ -147,8 +147,8 @@ class MergeOptions:
             raise GraftError(
                 f"--chunk-size must be from 1 to {MAX_CHUNK} elements (each compute buffer holds a chunk in float32)"
             )
-        if self.max_shard_size is not None:
-            parse_size(self.max_shard_size)
+        if self.max_shard_size is not None and parse_size(self.max_shard_size) < 1:
+            raise GraftError(f"--max-shard-size {self.max_shard_size!r}: must be at least 1 byte")
         if self.read_buffer is not None and not 4096 <= parse_size(self.read_buffer, "--read-buffer") <= 1 << 30:
             raise GraftError("--read-buffer must be from 4KiB to 1GiB")
         if self.read_depth is not None and self.read_depth < 2:

@@ -372,3 +372,42 @@ def test_help_and_version_do_not_import_torch(args):
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
     assert "graftcore.cli" in imported  # the log is there
     assert "torch" not in imported and "huggingface_hub" not in imported
+
+
+def test_a_dry_run_refuses_what_the_merge_would_refuse(tmp_path, cli):
+    """--dry-run checks the output folder as the merge does (without writing): the input's own folder, a folder
+    holding something else, an empty path; and a shard size of 0 is refused like a negative one."""
+    b, t, i = trio(tmp_path)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("a user's file")
+    for out, needle in (
+        (i, "is the instruct input's folder"),
+        (tmp_path / "theirs", "pass --overwrite"),
+        ("", "empty"),
+    ):
+        code, _, err = cli("merge", "--base", b, "--tuned", t, "--instruct", i, "--output", out, "--dry-run")
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]
+    code, _, err = cli(
+        "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "theirs", "--dry-run", "--overwrite"
+    )
+    assert code == 0, err
+    code, _, err = cli(
+        "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--max-shard-size", "0"
+    )
+    assert code == 2 and "--max-shard-size" in err and not (tmp_path / "o").exists(), err
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1, 2]"])
+def test_a_config_that_cannot_take_the_dtype_is_a_note(tmp_path, cli, text):
+    """--dtype with an Instruct config.json that is not a JSON object: copied as it is, and the user is told that
+    it does not say the new dtype (before: exit 0 and nothing said)."""
+    b, t, i = trio(tmp_path)
+    (i / "config.json").write_text(text)
+    code, _, err = cli(
+        "merge", "--base", b, "--tuned", t, "--instruct", i, "--output", tmp_path / "o", "--dtype", "float16", "--quiet"
+    )
+    assert code == 0 and "not a JSON object" in err and "torch_dtype float16" in err, err
+    assert (tmp_path / "o" / "config.json").read_text() == text
+    notes = json.loads((tmp_path / "o" / "graftcore.json").read_text())["notes"]
+    assert any("torch_dtype float16" in n for n in notes)

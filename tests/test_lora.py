@@ -543,3 +543,17 @@ def test_adapter_and_full_checkpoint_in_one_pass(llama, tmp_path, order):
             assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
     manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
     assert manifest["options"]["alpha"] == alphas and "tuned2" in manifest["inputs"]
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_nan_in_a_factor_names_that_factor(llama, tmp_path, cli, factor):
+    """The factor that holds the NaN is the one named (lora_B is the left factor of a Linear's update)."""
+    base, instruct = llama
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = next(n for n in weights if "layers.0.self_attn.q_proj" in n and factor in n)
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    code, _, err = cli("merge", "--tuned", adapter, "--instruct", instruct, "--output", tmp_path / "out", "--quiet")
+    assert code == 2 and f"tensor {name!r} holds NaN/Inf" in err and len(err.strip().splitlines()) == 1, err

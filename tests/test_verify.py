@@ -235,6 +235,9 @@ MANIFEST_EDITS = {
     "file_states a string": lambda d: d["inputs"]["base"].__setitem__("file_states", "abc"),
     "role renamed": lambda d: d["inputs"].__setitem__("tunedX", d["inputs"].pop("tuned2")),
     "chunk of 10**15": lambda d: d["options"].__setitem__("chunk_size", 10**15),
+    "plan.tensors off by one": lambda d: d["plan"].__setitem__("tensors", d["plan"]["tensors"] + 1),
+    "counts not counts": lambda d: d.__setitem__("counts", {"x": "1"}),
+    "fingerprint removed": lambda d: d.pop("fingerprint"),
     "shard outside the folder": lambda d: d["shards"].__setitem__(
         "../base/model.safetensors", d["shards"].pop(first_shard(d))
     ),
@@ -378,3 +381,12 @@ def test_bad_arguments_to_verify(merged, args):
     kwargs = {"output": out, **args}
     with pytest.raises(graftcore.GraftError):
         graftcore.verify(**kwargs)
+
+
+def test_an_edited_alpha_is_named_as_an_edit_of_graftcore_json(merged, cli):
+    """The recorded options no longer give the recorded job fingerprint: graftcore.json was edited, which says
+    more than blaming the shard whose bytes no longer match."""
+    out, *_ = merged
+    edit_manifest(out, lambda d: d["options"].__setitem__("alpha", [0.25, 1.5]))
+    assert cli("verify", out)[0] == 0  # the files check does not read the options
+    assert_fails(cli, out, "do not give the job fingerprint it records", "--recompute", "1", "--seed", "0")

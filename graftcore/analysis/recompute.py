@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from graftcore.errors import GraftError, VerifyError
-from graftcore.inputs import open_inputs
+from graftcore.inputs import job_fingerprint, open_inputs
 from graftcore.io.safetensors_file import torch_dtype
 from graftcore.options import MergeOptions
 from graftcore.plan import Plan, build_plan, headers_entries, plan_entries
@@ -58,6 +58,11 @@ def recompute_chunks(
                     "gives "
                     f"now; rerun the same merge to bring the output up to date"
                 )
+    if job_fingerprint(checkpoints, opts) != manifest["fingerprint"]:
+        raise VerifyError(
+            f"{folder / 'graftcore.json'}: its inputs and options do not give the job fingerprint it records (an "
+            "option such as the alpha, or an input's record, was edited after the merge)"
+        )
     if sorted(plan_entries(plan)) != sorted(headers_entries(headers)):
         raise VerifyError(
             f"{folder}: the plan rebuilt from the recorded inputs and options names other tensors, dtypes or shapes"

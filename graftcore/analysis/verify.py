@@ -63,6 +63,10 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
     if manifest["plan"]["sha256"] != entries_digest(headers_entries(headers)):
         raise VerifyError(f"{folder / MANIFEST}: the shards' tensors (names, dtypes, shapes) are not the planned ones")
     report.tensors = sum(len(h.tensors) for h in headers.values())
+    if manifest["plan"]["tensors"] != report.tensors:
+        raise VerifyError(
+            f"{folder / MANIFEST}: plan.tensors is {manifest['plan']['tensors']}, the shards hold {report.tensors}"
+        )
     if recompute > 0:
         recompute_chunks = interrupts.import_deferred(".analysis.recompute").recompute_chunks  # torch: only for this
         recompute_chunks(folder, manifest, headers, recompute, seed, report, hub_options)
@@ -114,6 +118,13 @@ def check_manifest(doc, path: Path) -> None:
     plan = doc.get("plan")
     if not isinstance(plan, dict) or not is_sha256(plan.get("sha256")):
         bad("has no plan digest (plan.sha256): the shards' tensors cannot be checked against the plan")
+    if not is_whole(plan.get("tensors")) or plan["tensors"] < 0:
+        bad("plan.tensors is not a count")
+    if not is_sha256(doc.get("fingerprint")):
+        bad("has no job fingerprint (a sha256 of the inputs and options)")
+    counts = doc.get("counts")
+    if not isinstance(counts, dict) or not all(is_whole(v) and v >= 0 for v in counts.values()):
+        bad("counts is not an object of tensor counts")
     if not isinstance(doc.get("options"), dict):
         bad("options is not an object")
     if "device" in doc and not isinstance(doc["device"], str):

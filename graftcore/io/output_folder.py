@@ -74,10 +74,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 def atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".partial")
     try:
-        with output_errors(dst, "copy " + str(src) + " to it"):
+        try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
+        except OSError as e:  # named by the file being written (copyfile's error may name the source)
+            raise OutputError(f"{dst}: cannot write it as a copy of {src} ({e.strerror or e})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -99,9 +101,17 @@ def config_with_dtype(text: str, dtype: str) -> str:
     return json.dumps(new, indent=2, ensure_ascii=False) + ("\n" if text.endswith("\n") else "")
 
 
+def config_takes_dtype(path: Path) -> bool:
+    """Whether the config.json at `path` is a JSON object, so that config_with_dtype can set its dtype."""
+    try:
+        return isinstance(json.loads(path.read_bytes().decode()), dict)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def atomic_copy_config(src: Path, dst: Path, dtype: str) -> None:
     """atomic_copy of a config.json whose dtype becomes `dtype` (a file that is not UTF-8 is copied as is)."""
-    with output_errors(dst, "copy " + str(src) + " to it"):
+    with output_errors(src, "read it"):
         raw = src.read_bytes()
     try:
         text = raw.decode()
@@ -171,15 +181,27 @@ class OutputFolder:
                         self.finished[file] = rec
             elif any(p.name != LOCK for p in self.path.iterdir()):
                 if not overwrite:
-                    raise OutputError(
-                        f"{self.path}: folder is not empty and was not written by this same merge; "
-                        f"pass --overwrite to replace the model in it, or choose another --output"
-                    )
+                    raise self._occupied()
                 self._remove_previous_model()
             for p in self.path.glob("*.partial"):
                 p.unlink()
             self._save_progress()
         return set(self.finished)
+
+    def check_claimable(self, overwrite: bool) -> None:
+        """What prepare() would refuse, found without writing anything (a dry run)."""
+        with output_errors(self.path, "use the output folder"):
+            if self.path.exists() and not self.path.is_dir():
+                raise OutputError(f"{self.path}: exists and is not a folder")
+            if self.path.is_dir() and not overwrite and self._earlier_record() is None:
+                if any(p.name != LOCK for p in self.path.iterdir()):
+                    raise self._occupied()
+
+    def _occupied(self) -> OutputError:
+        return OutputError(
+            f"{self.path}: folder is not empty and was not written by this same merge; "
+            f"pass --overwrite to replace the model in it, or choose another --output"
+        )
 
     def _lock(self) -> None:
         """Take `.graftcore.lock` exclusively (flock: released by the kernel when this process ends)."""
