@@ -8,7 +8,18 @@ from dataclasses import dataclass, field, fields
 
 from graftcore.errors import GraftError
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # --targets reference
+# --targets projections: the linear layers of attention and MLP/MoE blocks on every architecture, by the name of
+# the module holding the weight (or, for experts stored fused, of the parameter). Names as transformers saves them:
+#   *_proj: q/k/v/o, Phi-3's qkv_proj and gate_up_proj, DeepSeek-V3's MLA q_a/q_b/kv_a_proj_with_mqa/kv_b_proj,
+#           vision towers' out_proj, and the fused experts' gate_up_proj / down_proj (GPT-OSS: their _bias too)
+#   w1/w2/w3: Mixtral's block_sparse_moe.experts.N.w*      fc1/fc2, qkv, proj: vision towers' MLPs and attention
+#   linear_1/linear_2: a VL model's multimodal projector
+# Not projections: embeddings, norms, lm_head, and routers (mlp.gate, block_sparse_moe.gate, mlp.router), whose
+# outputs pick experts rather than compute features: they stay Instruct's, as in the paper's reference selection.
+PROJECTION = re.compile(
+    r"(^|\.)([a-z0-9_]*_proj(_with_mqa)?|w[123]|fc[12]|qkv|proj|linear_[12])(_bias)?(\.(weight|bias))?$"
+)
 MAX_CHUNK = 1 << 28  # elements: 1 GiB of float32 per compute buffer
 SIZE_UNITS = {
     "": 1,
@@ -45,8 +56,10 @@ class MergeOptions:
     targets: str = field(
         default="all",
         metadata={
-            "help": "all: every tensor the inputs share; projections: only q/k/v/o/gate/up/down_proj",
-            "choices": ("all", "projections"),
+            "help": "all: every tensor the inputs share; projections: the linear layers of attention and MLP/MoE "
+            "blocks (any architecture; not embeddings, norms, lm_head or routers); reference: only "
+            "q/k/v/o/gate/up/down_proj, the paper's code",
+            "choices": ("all", "projections", "reference"),
         },
     )
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
@@ -168,7 +181,9 @@ class MergeOptions:
 
     def selects(self, name: str) -> bool:
         """Whether tensor `name` is to be grafted (as opposed to copied from Instruct)."""
-        if self.targets == "projections" and not re.search(rf"(^|\.)({'|'.join(PROJECTIONS)})(\.|$)", name):
+        if self.targets == "projections" and not PROJECTION.search(name):
+            return False
+        if self.targets == "reference" and not re.search(rf"(^|\.)({'|'.join(PROJECTIONS)})(\.|$)", name):
             return False
         if self.include and not any(re.search(p, name) for p in self.include):
             return False
