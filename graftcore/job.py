@@ -106,6 +106,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
             "copied": report.copied,
         },
         "ignored": [{"name": name, "reason": reason} for name, reason in report.ignored],
+        "renamed": report.plan.renamed,  # prefix rewrites of Base's / tuned names into Instruct's
         "notes": report.notes,
         "device": report.device,
         "seconds": round(report.seconds, 3),

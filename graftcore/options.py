@@ -53,6 +53,15 @@ class MergeOptions:
         default_factory=list,
         metadata={"help": "copy tensors whose name matches REGEX from Instruct (repeatable)", "metavar": "REGEX"},
     )
+    rename: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "read Base's and tuned tensor names with the prefix OLD as NEW (e.g. "
+            "'model.=language_model.model.'); by default a consistent prefix difference is found from the headers "
+            "(repeatable)",
+            "metavar": "OLD=NEW",
+        },
+    )
     targets: str = field(
         default="all",
         metadata={
@@ -119,6 +128,11 @@ class MergeOptions:
     def __post_init__(self):
         """Check and normalise every field, so a bad option is a GraftError before any input is opened."""
         self.alpha = alphas_from(self.alpha)
+        self.rename = [self.rename] if isinstance(self.rename, str) else self.rename
+        if not isinstance(self.rename, (list, tuple)):
+            raise GraftError(f"rename: expected a list of OLD=NEW rules, got {self.rename!r}")
+        self.rename = list(self.rename)
+        parse_renames(self.rename)
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):  # one pattern, not a sequence of one-character patterns
@@ -199,6 +213,7 @@ class MergeOptions:
             "alpha": self.alpha,
             "include": self.include,
             "exclude": self.exclude,
+            "rename": self.rename,
             "targets": self.targets,
             "dtype": self.dtype,
             "max_shard_size": self.max_shard_size,
@@ -209,6 +224,7 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32
 # the MergeOptions fields `graftcore similarity` (and graftcore.similarity) takes: selection, hub access, the
 # progress bar, and the streaming knobs; it writes no model, so none of the output or arithmetic options apply
 SIMILARITY_OPTIONS = (
+    "rename",
     "include",
     "exclude",
     "targets",
@@ -220,6 +236,17 @@ SIMILARITY_OPTIONS = (
     "read_depth",
     "read_workers",
 )
+
+
+def parse_renames(rules: list[str]) -> list[tuple[str, str]]:
+    """--rename OLD=NEW (repeatable) -> [(OLD, NEW)]; GraftError for a rule without '='."""
+    out = []
+    for rule in rules:
+        if not isinstance(rule, str) or "=" not in rule:
+            raise GraftError(f"--rename {rule!r}: expected OLD=NEW (a prefix of the tensor names and its replacement)")
+        old, new = rule.split("=", 1)
+        out.append((old, new))
+    return out
 
 
 def alphas_from(value) -> list[float]:

@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 from graftcore.errors import MismatchError
 from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, TensorInfo, itemsize
-from graftcore.options import MergeOptions, parse_size
+from graftcore.names import align
+from graftcore.options import MergeOptions, parse_renames, parse_size
 from graftcore.sources.checkpoint import Checkpoint
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -121,6 +121,7 @@ class Plan:
     ignored: list[Ignored] = field(default_factory=list)  # in base/tuned but not Instruct
     adapters: list[str] = field(default_factory=list)  # the roles of the tuned inputs that are PEFT adapters
     notes: list[str] = field(default_factory=list)
+    renamed: list[dict] = field(default_factory=list)  # prefix rewrites of input names (names.align)
 
     @property
     def ops(self) -> list[TensorOp]:
@@ -166,6 +167,7 @@ class MatchedInputs:
     base: dict[str, TensorInfo]
     sources: list[tuple[DeltaInput, dict[str, TensorInfo], dict]]  # (delta, full tensors, low-rank updates)
     notes: list[str]
+    renamed: list[dict] = field(default_factory=list)  # prefix rewrites applied: role, from, to, tensors, inferred
 
     def locate(self, role: str, info: TensorInfo | None) -> str:
         """Where `info` of input `role` is (its shard file); the input's ref for None."""
@@ -183,22 +185,26 @@ class MatchedInputs:
         return [Ignored(n, f"in {' and '.join(roles)}, not in Instruct") for n, roles in extra.items()]
 
 
-def match_inputs(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None) -> MatchedInputs:
+def match_inputs(
+    instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, renames: list[str] = ()
+) -> MatchedInputs:
     """Every input's tensors under Instruct's names (wrapper prefixes stripped), adapters turned into low-rank
     updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit."""
     from graftcore.lora import adapter_terms
 
     notes: list[str] = []
+    renamed: list[dict] = []
+    rules = parse_renames(list(renames))
     checkpoints = {"instruct": instruct, **({"base": base} if base is not None else {})}
     sources = []
     for d in deltas:
         checkpoints[d.role] = d.checkpoint
         if d.adapter is None:
-            sources.append((d, strip_wrappers(d.checkpoint, instruct.tensors, d.role, notes), {}))
+            sources.append((d, aligned(d.checkpoint, instruct.tensors, d.role, notes, rules, renamed), {}))
         else:
             sources.append((d, *adapter_terms(d.adapter, instruct, base, notes)))
-    base_t = strip_wrappers(base, instruct.tensors, "base", notes) if base is not None else {}
-    return MatchedInputs(instruct, checkpoints, base_t, sources, notes)
+    base_t = aligned(base, instruct.tensors, "base", notes, rules, renamed) if base is not None else {}
+    return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed)
 
 
 def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, opts: MergeOptions) -> Plan:
@@ -210,7 +216,7 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
         >>> plan = build_plan(open_checkpoint(i), tuned, open_checkpoint(b), MergeOptions())          # doctest: +SKIP
         >>> print(plan.describe())                                                                    # doctest: +SKIP
     """
-    matched = match_inputs(instruct, deltas, base)
+    matched = match_inputs(instruct, deltas, base, opts.rename)
     ops = {
         name: plan_tensor(name, i, matched.base.get(name), matched.sources, opts, matched.locate)
         for name, i in instruct.tensors.items()
@@ -218,7 +224,9 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
     ignored, notes = matched.ignored(), matched.notes
     check_nothing_dropped(ops, ignored, matched, opts)
     adapters = [d.role for d in deltas if d.adapter is not None]
-    return Plan(*layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters)
+    return Plan(
+        *layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters, renamed=matched.renamed
+    )
 
 
 LORA_SKIPPED = " (its LoRA update is skipped)"
@@ -357,16 +365,19 @@ def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:
     return DTYPE_CODES[opts.dtype]
 
 
-def strip_wrappers(ck: Checkpoint, reference: dict, role: str, notes: list[str]) -> dict[str, TensorInfo]:
-    """Drop training-wrapper prefixes (`module.`, `_orig_mod.`, nested) when that makes more names match Instruct's."""
-    tensors, stripped = ck.tensors, []
-    while tensors and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in tensors)), None)):
-        tensors = {n[len(prefix) :]: info for n, info in tensors.items()}
-        stripped.append(prefix)
-    if not stripped or sum(n in reference for n in tensors) <= sum(n in reference for n in ck.tensors):
-        return ck.tensors
-    notes.append(f"stripped the prefix {''.join(stripped)!r} from the {role} checkpoint's tensor names")
-    return tensors
+def aligned(ck: Checkpoint, reference: dict, role: str, notes: list[str], renames: list, renamed: list) -> dict:
+    """`ck`'s tensors under Instruct's names (names.align: --rename rules, wrapper prefixes stripped, or one
+    prefix rewrite inferred from the headers); each rewrite applied is a note and an entry of `renamed`."""
+    shapes = {n: info.shape for n, info in ck.tensors.items()}
+    new_names, applied, inferred = align(shapes, {n: i.shape for n, i in reference.items()}, renames)
+    for old, new, count in applied:
+        how = "inferred from the headers" if inferred else "--rename" if renames else "a training wrapper's"
+        if new == "" and not renames:
+            notes.append(f"stripped the prefix {old!r} from the {role} checkpoint's tensor names")
+        else:
+            notes.append(f"renamed {count} tensor(s) of {role}: prefix {old!r} -> {new!r} ({how})")
+        renamed.append({"role": role, "from": old, "to": new, "tensors": count, "inferred": inferred})
+    return {new_names[n]: info for n, info in ck.tensors.items()}
 
 
 def layout_shards(instruct: Checkpoint, ops: dict[str, TensorOp], opts: MergeOptions) -> tuple[list[OutShard], bool]:

@@ -107,3 +107,92 @@ def test_reference_keeps_the_papers_selection(tmp_path):
     report = graftcore.graft(**roles, output=tmp_path / "o", dry_run=True, targets="reference")
     grafted = {op.name for op in report.plan.ops if op.action.name == "GRAFT"}
     assert grafted == {f"model.layers.{k}.{m}.weight" for k in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")}
+
+
+def vl_pair(kind: str):
+    """(text model, VL model) whose language weights are equal: a text Base and a VL Instruct built around it."""
+    if kind == "llava":
+        text_config = T.LlamaConfig(**COMMON)
+        vision = T.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        )
+        vl = T.LlavaForConditionalGeneration(
+            T.LlavaConfig(text_config=text_config, vision_config=vision, image_token_index=95)
+        )
+        text = T.LlamaForCausalLM(text_config)
+    else:
+        text_config = T.Gemma3TextConfig(**COMMON, head_dim=8)
+        vision = T.SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        )
+        vl = T.Gemma3ForConditionalGeneration(
+            T.Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=4)
+        )
+        text = T.Gemma3ForCausalLM(text_config)
+    text.model.load_state_dict(vl.model.language_model.state_dict())
+    text.lm_head.load_state_dict(vl.lm_head.state_dict())
+    return text.to(torch.bfloat16), vl.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["llava", "gemma3"])
+def test_a_vl_instruct_over_a_text_base(kind, tmp_path, cli):
+    """transformers saves the VL model's language layers as language_model.model.* (and language_model.lm_head),
+    the text model's as model.*: the prefix rewrite is found from the headers, shown, and every language tensor
+    grafted; the vision tower and projector are Instruct's. Before: exit 0 with nothing grafted."""
+    torch.manual_seed(0)
+    text, vl = vl_pair(kind)
+    text.save_pretrained(tmp_path / "base")
+    perturbed(text, 1, 0.01).save_pretrained(tmp_path / "tuned")
+    perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
+    code, _, err = cli(
+        "merge",
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
+    assert "prefix '' -> 'language_model.' (inferred from the headers)" in err
+    base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
+    got = load_folder(tmp_path / "out")
+    grafted = 0
+    for n, i in instruct.items():
+        m = n.removeprefix("language_model.")
+        if n.startswith("language_model.") and m in base:
+            assert same_bits(got[n], reference(i, tuned[m], base[m])), n
+            grafted += 1
+        else:
+            assert same_bits(got[n], i), n  # the vision tower, the projector: Instruct's
+    assert grafted == len(base) and grafted > 10
+    import json
+
+    renamed = json.loads((tmp_path / "out" / "graftcore.json").read_text())["renamed"]
+    assert {(r["role"], r["from"], r["to"], r["inferred"]) for r in renamed} == {
+        ("base", "", "language_model.", True),
+        ("tuned", "", "language_model.", True),
+    }
+    assert type(vl).from_pretrained(tmp_path / "out").config.model_type == vl.config.model_type
+
+
+def test_an_explicit_rename(tmp_path, cli):
+    """A text Base saved under other names altogether (decoder.*): the rewrite is still inferred from the headers,
+    and --rename OLD=NEW states it explicitly (for what cannot be inferred), with the same result."""
+    torch.manual_seed(0)
+    text, vl = vl_pair("llava")
+    sd = {("decoder." + k.removeprefix("model.")): v for k, v in text.state_dict().items() if k.startswith("model.")}
+    from safetensors.torch import save_file
+
+    for role in ("base", "tuned"):
+        (tmp_path / role).mkdir()
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / role / "model.safetensors")
+    perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
+    args = ("merge", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--instruct", tmp_path / "instruct")
+    code, out, err = cli(*args, "--output", tmp_path / "o1", "--dry-run")
+    assert code == 0 and "prefix 'decoder.' -> 'language_model.model.' (inferred from the headers)" in out, out
+    code, _, err = cli(*args, "--output", tmp_path / "o2", "--quiet", "--rename", "decoder.=language_model.model.")
+    assert code == 0 and "--rename" in err, err

@@ -343,7 +343,7 @@ class MeasurePlan:
 def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput], opts: MergeOptions) -> MeasurePlan:
     """Which tensors to measure and how each input is read; MismatchError / AdapterError before anything is read."""
     instruct = checkpoints["instruct"]
-    matched = match_inputs(instruct, deltas, checkpoints["base"])
+    matched = match_inputs(instruct, deltas, checkpoints["base"], opts.rename)
     for _, _, updates in matched.sources:
         dora = next((u for u in updates.values() if u.magnitude is not None), None)
         if dora is not None:
