@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -251,6 +252,14 @@ def check_nothing_dropped(ops: dict[str, TensorOp], ignored: list[Ignored], matc
     lost = [ig.name for ig in ignored if ig.name in held and not opts.excludes(ig.name)]
     if lost:
         role, info = held[lost[0]]
+        layouts = expert_layouts(lost, matched.instruct.tensors)
+        if layouts is not None:
+            raise MismatchError(
+                f"{matched.locate(role, info)}: the MoE experts are saved {layouts[0]} in {role} but {layouts[1]} in "
+                f"Instruct ({matched.instruct.ref}): {len(lost)} tensor(s) such as {lost[0]!r} have no counterpart. "
+                f"Mapping one expert layout onto the other is not supported yet: save the inputs in one layout "
+                f"(transformers: save_pretrained(save_original_format=True) writes experts one by one)"
+            )
         raise MismatchError(
             f"{matched.locate(role, info)}: {len(lost)} tensor(s) of {role} have no counterpart in Instruct "
             f"({matched.instruct.ref}), so their update would be dropped: {listed(lost)}; --exclude REGEX drops "
@@ -268,6 +277,23 @@ def check_nothing_dropped(ops: dict[str, TensorOp], ignored: list[Ignored], matc
             f"{matched.instruct.ref}: nothing to graft: every tensor of Instruct would be copied as it is "
             f"({'; '.join(reasons[:LISTED])}); check --include / --exclude / --targets and the inputs' names"
         )
+
+
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # experts.E.gate_proj.weight, Mixtral's experts.E.w1.weight
+FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)(_bias)?$")  # transformers 5 in memory: [E, ...]
+
+
+def expert_layouts(lost: list[str], instruct: dict) -> tuple[str, str] | None:
+    """('per expert', 'fused') or the reverse when the tensors an input holds and Instruct lacks are MoE experts in
+    the other layout than Instruct's; None otherwise."""
+    lost_per, lost_fused = any(PER_EXPERT.search(n) for n in lost), any(FUSED_EXPERTS.search(n) for n in lost)
+    has_per = any(PER_EXPERT.search(n) for n in instruct)
+    has_fused = any(FUSED_EXPERTS.search(n) for n in instruct)
+    if lost_per and has_fused and not has_per:
+        return "per expert (experts.N.*)", "fused (experts.gate_up_proj / experts.down_proj)"
+    if lost_fused and has_per and not has_fused:
+        return "fused (experts.gate_up_proj / experts.down_proj)", "per expert (experts.N.*)"
+    return None
 
 
 def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, opts: MergeOptions, locate) -> TensorOp:

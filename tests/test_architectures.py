@@ -11,6 +11,7 @@ import torch
 from helpers import load_folder, perturbed, reference, same_bits
 
 transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would share stderr with graftcore's
 T = transformers
 
 COMMON = dict(
@@ -196,3 +197,32 @@ def test_an_explicit_rename(tmp_path, cli):
     assert code == 0 and "prefix 'decoder.' -> 'language_model.model.' (inferred from the headers)" in out, out
     code, _, err = cli(*args, "--output", tmp_path / "o2", "--quiet", "--rename", "decoder.=language_model.model.")
     assert code == 0 and "--rename" in err, err
+
+
+@pytest.mark.parametrize("instruct_fused", [True, False])
+def test_moe_experts_in_another_layout_fail_naming_the_layout(instruct_fused, tmp_path, cli):
+    """Qwen3-MoE saved per expert (transformers' default) and fused (save_original_format=False): until one layout
+    is mapped onto the other, the merge says so, exit 2 (before: exit 0, the experts' update dropped)."""
+    torch.manual_seed(0)
+    model = T.Qwen3MoeForCausalLM(
+        T.Qwen3MoeConfig(**COMMON, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16)
+    ).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base", save_original_format=instruct_fused)
+    perturbed(model, 1, 0.01).save_pretrained(tmp_path / "tuned", save_original_format=instruct_fused)
+    perturbed(model, 2, 0.01).save_pretrained(tmp_path / "instruct", save_original_format=not instruct_fused)
+    code, _, err = cli(
+        "merge",
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
+    theirs, ours = ("per expert", "fused") if instruct_fused else ("fused", "per expert")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"saved {theirs}" in err and f"but {ours}" in err and "layout" in err, err
+    assert not (tmp_path / "out").exists()
