@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from graftcore.errors import MismatchError
 from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, TensorInfo, itemsize
+from graftcore.layouts import read_per_expert
 from graftcore.names import align
 from graftcore.options import MergeOptions, parse_renames, parse_size
 from graftcore.sources.checkpoint import Checkpoint
@@ -308,8 +309,13 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
     for d, t, _ in found:  # a full checkpoint has every tensor Base has and none Base lacks; an adapter's full
         if (t is None) != (b is None) and (d.adapter is None or t is not None):  # tensors need Base's too
             has, info, lacks = (d.role, t, "base") if b is None else ("base", b, d.role)
+            layout = (
+                " (the inputs store the MoE experts in different layouts, fused and per expert: save them in one)"
+                if PER_EXPERT.search(name) or FUSED_EXPERTS.search(name)
+                else ""
+            )
             raise MismatchError(
-                f"{locate(has, info)}: tensor {name!r} is in {has} but not in {lacks} ({locate(lacks, None)}); "
+                f"{locate(has, info)}: tensor {name!r} is in {has} but not in {lacks} ({locate(lacks, None)}){layout}; "
                 f"--exclude it to copy Instruct's"
             )
     terms = tuple(Term(d.role, d.alpha, t, u) for d, t, u in found if t is not None or u is not None)
@@ -392,6 +398,15 @@ def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:
 
 
 def aligned(ck: Checkpoint, reference: dict, role: str, notes: list[str], renames: list, renamed: list) -> dict:
+    """`ck`'s tensors under Instruct's names and in Instruct's MoE expert layout (see renamed_tensors and
+    layouts.read_per_expert); what was rewritten is a note."""
+    tensors, fused = read_per_expert(renamed_tensors(ck, reference, role, notes, renames, renamed), reference)
+    if fused:
+        notes.append(f"{role}: {fused} fused expert tensor(s) read one expert at a time, as Instruct stores them")
+    return tensors
+
+
+def renamed_tensors(ck: Checkpoint, reference: dict, role: str, notes: list[str], renames: list, renamed: list):
     """`ck`'s tensors under Instruct's names (names.align: --rename rules, wrapper prefixes stripped, or one
     prefix rewrite inferred from the headers); each rewrite applied is a note and an entry of `renamed`."""
     shapes = {n: info.shape for n, info in ck.tensors.items()}

@@ -1,0 +1,72 @@
+"""MoE experts stored in another layout than Instruct's, read as Instruct's: here, fused experts read per expert.
+
+transformers 5 holds the experts of the qwen2_moe family (Qwen2/3-MoE, DeepSeek-V3, GLM-4 MoE) fused in memory
+and, by default, saves them one by one (`save_pretrained(save_original_format=False)` saves them fused):
+
+    fused      P.experts.gate_up_proj  [E, 2I, H]   expert e: rows 0..I-1 its gate_proj, rows I..2I-1 its up_proj
+               P.experts.down_proj     [E, H, I]
+    per expert P.experts.{e}.gate_proj.weight [I, H], .up_proj.weight [I, H], .down_proj.weight [H, I]
+
+(the shapes of a tiny Qwen3-MoE saved both ways with transformers 5.25). In that row-major layout each per-expert
+tensor is one contiguous range of the fused one, so an input saved fused is read for a per-expert Instruct as
+TensorInfos covering those ranges, byte for byte; nothing is assembled in memory. The other direction (a fused
+Instruct over inputs saved per expert: one output tensor read from 2E input tensors) is refused by the planner,
+naming the layouts.
+
+Example:
+    >>> views = per_expert_views(base_tensors, instruct.tensors)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+
+from graftcore.io.safetensors_file import TensorInfo, itemsize
+
+FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, TensorInfo], set[str]]:
+    """(per-expert TensorInfos named as Instruct names them, the fused tensors they cover): for each fused expert
+    tensor of `tensors` that Instruct stores one expert at a time, a view per expert with its shape and its byte
+    range inside the fused tensor. Nothing for a fused tensor Instruct holds itself, or whose shapes do not fit."""
+    views: dict[str, TensorInfo] = {}
+    used: set[str] = set()
+    for name, info in tensors.items():
+        m = FUSED.match(name)
+        if m is None or name in instruct or len(info.shape) != 3:
+            continue
+        prefix, kind = m["prefix"], m["kind"]
+        experts, rows, cols = info.shape
+        size = itemsize(info.dtype)
+        if kind == "gate_up_proj":
+            if rows % 2:
+                continue
+            half = rows // 2 * cols  # elements of one expert's gate (or up) block
+            parts = [
+                (f"{prefix}.{e}.{p}.weight", (e * 2 + k) * half, (rows // 2, cols))
+                for e in range(experts)
+                for k, p in enumerate(("gate_proj", "up_proj"))
+            ]
+        else:
+            parts = [(f"{prefix}.{e}.down_proj.weight", e * rows * cols, (rows, cols)) for e in range(experts)]
+        fits = all(n in instruct and tuple(instruct[n].shape) == shape for n, _, shape in parts)
+        if not fits:
+            continue
+        for n, first, shape in parts:
+            count = shape[0] * shape[1]
+            start = info.start + first * size
+            views[n] = TensorInfo(n, info.dtype, shape, info.file, start, start + count * size)
+        used.add(name)
+    return views, used
+
+
+def read_per_expert(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, TensorInfo], int]:
+    """`tensors` with its fused experts replaced by per-expert views where Instruct is per expert; and how many
+    fused tensors were so read."""
+    views, used = per_expert_views(tensors, instruct)
+    if not views:
+        return tensors, 0
+    out = {n: info for n, info in tensors.items() if n not in used}
+    out.update(views)
+    return out, len(used)
