@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from graftcore.errors import AdapterError, CheckpointError, NonFiniteError
 from graftcore.io.json_files import read_json_file
 from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo
+from graftcore.names import infer_rewrites, rewrite_names
 from graftcore.sources.checkpoint import NEVER_UNPICKLES, Checkpoint
 from graftcore.sources.local import open_local
 
@@ -411,9 +412,11 @@ def adapter_terms(
             if kinds.setdefault(module, kind) != kind:
                 raise AdapterError(f"{where}: module {module!r} has both Linear and Embedding LoRA tensors ({key!r})")
 
+    homes = module_homes(modules, kinds, full, instruct, where, notes)
+    full = {homes.get(t, t): info for t, info in full.items()}
     updates: dict[str, LowRankUpdate] = {}
     for module, parts in modules.items():
-        updates.update(plan_module(module, parts, kinds.get(module), cfg, instruct, where))
+        updates.update(plan_module(module, parts, kinds.get(module), cfg, instruct, where, homes.get(module)))
     for target in [t for t in full if t.endswith(".weight") and t[: -len(".weight")] in modules]:
         # save_embedding_layers: PEFT saves a targeted embedding's frozen base weight beside its LoRA factors;
         # it is Base's, unchanged by training, so the graft has nothing to take from it
@@ -444,10 +447,48 @@ def adapter_terms(
     return full, updates
 
 
+def module_homes(modules: dict, kinds: dict, full: dict, instruct: Checkpoint, where: str, notes: list[str]) -> dict:
+    """adapter module (or full tensor) name -> the name Instruct's files give it, where they differ by prefix.
+
+    PEFT names an adapter's modules as the model holds them in memory; transformers 5 holds a VL model's language
+    layers as `model.language_model.layers.N...` and its vision tower as `model.vision_tower...`, but saves them as
+    `language_model.model.layers.N...` and `vision_tower...` (Llava, Gemma 3). The rewrites are inferred as for
+    full checkpoints (names.infer_rewrites), from the weight shapes the factors imply."""
+    shapes = {}
+    for module, parts in modules.items():
+        a, b = parts.get("A"), parts.get("B")
+        if a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2:
+            continue
+        linear = kinds.get(module) != "embedding"
+        shapes[module + ".weight"] = (b.shape[0], a.shape[1]) if linear else (a.shape[1], b.shape[0])
+    shapes.update({t: info.shape for t, info in full.items()})
+    reference = {n: i.shape for n, i in instruct.tensors.items()}
+    if all(n in reference for n in shapes):
+        return {}
+    rules = infer_rewrites(shapes, reference)
+    moved = rewrite_names(list(shapes), rules, reference)
+    homes = {}
+    for name, home in moved.items():
+        if home != name:
+            homes[name[: -len(".weight")] if name[: -len(".weight")] in modules else name] = (
+                home[: -len(".weight")] if name[: -len(".weight")] in modules else home
+            )
+    for old, new in rules:
+        notes.append(f"{where}: adapter module names with the prefix {old!r} read as {new!r} (Instruct's files)")
+    return homes
+
+
 def plan_module(
-    module: str, parts: dict[str, TensorInfo], kind: str | None, cfg: AdapterConfig, instruct: Checkpoint, where: str
+    module: str,
+    parts: dict[str, TensorInfo],
+    kind: str | None,
+    cfg: AdapterConfig,
+    instruct: Checkpoint,
+    where: str,
+    home: str | None = None,
 ):
-    """The LowRankUpdate(s) of one adapted module, after checking names, ranks and shapes."""
+    """The LowRankUpdate(s) of one adapted module, after checking names, ranks and shapes; `home`: the module's
+    name in Instruct's files where it differs."""
     first = next(iter(parts.values())).name
     if "A" not in parts or "B" not in parts:
         lacks = "A" if "A" not in parts else "B"
@@ -458,7 +499,7 @@ def plan_module(
             f"layers_to_transform / exclude_modules do not select (PEFT would ignore it)"
         )
     a, b, m = parts["A"], parts["B"], parts.get("m")
-    target = module + ".weight"
+    target = (home or module) + ".weight"
     i = instruct.tensors.get(target)
     if i is None:
         raise AdapterError(
@@ -516,7 +557,7 @@ def plan_module(
     out = {target: LowRankUpdate(module, kind, scale, a, b, rows, cols, m, where)}
     bias = parts.get("bias")
     if bias is not None:
-        target_b = module + ".bias"
+        target_b = (home or module) + ".bias"
         ib = instruct.tensors.get(target_b)
         if ib is None or tuple(ib.shape) != (b.shape[0],):
             found = "missing" if ib is None else list(ib.shape)

@@ -73,6 +73,38 @@ def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple]) -
     return ranked[0][1]
 
 
+def infer_rewrites(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], most: int = 4) -> list[tuple[str, str]]:
+    """infer_rewrite again and again on the names still missing from `reference` (a VL model's language layers and
+    its vision tower can each need their own rewrite): the rules found, in order; each maps names no earlier one
+    did."""
+    rules: list[tuple[str, str]] = []
+    current = dict(shapes)
+    for _ in range(most):
+        rule = infer_rewrite(current, reference)
+        if rule is None:
+            break
+        rules.append(rule)
+        moved = {
+            n: r for n, r in apply_rewrite([n for n in current if n not in reference], *rule).items() if r in reference
+        }
+        current = {moved.get(n, n): s for n, s in current.items()}
+    return rules
+
+
+def rewrite_names(names, rules: list[tuple[str, str]], reference) -> dict[str, str]:
+    """name -> its name after the first of `rules` that maps it onto a name of `reference` (else itself)."""
+    out = {}
+    for n in names:
+        out[n] = n
+        if n in reference:
+            continue
+        for old, new in rules:
+            if n.startswith(old) and new + n[len(old) :] in reference:
+                out[n] = new + n[len(old) :]
+                break
+    return out
+
+
 def align(names_shapes: Mapping[str, tuple], reference: Mapping[str, tuple], renames: list[tuple[str, str]]):
     """(original name -> Instruct's name, [(old, new, count), ...] applied, inferred?) for one input."""
     rename = {n: n for n in names_shapes}

@@ -278,3 +278,56 @@ def test_per_expert_inputs_into_a_fused_instruct_fail_naming_the_layout(tmp_path
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "saved per expert" in err and "but fused" in err and "layout" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between the bfloat16 values of `a` and `b`, in units in the last place."""
+    x, y = (t.to(torch.bfloat16).contiguous().view(torch.int16).long() for t in (a, b))
+    order = lambda v: torch.where(v < 0, -(v & 0x7FFF), v)  # noqa: E731  sign-magnitude -> ordered integers
+    return int((order(x) - order(y)).abs().max()) if x.numel() else 0
+
+
+def test_a_peft_lora_on_a_vl_model(tmp_path, cli):
+    """PEFT names the adapter's modules as the VL model holds them in memory (model.language_model.layers.N...,
+    model.vision_tower...), the files hold language_model.model.* and vision_tower.*: both rewrites are inferred
+    and the merge equals PEFT's own merge_and_unload within one bf16 ulp (before: exit 2, 'Instruct does not
+    have')."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    _, vl = vl_pair("gemma3")
+    vl.save_pretrained(tmp_path / "base")
+    perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
+    cls = type(vl)
+    model = peft.get_peft_model(
+        cls.from_pretrained(tmp_path / "base", dtype=torch.float32),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "adapter")
+    code, _, err = cli(
+        "merge",
+        "--tuned",
+        tmp_path / "adapter",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
+    merged = (
+        peft.PeftModel.from_pretrained(
+            cls.from_pretrained(tmp_path / "instruct", dtype=torch.float32), str(tmp_path / "adapter")
+        )
+        .merge_and_unload()
+        .state_dict()
+    )
+    got = cls.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    adapted = [k for k in merged if k.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert any("vision" in k for k in adapted) and any("language_model" in k for k in adapted)
+    for k, want in merged.items():
+        assert bf16_ulps(got[k], want) <= 1, k
