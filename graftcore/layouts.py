@@ -7,11 +7,13 @@ and, by default, saves them one by one (`save_pretrained(save_original_format=Fa
                P.experts.down_proj     [E, H, I]
     per expert P.experts.{e}.gate_proj.weight [I, H], .up_proj.weight [I, H], .down_proj.weight [H, I]
 
-(the shapes of a tiny Qwen3-MoE saved both ways with transformers 5.25). In that row-major layout each per-expert
-tensor is one contiguous range of the fused one, so an input saved fused is read for a per-expert Instruct as
-TensorInfos covering those ranges, byte for byte; nothing is assembled in memory. The other direction (a fused
-Instruct over inputs saved per expert: one output tensor read from 2E input tensors) is refused by the planner,
-naming the layouts.
+(the shapes of a tiny Qwen3-MoE saved both ways with transformers 5.25; the row order checked on its weights). In
+that row-major layout each per-expert tensor is one contiguous range of the fused one, so both directions stream:
+- an input saved fused, read for a per-expert Instruct: TensorInfos covering those ranges (per_expert_views);
+- inputs saved per expert, read for a fused Instruct: one logical tensor in 2E (or E) `Pieces`, whose steps are
+  cut at the parts' boundaries so that each reads one part (fused_views, steps.read).
+Nothing is assembled in memory. GPT-OSS stores its experts fused and transposed ([E, H, 2I], gate and up
+interleaved); it has no per-expert form in transformers, so no mix of layouts arises there.
 
 Example:
     >>> views = per_expert_views(base_tensors, instruct.tensors)     # doctest: +SKIP
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from graftcore.io.safetensors_file import TensorInfo, itemsize
+from graftcore.io.safetensors_file import Pieces, TensorInfo, itemsize
 
 FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
@@ -61,12 +63,43 @@ def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[di
     return views, used
 
 
-def read_per_expert(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, TensorInfo], int]:
-    """`tensors` with its fused experts replaced by per-expert views where Instruct is per expert; and how many
-    fused tensors were so read."""
-    views, used = per_expert_views(tensors, instruct)
-    if not views:
-        return tensors, 0
-    out = {n: info for n, info in tensors.items() if n not in used}
-    out.update(views)
-    return out, len(used)
+def fused_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, Pieces], set[str]]:
+    """(Pieces named as Instruct's fused expert tensors, the per-expert tensors of `tensors` they are made of): for
+    each fused expert tensor of Instruct whose experts `tensors` holds one by one, every part with its shape."""
+    views: dict[str, Pieces] = {}
+    used: set[str] = set()
+    for name, info in instruct.items():
+        m = FUSED.match(name)
+        if m is None or name in tensors or len(info.shape) != 3:
+            continue
+        prefix, kind = m["prefix"], m["kind"]
+        experts, rows, cols = info.shape
+        if kind == "gate_up_proj":
+            if rows % 2:
+                continue
+            names = [f"{prefix}.{e}.{p}.weight" for e in range(experts) for p in ("gate_proj", "up_proj")]
+            shape = (rows // 2, cols)
+        else:
+            names = [f"{prefix}.{e}.down_proj.weight" for e in range(experts)]
+            shape = (rows, cols)
+        found = [tensors.get(n) for n in names]
+        if any(f is None or tuple(f.shape) != shape for f in found) or len({f.dtype for f in found}) != 1:
+            continue
+        per = shape[0] * shape[1]
+        parts = tuple((k * per, (k + 1) * per, f) for k, f in enumerate(found))
+        views[name] = Pieces(name, found[0].dtype, tuple(info.shape), parts)
+        used.update(names)
+    return views, used
+
+
+def read_in_instructs_layout(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict, int]:
+    """`tensors` with its MoE experts read in Instruct's layout (per_expert_views, fused_views); and how many of
+    its tensors were so read."""
+    out = tensors
+    moved = 0
+    for views, used in (per_expert_views(tensors, instruct), fused_views(tensors, instruct)):
+        if views:
+            out = {n: info for n, info in out.items() if n not in used}
+            out.update(views)
+            moved += len(used)
+    return out, moved

@@ -15,8 +15,8 @@ from enum import Enum
 from typing import NamedTuple
 
 from graftcore.errors import MismatchError
-from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, TensorInfo, itemsize
-from graftcore.layouts import read_per_expert
+from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, Pieces, TensorInfo, itemsize
+from graftcore.layouts import read_in_instructs_layout
 from graftcore.names import align
 from graftcore.options import MergeOptions, parse_renames, parse_size
 from graftcore.sources.checkpoint import Checkpoint
@@ -257,8 +257,9 @@ def check_nothing_dropped(ops: dict[str, TensorOp], ignored: list[Ignored], matc
         if layouts is not None:
             raise MismatchError(
                 f"{matched.locate(role, info)}: the MoE experts are saved {layouts[0]} in {role} but {layouts[1]} in "
-                f"Instruct ({matched.instruct.ref}): {len(lost)} tensor(s) such as {lost[0]!r} have no counterpart. "
-                f"Mapping one expert layout onto the other is not supported yet: save the inputs in one layout "
+                f"Instruct ({matched.instruct.ref}), and {len(lost)} tensor(s) such as {lost[0]!r} cannot be read in "
+                f"Instruct's layout (names, shapes or dtypes that do not fit the qwen2_moe family's experts.E.gate_proj"
+                f" / up_proj / down_proj = experts.gate_up_proj / down_proj); save the inputs in one layout "
                 f"(transformers: save_pretrained(save_original_format=True) writes experts one by one)"
             )
         raise MismatchError(
@@ -310,7 +311,7 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
         if (t is None) != (b is None) and (d.adapter is None or t is not None):  # tensors need Base's too
             has, info, lacks = (d.role, t, "base") if b is None else ("base", b, d.role)
             layout = (
-                " (the inputs store the MoE experts in different layouts, fused and per expert: save them in one)"
+                " (the inputs' MoE experts could not all be read in Instruct's layout: save them in one)"
                 if PER_EXPERT.search(name) or FUSED_EXPERTS.search(name)
                 else ""
             )
@@ -330,6 +331,11 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
                 f"{locate(role, x)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16 or F32 "
                 f"(--exclude it to copy Instruct's)"
             )
+    if any(t.update is not None for t in terms) and any(isinstance(x, Pieces) for x in (b, *(t.tuned for t in terms))):
+        raise MismatchError(
+            f"{locate('instruct', i)}: tensor {name!r}: an adapter's update beside experts read from another layout "
+            f"is not supported; save Base and the full tuned inputs in Instruct's expert layout"
+        )
     rows = {term.role: term_rows(name, i, b, term, locate) for term in terms}
     if len(set(rows.values())) > 1:
         listed = ", ".join(f"{r} in {role}" for role, r in rows.items())
@@ -399,10 +405,10 @@ def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:
 
 def aligned(ck: Checkpoint, reference: dict, role: str, notes: list[str], renames: list, renamed: list) -> dict:
     """`ck`'s tensors under Instruct's names and in Instruct's MoE expert layout (see renamed_tensors and
-    layouts.read_per_expert); what was rewritten is a note."""
-    tensors, fused = read_per_expert(renamed_tensors(ck, reference, role, notes, renames, renamed), reference)
-    if fused:
-        notes.append(f"{role}: {fused} fused expert tensor(s) read one expert at a time, as Instruct stores them")
+    layouts.read_in_instructs_layout); what was rewritten is a note."""
+    tensors, moved = read_in_instructs_layout(renamed_tensors(ck, reference, role, notes, renames, renamed), reference)
+    if moved:
+        notes.append(f"{role}: {moved} MoE expert tensor(s) read in Instruct's expert layout (fused or per expert)")
     return tensors
 
 

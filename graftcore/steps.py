@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from graftcore.io.safetensors_file import TensorInfo, itemsize
+from graftcore.io.safetensors_file import Pieces, TensorInfo, itemsize
 from graftcore.plan import Action, TensorOp
 
 
@@ -69,8 +69,7 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
         yield from block_steps(op, chunk)
         return
     grafted = op.grafted_numel
-    for lo in range(0, op.numel, chunk):
-        hi = min(op.numel, lo + chunk)
+    for lo, hi in ranges(op.numel, chunk, piece_bounds(op)):
         g = min(hi, max(lo, grafted))
         reads = (Read("instruct", i, lo, hi),)
         if g > lo:
@@ -80,8 +79,36 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
 
 def delta_reads(op: TensorOp, lo: int, hi: int) -> tuple[Read, ...]:
     """The reads a grafted range needs besides Instruct's: Base's (full deltas, DoRA), then each full delta's."""
-    reads = (Read("base", op.base, lo, hi),) if op.reads_base else ()
-    return reads + tuple(Read(t.role, t.tuned, lo, hi) for t in op.terms if t.tuned is not None)
+    reads = (read("base", op.base, lo, hi),) if op.reads_base else ()
+    return reads + tuple(read(t.role, t.tuned, lo, hi) for t in op.terms if t.tuned is not None)
+
+
+def read(role: str, info: TensorInfo | Pieces, lo: int, hi: int) -> Read:
+    """The Read of elements [lo, hi) of `info`; of one of its parts for a tensor stored in pieces (the steps are
+    cut at the parts' boundaries, so a range never spans two)."""
+    if isinstance(info, Pieces):
+        first, part = info.part(lo, hi)
+        return Read(role, part, lo - first, hi - first)
+    return Read(role, info, lo, hi)
+
+
+def piece_bounds(op: TensorOp) -> list[int]:
+    """Where the steps of `op` must be cut (its delta inputs' part boundaries), ascending; [] for most ops."""
+    bounds = {
+        first
+        for info in (op.base, *(t.tuned for t in op.terms))
+        if isinstance(info, Pieces)
+        for first, _, _ in info.parts
+    }
+    return sorted(bounds - {0})
+
+
+def ranges(numel: int, chunk: int, bounds: list[int]) -> Iterator[tuple[int, int]]:
+    """[lo, hi) of at most `chunk` elements covering [0, numel), never across one of `bounds`."""
+    edges = [0, *[b for b in bounds if 0 < b < numel], numel]
+    for start, end in zip(edges, edges[1:]):
+        for lo in range(start, end, chunk):
+            yield lo, min(end, lo + chunk)
 
 
 def block_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
@@ -119,11 +146,16 @@ def plan_reads(ops: list[TensorOp], role: str, steps, raw_bytes: int) -> Iterato
 
 
 def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
-    """(role, input tensor) of every tensor the steps of `op` read from."""
+    """(role, input tensor) of every tensor the steps of `op` read from (each part of one stored in pieces)."""
     yield "instruct", op.instruct
     if op.grafted_numel:
-        for read in delta_reads(op, 0, 0):
-            yield read.role, read.info
+        inputs = [("base", op.base)] if op.reads_base else []
+        inputs += [(t.role, t.tuned) for t in op.terms if t.tuned is not None]
+        for role, info in inputs:
+            if isinstance(info, Pieces):
+                yield from ((role, part) for _, _, part in info.parts)
+            else:
+                yield role, info
 
 
 def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:

@@ -241,7 +241,7 @@ def test_fused_experts_into_a_per_expert_instruct(tmp_path, cli):
             out,
             "--quiet",
         )
-        assert code == 0 and "fused expert tensor(s) read one expert at a time" in err, err
+        assert code == 0 and "read in Instruct's expert layout" in err, err
         got = load_folder(out)
         t_sd = tuned if tuned_dir == "tuned" else load_folder(tmp_path / tuned_dir)
         experts = [n for n in instruct if ".experts." in n]
@@ -256,9 +256,10 @@ def test_fused_experts_into_a_per_expert_instruct(tmp_path, cli):
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3_moe"
 
 
-def test_per_expert_inputs_into_a_fused_instruct_fail_naming_the_layout(tmp_path, cli):
-    """The other direction (one fused output tensor read from 2E per-expert input tensors) is not mapped yet: exit
-    2 naming both layouts (before: exit 0, the experts' update dropped)."""
+def test_per_expert_inputs_into_a_fused_instruct(tmp_path, cli):
+    """Base and tuned saved per expert (transformers' default), Instruct fused (save_original_format=False): each
+    fused output tensor is read from its 2E (or E) per-expert input tensors, a step never spanning two, and is
+    bit-exact against the fused tensors assembled here plainly (before: exit 0, the experts' update dropped)."""
     model = qwen3_moe()
     model.save_pretrained(tmp_path / "base")
     perturbed(model, 1, 0.01).save_pretrained(tmp_path / "tuned")
@@ -274,10 +275,30 @@ def test_per_expert_inputs_into_a_fused_instruct_fail_naming_the_layout(tmp_path
         "--output",
         tmp_path / "out",
         "--quiet",
+        "--chunk-size",
+        "100",
     )
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "saved per expert" in err and "but fused" in err and "layout" in err, err
-    assert not (tmp_path / "out").exists()
+    assert code == 0 and "read in Instruct's expert layout" in err, err
+    base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
+
+    def fused(sd, name):  # Instruct's fused name -> the per-expert tensors stacked as transformers fuses them
+        prefix, kind = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name).groups()
+        experts = sorted({int(n.split(".experts.")[1].split(".")[0]) for n in sd if n.startswith(prefix + ".")})
+        if kind == "down_proj":
+            return torch.stack([sd[f"{prefix}.{e}.down_proj.weight"] for e in experts])
+        return torch.stack(
+            [torch.cat([sd[f"{prefix}.{e}.gate_proj.weight"], sd[f"{prefix}.{e}.up_proj.weight"]]) for e in experts]
+        )
+
+    got = load_folder(tmp_path / "out")
+    fused_names = [n for n in instruct if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(fused_names) == 4
+    for n, i in instruct.items():
+        t, b = (fused(sd, n) if n in fused_names else sd[n] for sd in (tuned, base))
+        assert same_bits(got[n], reference(i, t, b)), n
+    code, stdout, err = cli("verify", tmp_path / "out", "--recompute", "50")
+    assert code == 0 and "bit-exact" in stdout, err
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "qwen3_moe"
 
 
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -131,6 +131,36 @@ class TensorInfo(NamedTuple):
         return self.end - self.start
 
 
+class Pieces(NamedTuple):
+    """One logical tensor stored as several: `parts` are (first, stop, TensorInfo) covering its flat elements
+    [0, numel) in order (MoE experts stored one by one, read as Instruct's fused tensor: layouts.py)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[int, int, TensorInfo], ...]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, _, info in self.parts)
+
+    @property
+    def file(self) -> str:
+        """The first part's file (for messages)."""
+        return self.parts[0][2].file
+
+    def part(self, lo: int, hi: int) -> tuple[int, TensorInfo]:
+        """(first element, TensorInfo) of the part holding elements [lo, hi), which must lie in one part."""
+        for first, stop, info in self.parts:
+            if first <= lo and hi <= stop:
+                return first, info
+        raise ValueError(f"{self.name}: elements {lo}..{hi} span two of its parts")
+
+
 @dataclass(frozen=True)
 class ShardHeader:
     path: Path
