@@ -440,8 +440,8 @@ def similarity(
         tuned: None, or one such REF or PEFT LoRA adapter folder, or a list of them (fine-tunes of Base).
         output: a folder to write `similarity.json` (every tensor's metrics and raw sums, the aggregates,
             inputs, options) and `similarity.png` (sigma(I, B) per layer per module kind; needs matplotlib).
-        **options: include, exclude, targets (the tensors to measure, as for `graft`), token, cache_dir,
-            quiet, chunk_size, read_buffer, read_depth, read_workers.
+        **options: rename, include, exclude, targets (names and the tensors to measure, as for `graft`), token,
+            cache_dir, quiet, chunk_size, read_buffer, read_depth, read_workers.
 
     Returns:
         A SimilarityReport; `report.table()` is the table `graftcore similarity` prints.
