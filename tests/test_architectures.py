@@ -25,6 +25,10 @@ COMMON = dict(
     num_key_value_heads=2,
 )
 ARCHITECTURES = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**COMMON)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON)),
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**COMMON, head_dim=8)),
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**COMMON, head_dim=8)),
     "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1)),
     "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**COMMON, pad_token_id=0)),
     "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(
