@@ -87,7 +87,7 @@ def fused_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[st
             continue
         per = shape[0] * shape[1]
         parts = tuple((k * per, (k + 1) * per, f) for k, f in enumerate(found))
-        views[name] = Pieces(name, found[0].dtype, tuple(info.shape), parts)
+        views[name] = Pieces(name, found[0].dtype, tuple(info.shape), parts, tuple(p[0] for p in parts))
         used.update(names)
     return views, used
 

@@ -379,7 +379,7 @@ def dora_scale(
 
 
 def adapter_terms(
-    adapter: Adapter, instruct: Checkpoint, base: Checkpoint | None, notes: list[str]
+    adapter: Adapter, instruct: Checkpoint, base: Checkpoint | None, notes: list[str], renames=()
 ) -> tuple[dict[str, TensorInfo], dict[str, LowRankUpdate]]:
     """What the adapter changes, by Instruct tensor name: (full tensors trained on Base, low-rank updates).
     AdapterError when an adapter tensor has no home in Instruct or needs a Base that was not given.
@@ -412,7 +412,7 @@ def adapter_terms(
             if kinds.setdefault(module, kind) != kind:
                 raise AdapterError(f"{where}: module {module!r} has both Linear and Embedding LoRA tensors ({key!r})")
 
-    homes = module_homes(modules, kinds, full, instruct, where, notes)
+    homes = module_homes(modules, kinds, full, instruct, where, notes, list(renames))
     full = {homes.get(t, t): info for t, info in full.items()}
     updates: dict[str, LowRankUpdate] = {}
     for module, parts in modules.items():
@@ -447,7 +447,9 @@ def adapter_terms(
     return full, updates
 
 
-def module_homes(modules: dict, kinds: dict, full: dict, instruct: Checkpoint, where: str, notes: list[str]) -> dict:
+def module_homes(
+    modules: dict, kinds: dict, full: dict, instruct: Checkpoint, where: str, notes: list[str], renames: list = ()
+) -> dict:
     """adapter module (or full tensor) name -> the name Instruct's files give it, where they differ by prefix.
 
     PEFT names an adapter's modules as the model holds them in memory; transformers 5 holds a VL model's language
@@ -465,7 +467,7 @@ def module_homes(modules: dict, kinds: dict, full: dict, instruct: Checkpoint, w
     reference = {n: i.shape for n, i in instruct.tensors.items()}
     if all(n in reference for n in shapes):
         return {}
-    rules = infer_rewrites(shapes, reference)
+    rules = list(renames) or infer_rewrites(shapes, reference)  # --rename rules, where given, apply here too
     moved = rewrite_names(list(shapes), rules, reference)
     homes = {}
     for name, home in moved.items():

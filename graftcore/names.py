@@ -8,9 +8,12 @@ consistent prefix rewrite, `'' -> 'language_model.'`. Training wrappers add `mod
 (torch.compile) in front of every name.
 
 A rewrite is (old prefix, new prefix). `align` takes the user's `--rename OLD=NEW` rules, else strips wrapper
-prefixes, else infers one rewrite: every candidate that maps a name Instruct lacks onto one it has is tried on all
-such names, and the one that maps the most, with every shape equal and no two names onto one, is taken when it is
-the only one that does. Anything else is left as it is (the planner then reports what does not match).
+prefixes, else infers one rewrite: candidates are drawn from a few of the names Instruct lacks (a common dotted
+suffix of at least module and weight), each is counted over all the missing names under its prefix, and the one
+that maps the most, every one fitting Instruct's shape (equal, or a vocabulary grown in Instruct) and none onto a
+name the input already has, is taken unless another maps as many. A prefix holding a layer's or an expert's index
+is never a candidate: that would move a tensor to another layer. It may leave some names unmapped; the planner
+then reports what does not match.
 
 Example:
     >>> base = {"model.norm.weight": (4,), "lm_head.weight": (8, 4)}
@@ -21,7 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
+
+from graftcore.errors import GraftError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 CANDIDATES_FROM = 4  # names Instruct lacks that candidate rewrites are drawn from
@@ -40,31 +46,61 @@ def strip_wrapper_prefixes(names) -> str:
     return prefix
 
 
-def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple]) -> tuple[str, str] | None:
-    """The one prefix rewrite that maps the most of `shapes`' names that `reference` lacks onto names it has, with
-    equal shapes and no collision; None when there is none, or more than one does equally well."""
-    missing = [n for n in shapes if n not in reference]
+def suffix_index(reference: Mapping[str, tuple]) -> dict[str, list[str]]:
+    """Every dotted suffix of at least two parts (module and weight/bias) of `reference`'s names -> those names."""
+    index: dict[str, list[str]] = {}
+    for m in reference:
+        parts = m.split(".")
+        for k in range(len(parts) - 1):
+            index.setdefault(".".join(parts[k:]), []).append(m)
+    return index
+
+
+def numbered(prefix: str) -> bool:
+    """Whether a prefix holds a numeric component (a layer's or an expert's index): a rewrite that moves a tensor
+    to another layer is never inferred (an adapter for layer 7 of a 2-layer model must not land on layer 1)."""
+    return any(part.isdigit() for part in prefix.split("."))
+
+
+def fits(shape: tuple, target: tuple) -> bool:
+    """Whether a tensor of `shape` grafts onto one of `target`: equal, or only dim 0 larger in the target (a
+    vocabulary grown in Instruct: its shared rows are grafted, as the planner does)."""
+    shape, target = tuple(shape), tuple(target)
+    return shape == target or (len(shape) == len(target) >= 1 and shape[1:] == target[1:] and target[0] > shape[0])
+
+
+def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], index=None) -> tuple[str, str] | None:
+    """The prefix rewrite that maps the most of `shapes`' names that `reference` lacks onto names it has, every one
+    of them fitting (fits) and none onto a name the input already has; None when none does, or when two different
+    rewrites map equally many. Candidates come from a few of the missing names (CANDIDATES_FROM); each is then
+    counted over all the missing names under its prefix (a bisect into them, sorted)."""
+    missing = sorted(n for n in shapes if n not in reference)
     if not missing:
         return None
+    index = suffix_index(reference) if index is None else index
+    step = max(1, len(missing) // CANDIDATES_FROM)
     candidates = set()
-    for n in missing[:CANDIDATES_FROM]:
+    for n in missing[::step][:CANDIDATES_FROM]:
         parts = n.split(".")
-        for k in range(len(parts)):  # n = old + suffix; an Instruct name new + suffix gives (old, new)
+        for k in range(len(parts) - 1):  # n = old + suffix; an Instruct name new + suffix gives (old, new)
             old, suffix = ".".join(parts[:k]) + ("." if k else ""), ".".join(parts[k:])
-            for m in reference:
-                if m != n and (m == suffix or m.endswith("." + suffix)):
-                    candidates.add((old, m[: len(m) - len(suffix)]))
+            for m in index.get(suffix, ()):
+                new = m[: len(m) - len(suffix)]
+                if m != n and not numbered(old) and not numbered(new):
+                    candidates.add((old, new))
     best: dict[frozenset, tuple[str, str]] = {}  # what a rewrite maps -> the shortest rule that does it
     for old, new in sorted(candidates, key=lambda c: (len(c[0]), c)):
-        mapping = apply_rewrite(missing, old, new)
-        hits = {n: r for n, r in mapping.items() if r in reference}
-        if not hits or len(set(hits.values())) < len(hits):
-            continue
-        if any(tuple(shapes[n]) != tuple(reference[r]) for n, r in hits.items()):
-            continue
-        if any(r in shapes and r not in mapping for r in hits.values()):  # would collide with a name that matches
-            continue
-        best.setdefault(frozenset(hits.items()), (old, new))  # ('', 'x.') and ('model.', 'x.model.') are one
+        lo, hi = bisect.bisect_left(missing, old), bisect.bisect_left(missing, old + "\U0010ffff")
+        hits = {}
+        for n in missing[lo:hi]:
+            r = new + n[len(old) :]
+            if r in reference:
+                if not fits(shapes[n], reference[r]) or r in shapes:  # a shape that cannot graft; a collision
+                    hits = {}
+                    break
+                hits[n] = r
+        if hits:
+            best.setdefault(frozenset(hits.items()), (old, new))  # ('', 'x.') and ('model.', 'x.model.') are one
     if not best:
         return None
     ranked = sorted(best.items(), key=lambda kv: -len(kv[0]))
@@ -79,8 +115,9 @@ def infer_rewrites(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], 
     did."""
     rules: list[tuple[str, str]] = []
     current = dict(shapes)
+    index = suffix_index(reference)
     for _ in range(most):
-        rule = infer_rewrite(current, reference)
+        rule = infer_rewrite(current, reference, index)
         if rule is None:
             break
         rules.append(rule)
@@ -92,29 +129,31 @@ def infer_rewrites(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], 
 
 
 def rewrite_names(names, rules: list[tuple[str, str]], reference) -> dict[str, str]:
-    """name -> its name after the first of `rules` that maps it onto a name of `reference` (else itself)."""
+    """name -> its name after the first of `rules` whose prefix it has (with a `reference`: the first that maps it
+    onto one of its names, and names it already holds stay), else itself."""
     out = {}
     for n in names:
         out[n] = n
-        if n in reference:
+        if reference is not None and n in reference:
             continue
         for old, new in rules:
-            if n.startswith(old) and new + n[len(old) :] in reference:
+            if n.startswith(old) and (reference is None or new + n[len(old) :] in reference):
                 out[n] = new + n[len(old) :]
                 break
     return out
 
 
 def align(names_shapes: Mapping[str, tuple], reference: Mapping[str, tuple], renames: list[tuple[str, str]]):
-    """(original name -> Instruct's name, [(old, new, count), ...] applied, inferred?) for one input."""
-    rename = {n: n for n in names_shapes}
-    applied = []
-    for old, new in renames:
-        mapped = apply_rewrite(names_shapes, old, new)
-        rename.update(mapped)
-        applied.append((old, new, len(mapped)))
+    """(original name -> Instruct's name, [(old, new, count), ...] applied, inferred?) for one input. GraftError
+    when --rename rules would read two tensors under one name."""
     if renames:
+        rename = rewrite_names(list(names_shapes), renames, None)
+        applied = [
+            (old, new, sum(1 for n in names_shapes if n.startswith(old) and rename[n] != n)) for old, new in renames
+        ]
+        check_distinct(rename)
         return rename, applied, False
+    rename = {n: n for n in names_shapes}
     wrapper = strip_wrapper_prefixes(list(names_shapes))
     if wrapper:
         stripped = {n: n[len(wrapper) :] for n in names_shapes}
@@ -127,3 +166,12 @@ def align(names_shapes: Mapping[str, tuple], reference: Mapping[str, tuple], ren
     mapped = {n: r for n, r in apply_rewrite(missing, *rule).items() if r in reference}
     rename.update(mapped)
     return rename, [(rule[0], rule[1], len(mapped))], True
+
+
+def check_distinct(rename: dict[str, str]) -> None:
+    """GraftError when two names are read as one."""
+    seen: dict[str, str] = {}
+    for n, r in rename.items():
+        if r in seen:
+            raise GraftError(f"--rename: tensors {seen[r]!r} and {n!r} would both be read as {r!r}")
+        seen[r] = n

@@ -213,7 +213,7 @@ class MergeOptions:
             "alpha": self.alpha,
             "include": self.include,
             "exclude": self.exclude,
-            "rename": self.rename,
+            **({"rename": self.rename} if self.rename else {}),  # absent when unused: earlier jobs' keys hold
             "targets": self.targets,
             "dtype": self.dtype,
             "max_shard_size": self.max_shard_size,

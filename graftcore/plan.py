@@ -204,7 +204,7 @@ def match_inputs(
         if d.adapter is None:
             sources.append((d, aligned(d.checkpoint, instruct.tensors, d.role, notes, rules, renamed), {}))
         else:
-            sources.append((d, *adapter_terms(d.adapter, instruct, base, notes)))
+            sources.append((d, *adapter_terms(d.adapter, instruct, base, notes, rules)))
     base_t = aligned(base, instruct.tensors, "base", notes, rules, renamed) if base is not None else {}
     return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed)
 

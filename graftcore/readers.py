@@ -335,20 +335,23 @@ class InputStreamer:
                 last_use.setdefault(role, {})[info.file] = k
         self.raw_bytes = buffer_bytes = raw_step_bytes(ops, chunk, buffer_bytes)
         steps = steps or (lambda k, op, raw: op_steps(op, chunk, raw))
-        self.readers = {
-            role: RoleReader(
-                role,
-                checkpoints[role],
-                plan_reads(ops, role, steps, buffer_bytes),
-                files,
-                buffer_bytes,
-                max(depth, workers + 1),
-                pin,
-                drop_behind,
-                workers,
-            )
-            for role, files in last_use.items()
-        }
+        self.readers: dict[str, RoleReader] = {}
+        try:
+            for role, files in last_use.items():
+                self.readers[role] = RoleReader(
+                    role,
+                    checkpoints[role],
+                    plan_reads(ops, role, steps, buffer_bytes),
+                    files,
+                    buffer_bytes,
+                    max(depth, workers + 1),
+                    pin,
+                    drop_behind,
+                    workers,
+                )
+        except BaseException:  # e.g. no memory for the next reader's buffers: stop the ones already reading
+            self.close()
+            raise
 
     def take(self, read: Read) -> Held:
         return self.readers[read.role].take(read)

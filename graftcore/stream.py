@@ -178,18 +178,19 @@ def run_pass(
     stats = PassStats()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # with OpenMP threads spin-waiting beside the writer and readers, 2 cores ran 2x slower
-    streamer = InputStreamer(
-        checkpoints,
-        ops,
-        chunk,
-        pin,
-        drop,
-        buffer_bytes or read_buffer_bytes(opts),
-        (opts.read_depth or DEPTH + extra_depth),
-        opts.read_workers or WORKERS,
-        steps,
-    )
+    streamer = None
     try:
+        streamer = InputStreamer(
+            checkpoints,
+            ops,
+            chunk,
+            pin,
+            drop,
+            buffer_bytes or read_buffer_bytes(opts),
+            (opts.read_depth or DEPTH + extra_depth),
+            opts.read_workers or WORKERS,
+            steps,
+        )
         consumer.begin_pass(streamer)
         k = 0
         for name, group in groups:
@@ -211,10 +212,11 @@ def run_pass(
                 consumer.abort_group()
                 raise
     finally:
-        streamer.close()
+        if streamer is not None:
+            streamer.close()
+            stats.waited = streamer.waited()
+            stats.timings = streamer.timings()
+            stats.reads = streamer.bytes_read()
         bar.close()
         torch.set_num_threads(threads)
-        stats.waited = streamer.waited()
-        stats.timings = streamer.timings()
-        stats.reads = streamer.bytes_read()
     return stats

@@ -356,3 +356,31 @@ def test_a_peft_lora_on_a_vl_model(tmp_path, cli):
     assert any("vision" in k for k in adapted) and any("language_model" in k for k in adapted)
     for k, want in merged.items():
         assert bf16_ulps(got[k], want) <= 1, k
+
+
+def test_rename_applies_to_an_adapter_too(tmp_path, cli):
+    """A PEFT LoRA trained on the text model, grafted onto its VL Instruct with --rename: the adapter's module
+    names (model.layers.N...) are read as the files' (language_model.model.layers.N...)."""
+    from helpers import make_adapter
+
+    torch.manual_seed(0)
+    text, vl = vl_pair("llava")
+    text.save_pretrained(tmp_path / "text")
+    perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
+    adapter = make_adapter(tmp_path / "text", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    code, _, err = cli(
+        "merge",
+        "--tuned",
+        adapter,
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "o",
+        "--quiet",
+        "--rename",
+        "model.=language_model.model.",
+    )
+    assert code == 0 and "'model.' read as 'language_model.model.'" in err, err
+    got, instruct = load_folder(tmp_path / "o"), load_folder(tmp_path / "instruct")
+    changed = {n for n in instruct if not same_bits(got[n], instruct[n])}
+    assert changed == {f"language_model.model.layers.{k}.self_attn.q_proj.weight" for k in range(2)}

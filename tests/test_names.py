@@ -25,17 +25,18 @@ def test_nothing_when_a_shape_disagrees():
     # head keeps its name: the planner then reports it
     assert applied == [("model.", "language_model.model.", 2)]
     assert mapping["lm_head.weight"] == "lm_head.weight"
-    assert infer_rewrite({"a.w": (2,)}, {"x.a.w": (3,)}) is None
+    assert infer_rewrite({"m.a.w": (3,)}, {"x.m.a.w": (2,)}) is None  # Instruct smaller: cannot graft
+    assert infer_rewrite({"m.a.w": (2, 4)}, {"x.m.a.w": (3, 4)}) == ("", "x.")  # a grown vocabulary fits
 
 
 def test_nothing_when_two_rewrites_do_equally_well():
-    assert infer_rewrite({"a.w": (2,)}, {"x.a.w": (2,), "y.a.w": (2,)}) is None
+    assert infer_rewrite({"m.a.w": (2,)}, {"x.m.a.w": (2,), "y.m.a.w": (2,)}) is None
 
 
 def test_nothing_when_names_already_match_or_would_collide():
     assert infer_rewrite(VL, VL) is None
     # rewriting 'b.w' -> 'x.b.w' would collide with the name 'x.b.w' the input already has
-    assert infer_rewrite({"b.w": (2,), "x.b.w": (2,)}, {"x.b.w": (2,)}) is None
+    assert infer_rewrite({"m.b.w": (2,), "x.m.b.w": (2,)}, {"x.m.b.w": (2,)}) is None
 
 
 def test_explicit_rules_win_and_wrappers_are_stripped():
@@ -45,3 +46,27 @@ def test_explicit_rules_win_and_wrappers_are_stripped():
     wrapped = {"module." + n: s for n, s in TEXT.items()}
     mapping, applied, _ = align(wrapped, TEXT, [])
     assert applied == [("module.", "", 3)] and set(mapping.values()) == set(TEXT)
+
+
+def test_a_grown_vocabulary_still_aligns():
+    """A VL Instruct whose vocabulary grew over the text Base's: the rewrite still covers embed and head (the
+    planner grafts their shared rows)."""
+    grown = dict(
+        VL, **{"language_model.model.embed_tokens.weight": (100, 32), "language_model.lm_head.weight": (100, 32)}
+    )
+    assert infer_rewrite(TEXT, grown) == ("", "language_model.")
+
+
+def test_renames_that_would_read_two_tensors_as_one_are_refused():
+    import pytest
+
+    from graftcore.errors import GraftError
+
+    both = {"model.norm.weight": (4,), "language_model.model.norm.weight": (4,)}
+    with pytest.raises(GraftError, match="would both be read as 'language_model.model.norm.weight'"):
+        align(both, VL, [("model.", "language_model.model.")])
+
+
+def test_a_rewrite_never_moves_a_tensor_to_another_layer():
+    """Layer 7 of an input does not land on Instruct's layer 1 because the shapes fit: indices are never rewritten."""
+    assert infer_rewrite({"model.layers.7.q.weight": (4, 4)}, {"model.layers.1.q.weight": (4, 4)}) is None

@@ -30,6 +30,7 @@ from graftcore.readers import raw_step_bytes, read_elements
 from graftcore.report import VerifyReport
 from graftcore.steps import Step, op_steps
 from graftcore.stream import StepConsumer, read_buffer_bytes, run_pass
+from graftcore.version import __version__
 
 
 def recompute_chunks(
@@ -59,9 +60,14 @@ def recompute_chunks(
                     f"now; rerun the same merge to bring the output up to date"
                 )
     if job_fingerprint(checkpoints, opts) != manifest["fingerprint"]:
+        written_by = manifest.get("graftcore_version")
+        why = (
+            f"it was written by graftcore {written_by}, whose options may select differently; rerun the merge"
+            if written_by != __version__
+            else "an option such as the alpha, or an input's record, was edited after the merge"
+        )
         raise VerifyError(
-            f"{folder / 'graftcore.json'}: its inputs and options do not give the job fingerprint it records (an "
-            "option such as the alpha, or an input's record, was edited after the merge)"
+            f"{folder / 'graftcore.json'}: its inputs and options do not give the job fingerprint it records ({why})"
         )
     if sorted(plan_entries(plan)) != sorted(headers_entries(headers)):
         raise VerifyError(

@@ -11,6 +11,7 @@ the end of the header) plus an optional `__metadata__` string map.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -139,6 +140,7 @@ class Pieces(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     parts: tuple[tuple[int, int, TensorInfo], ...]
+    starts: tuple[int, ...] = ()  # each part's first element, for a bisect (a fused tensor of 256 experts: 512 parts)
 
     @property
     def numel(self) -> int:
@@ -155,10 +157,11 @@ class Pieces(NamedTuple):
 
     def part(self, lo: int, hi: int) -> tuple[int, TensorInfo]:
         """(first element, TensorInfo) of the part holding elements [lo, hi), which must lie in one part."""
-        for first, stop, info in self.parts:
-            if first <= lo and hi <= stop:
-                return first, info
-        raise ValueError(f"{self.name}: elements {lo}..{hi} span two of its parts")
+        k = bisect.bisect_right(self.starts or tuple(p[0] for p in self.parts), lo) - 1
+        first, stop, info = self.parts[k]
+        if not first <= lo <= hi <= stop:
+            raise ValueError(f"{self.name}: elements {lo}..{hi} span two of its parts")
+        return first, info
 
 
 @dataclass(frozen=True)
