@@ -60,6 +60,12 @@ ARCHITECTURES = {
 NOT_PROJECTIONS = ("embed", "norm", "lm_head", ".gate.", ".router.", "sinks", "e_score_correction")
 
 
+def merge_trio(cli, folder, *extra, out="out"):
+    """`graftcore merge` of folder/base, /tuned and /instruct into folder/OUT; (exit code, stdout, stderr)."""
+    roles = [x for r in ("base", "tuned", "instruct") for x in (f"--{r}", folder / r)]
+    return cli("merge", *roles, "--output", folder / out, "--quiet", *extra)
+
+
 def expected_projections(names) -> set[str]:
     return {n for n in names if ".layers." in n and not any(x in n for x in NOT_PROJECTIONS)}
 
@@ -71,20 +77,7 @@ def test_projections_on_every_architecture(arch, tmp_path, cli):
     model.save_pretrained(tmp_path / "base")
     perturbed(model, 1, 0.01).save_pretrained(tmp_path / "tuned")
     perturbed(model, 2, 0.01).save_pretrained(tmp_path / "instruct")
-    code, _, err = cli(
-        "merge",
-        "--base",
-        tmp_path / "base",
-        "--tuned",
-        tmp_path / "tuned",
-        "--instruct",
-        tmp_path / "instruct",
-        "--output",
-        tmp_path / "out",
-        "--targets",
-        "projections",
-        "--quiet",
-    )
+    code, _, err = merge_trio(cli, tmp_path, "--targets", "projections")
     assert code == 0, err
     base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
     got = load_folder(tmp_path / "out")
@@ -151,18 +144,7 @@ def test_a_vl_instruct_over_a_text_base(kind, tmp_path, cli):
     text.save_pretrained(tmp_path / "base")
     perturbed(text, 1, 0.01).save_pretrained(tmp_path / "tuned")
     perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
-    code, _, err = cli(
-        "merge",
-        "--base",
-        tmp_path / "base",
-        "--tuned",
-        tmp_path / "tuned",
-        "--instruct",
-        tmp_path / "instruct",
-        "--output",
-        tmp_path / "out",
-        "--quiet",
-    )
+    code, _, err = merge_trio(cli, tmp_path)
     assert code == 0, err
     assert "prefix '' -> 'language_model.' (inferred from the headers)" in err
     base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
@@ -268,20 +250,7 @@ def test_per_expert_inputs_into_a_fused_instruct(tmp_path, cli):
     model.save_pretrained(tmp_path / "base")
     perturbed(model, 1, 0.01).save_pretrained(tmp_path / "tuned")
     perturbed(model, 2, 0.01).save_pretrained(tmp_path / "instruct", save_original_format=False)
-    code, _, err = cli(
-        "merge",
-        "--base",
-        tmp_path / "base",
-        "--tuned",
-        tmp_path / "tuned",
-        "--instruct",
-        tmp_path / "instruct",
-        "--output",
-        tmp_path / "out",
-        "--quiet",
-        "--chunk-size",
-        "100",
-    )
+    code, _, err = merge_trio(cli, tmp_path, "--chunk-size", "100")
     assert code == 0 and "read in Instruct's expert layout" in err, err
     base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
 
