@@ -28,6 +28,21 @@ from graftcore.io.safetensors_file import Pieces, TensorInfo, itemsize
 FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
 
+def expert_parts(name: str, shape: tuple) -> tuple[list[str], tuple[int, int]] | None:
+    """The per-expert tensor names of the fused expert tensor `name` of `shape`, in the order they follow each other
+    in it (gate 0, up 0, gate 1, ... or down 0, down 1, ...), and each one's shape; None for any other tensor."""
+    m = FUSED.match(name)
+    if m is None or len(shape) != 3:
+        return None
+    prefix, kind = m["prefix"], m["kind"]
+    experts, rows, cols = shape
+    if kind == "down_proj":
+        return [f"{prefix}.{e}.down_proj.weight" for e in range(experts)], (rows, cols)
+    if rows % 2:
+        return None
+    return [f"{prefix}.{e}.{p}.weight" for e in range(experts) for p in ("gate_proj", "up_proj")], (rows // 2, cols)
+
+
 def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, TensorInfo], set[str]]:
     """(per-expert TensorInfos named as Instruct names them, the fused tensors they cover): for each fused expert
     tensor of `tensors` that Instruct stores one expert at a time, a view per expert with its shape and its byte
@@ -35,30 +50,16 @@ def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[di
     views: dict[str, TensorInfo] = {}
     used: set[str] = set()
     for name, info in tensors.items():
-        m = FUSED.match(name)
-        if m is None or name in instruct or len(info.shape) != 3:
+        layout = None if name in instruct else expert_parts(name, tuple(info.shape))
+        if layout is None:
             continue
-        prefix, kind = m["prefix"], m["kind"]
-        experts, rows, cols = info.shape
-        size = itemsize(info.dtype)
-        if kind == "gate_up_proj":
-            if rows % 2:
-                continue
-            half = rows // 2 * cols  # elements of one expert's gate (or up) block
-            parts = [
-                (f"{prefix}.{e}.{p}.weight", (e * 2 + k) * half, (rows // 2, cols))
-                for e in range(experts)
-                for k, p in enumerate(("gate_proj", "up_proj"))
-            ]
-        else:
-            parts = [(f"{prefix}.{e}.down_proj.weight", e * rows * cols, (rows, cols)) for e in range(experts)]
-        fits = all(n in instruct and tuple(instruct[n].shape) == shape for n, _, shape in parts)
-        if not fits:
+        names, shape = layout
+        if not all(n in instruct and tuple(instruct[n].shape) == shape for n in names):
             continue
-        for n, first, shape in parts:
-            count = shape[0] * shape[1]
-            start = info.start + first * size
-            views[n] = TensorInfo(n, info.dtype, shape, info.file, start, start + count * size)
+        per = shape[0] * shape[1] * itemsize(info.dtype)  # bytes of one part
+        for k, n in enumerate(names):
+            start = info.start + k * per
+            views[n] = TensorInfo(n, info.dtype, shape, info.file, start, start + per)
         used.add(name)
     return views, used
 
@@ -69,23 +70,14 @@ def fused_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[st
     views: dict[str, Pieces] = {}
     used: set[str] = set()
     for name, info in instruct.items():
-        m = FUSED.match(name)
-        if m is None or name in tensors or len(info.shape) != 3:
+        layout = None if name in tensors else expert_parts(name, tuple(info.shape))
+        if layout is None:
             continue
-        prefix, kind = m["prefix"], m["kind"]
-        experts, rows, cols = info.shape
-        if kind == "gate_up_proj":
-            if rows % 2:
-                continue
-            names = [f"{prefix}.{e}.{p}.weight" for e in range(experts) for p in ("gate_proj", "up_proj")]
-            shape = (rows // 2, cols)
-        else:
-            names = [f"{prefix}.{e}.down_proj.weight" for e in range(experts)]
-            shape = (rows, cols)
+        names, shape = layout
         found = [tensors.get(n) for n in names]
         if any(f is None or tuple(f.shape) != shape for f in found) or len({f.dtype for f in found}) != 1:
             continue
-        per = shape[0] * shape[1]
+        per = shape[0] * shape[1]  # elements of one part
         parts = tuple((k * per, (k + 1) * per, f) for k, f in enumerate(found))
         views[name] = Pieces(name, found[0].dtype, tuple(info.shape), parts, tuple(p[0] for p in parts))
         used.update(names)
