@@ -30,7 +30,7 @@ from graftcore.readers import Held, read_elements
 from graftcore.report import Progress, Report
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.steps import Step
-from graftcore.stream import StepConsumer, drop_behind, input_bytes, run_pass
+from graftcore.stream import StepConsumer, run_pass
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 SMALL_RAW = 256 << 10  # bytes: a tensor copied unchanged below this is packed with its neighbours into one write
@@ -190,9 +190,9 @@ class MergeConsumer(StepConsumer):
     writer thread; NaN/Inf checked per tensor (CPU) or per shard (GPU: one device sync); a shard fsynced and
     renamed once its inputs are known unchanged, then recorded in the folder's progress file."""
 
-    def __init__(self, plan: Plan, checkpoints, folder, opts, compute, report: Report, drop: bool):
+    def __init__(self, plan: Plan, checkpoints, folder, opts, compute, report: Report):
         self.plan, self.checkpoints, self.folder, self.opts, self.compute = plan, checkpoints, folder, opts, compute
-        self.report, self.drop = report, drop
+        self.report, self.drop = report, False
         self.shards = {s.file: s for s in plan.shards}
         self.writer_thread = WriterThread(POOL)
         self.pool: queue.Queue = queue.Queue()
@@ -201,6 +201,9 @@ class MergeConsumer(StepConsumer):
         self.clock = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
         self.notes: list[str] = []
         self.shard = self.writer = self.sink = self.loaded = None
+
+    def begin_pass(self, streamer) -> None:
+        self.drop = streamer.drop_behind  # out of core: written windows dropped from the page cache too
 
     def begin_group(self, name: str, ops: list[TensorOp]) -> None:
         self.shard = self.shards[name]
@@ -274,7 +277,7 @@ def execute(
     report.shards_kept = len(plan.shards) - len(shards)
     ops = [op for s in shards for op in s.ops]
     todo = sum(op.out_nbytes for op in ops)
-    consumer = MergeConsumer(plan, checkpoints, folder, opts, compute, report, drop_behind(todo + input_bytes(ops)))
+    consumer = MergeConsumer(plan, checkpoints, folder, opts, compute, report)
     with compute:
         try:
             stats = run_pass(

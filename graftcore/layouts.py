@@ -26,6 +26,21 @@ import re
 from graftcore.io.safetensors_file import Pieces, TensorInfo, itemsize
 
 FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # experts.E.gate_proj.weight, Mixtral's experts.E.w1.weight
+FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)(_bias)?$")  # transformers 5 in memory: [E, ...]
+
+
+def expert_layouts(lost: list[str], instruct: dict) -> tuple[str, str] | None:
+    """('per expert', 'fused') or the reverse when the tensors an input holds and Instruct lacks are MoE experts in
+    the other layout than Instruct's; None otherwise."""
+    lost_per, lost_fused = any(PER_EXPERT.search(n) for n in lost), any(FUSED_EXPERTS.search(n) for n in lost)
+    has_per = any(PER_EXPERT.search(n) for n in instruct)
+    has_fused = any(FUSED_EXPERTS.search(n) for n in instruct)
+    if lost_per and has_fused and not has_per:
+        return "per expert (experts.N.*)", "fused (experts.gate_up_proj / experts.down_proj)"
+    if lost_fused and has_per and not has_fused:
+        return "fused (experts.gate_up_proj / experts.down_proj)", "per expert (experts.N.*)"
+    return None
 
 
 def expert_parts(name: str, shape: tuple) -> tuple[list[str], tuple[int, int]] | None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
 from graftcore.errors import MismatchError
 from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, Pieces, TensorInfo, itemsize
-from graftcore.layouts import read_in_instructs_layout
+from graftcore.layouts import FUSED_EXPERTS, PER_EXPERT, expert_layouts, read_in_instructs_layout
 from graftcore.names import align
 from graftcore.options import MergeOptions, parse_renames, parse_size
 from graftcore.sources.checkpoint import Checkpoint
@@ -279,23 +278,6 @@ def check_nothing_dropped(ops: dict[str, TensorOp], ignored: list[Ignored], matc
             f"{matched.instruct.ref}: nothing to graft: every tensor of Instruct would be copied as it is "
             f"({'; '.join(reasons[:LISTED])}); check --include / --exclude / --targets and the inputs' names"
         )
-
-
-PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # experts.E.gate_proj.weight, Mixtral's experts.E.w1.weight
-FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)(_bias)?$")  # transformers 5 in memory: [E, ...]
-
-
-def expert_layouts(lost: list[str], instruct: dict) -> tuple[str, str] | None:
-    """('per expert', 'fused') or the reverse when the tensors an input holds and Instruct lacks are MoE experts in
-    the other layout than Instruct's; None otherwise."""
-    lost_per, lost_fused = any(PER_EXPERT.search(n) for n in lost), any(FUSED_EXPERTS.search(n) for n in lost)
-    has_per = any(PER_EXPERT.search(n) for n in instruct)
-    has_fused = any(FUSED_EXPERTS.search(n) for n in instruct)
-    if lost_per and has_fused and not has_per:
-        return "per expert (experts.N.*)", "fused (experts.gate_up_proj / experts.down_proj)"
-    if lost_fused and has_per and not has_fused:
-        return "fused (experts.gate_up_proj / experts.down_proj)", "per expert (experts.N.*)"
-    return None
 
 
 def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, opts: MergeOptions, locate) -> TensorOp:

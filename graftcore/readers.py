@@ -333,6 +333,7 @@ class InputStreamer:
         for k, op in enumerate(ops):
             for role, info in op_inputs(op):
                 last_use.setdefault(role, {})[info.file] = k
+        self.drop_behind = drop_behind  # the pass's decision: its consumers' writers follow it
         self.raw_bytes = buffer_bytes = raw_step_bytes(ops, chunk, buffer_bytes)
         steps = steps or (lambda k, op, raw: op_steps(op, chunk, raw))
         self.readers: dict[str, RoleReader] = {}

@@ -38,7 +38,7 @@ from graftcore.options import MergeOptions
 from graftcore.readers import DEPTH, WORKERS, read_elements
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.steps import op_inputs
-from graftcore.stream import StepConsumer, run_pass
+from graftcore.stream import StepConsumer, input_bytes, run_pass
 
 if TYPE_CHECKING:
     from graftcore.analysis.similarity import MeasurePlan
@@ -129,7 +129,7 @@ def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[s
     plan order, in the order ChunkMath.sums gives them; bytes read per input; seconds)."""
     ops = [m.op for m in plan.measured]
     chunk = opts.chunk_size or CHUNK
-    total = sum(info.nbytes if info.numel else 0 for op in ops for _, info in op_inputs(op))
+    total = input_bytes(ops)
     consumer = SimilarityConsumer(plan, checkpoints, chunk, len(roles), opts)
     t0 = time.perf_counter()
     try:
