@@ -471,10 +471,13 @@ def module_homes(
     moved = rewrite_names(list(shapes), rules, reference)
     homes = {}
     for name, home in moved.items():
-        if home != name:
-            homes[name[: -len(".weight")] if name[: -len(".weight")] in modules else name] = (
-                home[: -len(".weight")] if name[: -len(".weight")] in modules else home
-            )
+        if home == name:
+            continue
+        module = name.removesuffix(".weight")
+        if module in modules:  # an adapted module, by its own name (its weight's, less ".weight")
+            homes[module] = home.removesuffix(".weight")
+        else:  # a full tensor the adapter carries, by its name
+            homes[name] = home
     for old, new in rules:
         notes.append(f"{where}: adapter module names with the prefix {old!r} read as {new!r} (Instruct's files)")
     return homes
