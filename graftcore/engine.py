@@ -334,7 +334,7 @@ def block_terms(op: TensorOp, block: tuple[int, int, int, int], by_role: dict[st
         f = loaded[term.role]
         axis = term.update.dora_axis
         dora = None if f.dora_scale is None else f.dora_scale[r0:r1] if axis == "rows" else f.dora_scale[c0:c1]
-        terms.append(LowRankDelta(f.left[r0:r1], f.right[:, c0:c1], f.scale, term.alpha, dora, axis))
+        terms.append(LowRankDelta(f.left[r0:r1], f.right_for(r0, r1)[:, c0:c1], f.scale, term.alpha, dora, axis))
     return terms
 
 
@@ -376,7 +376,7 @@ def load_lora(op: TensorOp, compute, checkpoints: dict[str, Checkpoint], opts) -
     """The factors of each LoRA term of `op` in float32, by role, where the math runs (read whole: rank r is
     small); for DoRA, also magnitude / norm, from one pass over Base's rows read directly (the streamer then
     reads Base again for the merge)."""
-    from graftcore.lora import dora_scale
+    from graftcore.lora_update import dora_scale
 
     loaded = {}
     for term in op.terms:

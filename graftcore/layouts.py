@@ -7,8 +7,11 @@ and, by default, saves them one by one (`save_pretrained(save_original_format=Fa
                P.experts.down_proj     [E, H, I]
     per expert P.experts.{e}.gate_proj.weight [I, H], .up_proj.weight [I, H], .down_proj.weight [H, I]
 
-(the shapes of a tiny Qwen3-MoE saved both ways with transformers 5.25; the row order checked on its weights). In
-that row-major layout each per-expert tensor is one contiguous range of the fused one, so both directions stream:
+(the shapes of a tiny Qwen3-MoE saved both ways with transformers 5.25; the row order checked on its weights).
+Mixtral (and MiniMax) save their experts as `P.experts.{e}.w1.weight` (gate), `.w3.weight` (up), `.w2.weight` (down),
+fused the same way: transformers' conversion_mapping.py concatenates w1 then w3 along dim 1 into `gate_up_proj` and
+stacks w2 into `down_proj`. In that row-major layout each per-expert tensor is one contiguous range of the fused
+one, so both directions stream:
 - an input saved fused, read for a per-expert Instruct: TensorInfos covering those ranges (per_expert_views);
 - inputs saved per expert, read for a fused Instruct: one logical tensor in 2E (or E) `Pieces`, whose steps are
   cut at the parts' boundaries so that each reads one part (fused_views, steps.read).
@@ -43,19 +46,44 @@ def expert_layouts(lost: list[str], instruct: dict) -> tuple[str, str] | None:
     return None
 
 
-def expert_parts(name: str, shape: tuple) -> tuple[list[str], tuple[int, int]] | None:
+# per-expert names of (gate, up, down): the qwen2_moe family's and Mixtral's
+NAMINGS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# (segment as transformers 5 names it in memory and in fused files, segment in the original per-expert files):
+# conversion_mapping.py, "mixtral" / "phimoe" / "minimax": WeightRenaming(".block_sparse_moe.", ".mlp.")
+FILE_SEGMENTS = ((".mlp.", ".block_sparse_moe."),)
+
+
+def segment_variants(name: str) -> list[str]:
+    """`name`, then `name` with each FILE_SEGMENTS pair swapped either way (where it holds one)."""
+    out = [name]
+    for a, b in FILE_SEGMENTS:
+        for old, new in ((a, b), (b, a)):
+            if old in name:
+                out.append(name.replace(old, new, 1))
+    return out
+
+
+def expert_parts(name: str, shape: tuple, present) -> tuple[list[str], tuple[int, int]] | None:
     """The per-expert tensor names of the fused expert tensor `name` of `shape`, in the order they follow each other
-    in it (gate 0, up 0, gate 1, ... or down 0, down 1, ...), and each one's shape; None for any other tensor."""
+    in it (gate 0, up 0, gate 1, ... or down 0, down 1, ...), and each one's shape, in the naming whose first part
+    is in `present` (a set or dict of names); None for any other tensor."""
     m = FUSED.match(name)
     if m is None or len(shape) != 3:
         return None
-    prefix, kind = m["prefix"], m["kind"]
+    kind = m["kind"]
     experts, rows, cols = shape
-    if kind == "down_proj":
-        return [f"{prefix}.{e}.down_proj.weight" for e in range(experts)], (rows, cols)
-    if rows % 2:
+    if kind != "down_proj" and rows % 2:
         return None
-    return [f"{prefix}.{e}.{p}.weight" for e in range(experts) for p in ("gate_proj", "up_proj")], (rows // 2, cols)
+    for prefix in segment_variants(m["prefix"]):
+        for gate, up, down in NAMINGS:
+            if kind == "down_proj":
+                names, part = [f"{prefix}.{e}.{down}.weight" for e in range(experts)], (rows, cols)
+            else:
+                parts = (gate, up)
+                names, part = [f"{prefix}.{e}.{p}.weight" for e in range(experts) for p in parts], (rows // 2, cols)
+            if names[0] in present:
+                return names, part
+    return None
 
 
 def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, TensorInfo], set[str]]:
@@ -65,7 +93,7 @@ def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[di
     views: dict[str, TensorInfo] = {}
     used: set[str] = set()
     for name, info in tensors.items():
-        layout = None if name in instruct else expert_parts(name, tuple(info.shape))
+        layout = None if name in instruct else expert_parts(name, tuple(info.shape), instruct)
         if layout is None:
             continue
         names, shape = layout
@@ -85,7 +113,7 @@ def fused_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[st
     views: dict[str, Pieces] = {}
     used: set[str] = set()
     for name, info in instruct.items():
-        layout = None if name in tensors else expert_parts(name, tuple(info.shape))
+        layout = None if name in tensors else expert_parts(name, tuple(info.shape), tensors)
         if layout is None:
             continue
         names, shape = layout

@@ -16,14 +16,11 @@ A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors
     base_model.model.<name>                          full tensors: modules_to_save, trained biases
                                                      (`<module>.base_layer.bias`), and the frozen copy of a
                                                      targeted embedding (`<module>.base_layer.weight`)
+    base_model.model.<module>[.base_layer]*.lora_A.weight   LoRA on a parameter (target_parameters): see
+                                                     lora_params.py
 
-Every update is written as `left @ right` over the rows of the Instruct tensor as stored, so the engine
-computes it chunk by chunk over output rows whatever the layer type:
-
-    Linear          W [out, in]   left = B    [out, r]    right = A     [r, in]
-    fan_in_fan_out  W [in, out]   left = A.T  [in, r]     right = B.T   [r, out]
-    Embedding       W [vocab, d]  left = A.T  [vocab, r]  right = B.T   [r, d]
-    lora_B.bias     b [out]       left = b    [out, 1]    right = [[1]]
+Every update is written as `left @ right` over the rows of the Instruct tensor as stored (lora_update.py), so
+the engine computes it chunk by chunk over output rows whatever the layer type.
 
 Full tensors trained on Base (modules_to_save, biases) are grafted like a full fine-tune,
 I + alpha * (T - B), and so need --base; so does DoRA, whose merged weight depends on Base's norms.
@@ -34,20 +31,17 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from graftcore.errors import AdapterError, CheckpointError, NonFiniteError
+from graftcore.errors import AdapterError, CheckpointError
 from graftcore.io.json_files import read_json_file
 from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo
+from graftcore.lora_params import parameter_updates, wrapper_depth
+from graftcore.lora_update import LowRankUpdate
 from graftcore.names import infer_rewrites, rewrite_names
 from graftcore.sources.checkpoint import NEVER_UNPICKLES, Checkpoint
 from graftcore.sources.local import open_local
-
-if TYPE_CHECKING:
-    import torch  # imported where the factors are loaded: planning needs no torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,7 +68,6 @@ UNSUPPORTED = {
     "use_qalora": "QALoRA",
     "megatron_config": "Megatron parallel layers",
     "layer_replication": "layer_replication",
-    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
     "trainable_token_indices": "trainable_token_indices",
 }
 # init_lora_weights values that rewrite the base weights, so the adapter only fits that rewritten model
@@ -106,6 +99,7 @@ class AdapterConfig:
     layers_pattern: list | str | None = None
     modules_to_save: list | None = None
     use_dora: bool = False
+    target_parameters: list | None = None
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """PEFT's LoraModel._create_and_replace: the first pattern key matching the module, else the default."""
@@ -208,6 +202,7 @@ def read_config(path: Path) -> AdapterConfig:
         ("modules_to_save", (list,)),
         ("layers_pattern", (str, list)),
         ("layers_to_transform", (int, list)),
+        ("target_parameters", (list,)),
     ):
         value = doc.get(key)
         if value is not None and (
@@ -240,6 +235,7 @@ def read_config(path: Path) -> AdapterConfig:
             layers_pattern=doc.get("layers_pattern"),
             modules_to_save=doc.get("modules_to_save"),
             use_dora=bool(doc.get("use_dora", False)),
+            target_parameters=doc.get("target_parameters"),
             **patterns,
         )
     except TypeError as e:
@@ -285,99 +281,6 @@ def open_adapter(ref) -> Adapter:
     return Adapter(root, config, ck)
 
 
-@dataclass(frozen=True)
-class LowRankUpdate:
-    """`out[:rows] = I[:rows] + alpha * scale * left @ right`, viewing the Instruct tensor as [rows_I, cols].
-
-    The factors stay on disk until the engine calls `load`; `rows` < Instruct's rows only when Instruct's
-    vocabulary grew (its extra rows are copied).
-    """
-
-    module: str
-    kind: str  # "linear", "fan_in_fan_out", "embedding" or "bias"
-    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
-    a: TensorInfo  # lora_A.weight, lora_embedding_A, or lora_B.bias for kind "bias"
-    b: TensorInfo | None
-    rows: int
-    cols: int
-    magnitude: TensorInfo | None = None  # DoRA
-    where: str = ""  # the adapter file, for messages
-
-    @property
-    def dora_axis(self) -> str:
-        """PEFT normalises Linear weights per output row, Embedding and Conv1D weights per stored column."""
-        return "rows" if self.kind == "linear" else "cols"
-
-    def load(self, view: Callable[[TensorInfo], torch.Tensor], allow_nonfinite: bool = False) -> LoadedUpdate:
-        """Read the factors in float32, laid out for row chunks (left [rows, r], right [r, cols], contiguous)."""
-        import torch  # not at the top: planning (this module's other half) needs no torch
-
-        a = view(self.a).to(torch.float32, copy=True)  # a float32 copy: the read buffer is not kept
-        b = None if self.kind == "bias" else view(self.b).to(torch.float32, copy=True).reshape(self.b.shape)
-        magnitude = None if self.magnitude is None else view(self.magnitude).to(torch.float32, copy=True)
-        if not allow_nonfinite:  # each factor named as the adapter file names it (lora_A, lora_B, magnitude)
-            for t, info in ((a, self.a), (b, self.b), (magnitude, self.magnitude)):
-                if t is not None and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(
-                        f"{self.where}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to keep them)"
-                    )
-        if self.kind == "bias":
-            left, right = a.reshape(-1, 1).contiguous(), torch.ones(1, 1)
-        else:
-            a = a.reshape(self.a.shape)
-            left, right = (b, a) if self.kind == "linear" else (a.T, b.T)
-            left, right = left.contiguous(), right.contiguous()
-        return LoadedUpdate(self, left, right, magnitude)
-
-
-@dataclass
-class LoadedUpdate:
-    """A LowRankUpdate's factors in float32; for DoRA, `dora_scale` (magnitude / norm) is set by the engine."""
-
-    update: LowRankUpdate
-    left: torch.Tensor
-    right: torch.Tensor
-    magnitude: torch.Tensor | None = None
-    dora_scale: torch.Tensor | None = None
-
-    @property
-    def scale(self) -> float:
-        return self.update.scale
-
-
-def dora_scale(
-    loaded: LoadedUpdate,
-    base_rows: Callable[[int, int], torch.Tensor],
-    rows_per_chunk: int,
-    allow_nonfinite: bool = False,
-) -> torch.Tensor:
-    """magnitude / ||W_base + s * delta||, the norm taken as PEFT's DoRA merge takes it (per row or per column).
-
-    One pass over Base in row chunks, float32 math, column sums of squares accumulated in float64.
-    `base_rows(r0, r1)` returns Base's rows [r0, r1) as a [r1 - r0, cols] tensor.
-    """
-    import torch
-
-    u = loaded.update
-    sumsq = torch.zeros(u.rows if u.dora_axis == "rows" else u.cols, dtype=torch.float64)
-    for r0 in range(0, u.rows, rows_per_chunk):
-        r1 = min(u.rows, r0 + rows_per_chunk)
-        w = base_rows(r0, r1).to(torch.float32)
-        w.addmm_(loaded.left[r0:r1], loaded.right, alpha=u.scale)
-        sq = w.square_()
-        if u.dora_axis == "rows":
-            sumsq[r0:r1] = sq.sum(dim=1, dtype=torch.float64)
-        else:
-            sumsq += sq.sum(dim=0, dtype=torch.float64)
-    scale = (loaded.magnitude.double() / sumsq.sqrt()).to(torch.float32)
-    if not allow_nonfinite and not bool(torch.isfinite(scale).all()):
-        raise NonFiniteError(
-            f"{u.where}: tensor {u.magnitude.name!r}: DoRA magnitude / weight norm is NaN/Inf (a zero or non-finite "
-            f"norm of base + update); pass --allow-nonfinite to keep it"
-        )
-    return scale
-
-
 def adapter_terms(
     adapter: Adapter, instruct: Checkpoint, base: Checkpoint | None, notes: list[str], renames=()
 ) -> tuple[dict[str, TensorInfo], dict[str, LowRankUpdate]]:
@@ -412,11 +315,17 @@ def adapter_terms(
             if kinds.setdefault(module, kind) != kind:
                 raise AdapterError(f"{where}: module {module!r} has both Linear and Embedding LoRA tensors ({key!r})")
 
-    homes = module_homes(modules, kinds, full, instruct, where, notes, list(renames))
+    wrappers = {m: modules.pop(m) for m in list(modules) if on_parameter(m, cfg)}
+    homes, rules = module_homes(modules, kinds, full, instruct, where, notes, list(renames))
     full = {homes.get(t, t): info for t, info in full.items()}
     updates: dict[str, LowRankUpdate] = {}
     for module, parts in modules.items():
-        updates.update(plan_module(module, parts, kinds.get(module), cfg, instruct, where, homes.get(module)))
+        add_updates(updates, plan_module(module, parts, kinds.get(module), cfg, instruct, where, homes.get(module)))
+    for module, parts in wrappers.items():
+        check_wrapper_parts(module, parts, kinds.get(module), where)
+        owner, depth = wrapper_depth(module)
+        home = next((new + owner[len(old) :] for old, new in rules if owner.startswith(old)), None)
+        add_updates(updates, parameter_updates(owner, depth, parts, cfg, instruct, where, home))
     for target in [t for t in full if t.endswith(".weight") and t[: -len(".weight")] in modules]:
         # save_embedding_layers: PEFT saves a targeted embedding's frozen base weight beside its LoRA factors;
         # it is Base's, unchanged by training, so the graft has nothing to take from it
@@ -447,6 +356,34 @@ def adapter_terms(
     return full, updates
 
 
+def on_parameter(module: str, cfg: AdapterConfig) -> bool:
+    """Whether `module`'s factors are PEFT's LoRA on a parameter (lora_params.py) rather than on a layer: the config
+    has target_parameters and the module is a nested wrapper or not a target_modules match."""
+    owner, depth = wrapper_depth(module)
+    return bool(cfg.target_parameters) and (depth > 0 or not cfg.targets(owner))
+
+
+def check_wrapper_parts(module: str, parts: dict[str, TensorInfo], kind: str | None, where: str) -> None:
+    """AdapterError unless a ParamWrapper's tensors are a plain lora_A / lora_B pair of float dtypes."""
+    first = next(iter(parts.values())).name
+    if kind != "linear" or set(parts) != {"A", "B"}:
+        raise AdapterError(
+            f"{where}: tensor {first!r}: LoRA on a parameter ({module!r}) has tensors "
+            f"{sorted(p.name for p in parts.values())}; graftcore merges its lora_A / lora_B pair only"
+        )
+    for x in parts.values():
+        if x.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{where}: tensor {x.name!r} is {x.dtype}; graftcore reads F16, BF16 or F32 adapters")
+
+
+def add_updates(updates: dict[str, LowRankUpdate], new: dict[str, LowRankUpdate]) -> None:
+    """updates |= new; AdapterError when two adapter modules update one Instruct tensor."""
+    for target, u in new.items():
+        if target in updates:
+            raise AdapterError(f"{u.where}: modules {updates[target].module!r} and {u.module!r} both update {target!r}")
+        updates[target] = u
+
+
 def module_homes(
     modules: dict, kinds: dict, full: dict, instruct: Checkpoint, where: str, notes: list[str], renames: list = ()
 ) -> dict:
@@ -466,7 +403,7 @@ def module_homes(
     shapes.update({t: info.shape for t, info in full.items()})
     reference = {n: i.shape for n, i in instruct.tensors.items()}
     if all(n in reference for n in shapes):
-        return {}
+        return {}, []
     rules = list(renames) or infer_rewrites(shapes, reference)  # --rename rules, where given, apply here too
     moved = rewrite_names(list(shapes), rules, reference)
     homes = {}
@@ -480,7 +417,7 @@ def module_homes(
             homes[name] = home
     for old, new in rules:
         notes.append(f"{where}: adapter module names with the prefix {old!r} read as {new!r} (Instruct's files)")
-    return homes
+    return homes, rules
 
 
 def plan_module(

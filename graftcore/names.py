@@ -28,6 +28,7 @@ import bisect
 from collections.abc import Mapping
 
 from graftcore.errors import GraftError
+from graftcore.layouts import segment_variants
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 CANDIDATES_FROM = 4  # names Instruct lacks that candidate rewrites are drawn from
@@ -160,12 +161,33 @@ def align(names_shapes: Mapping[str, tuple], reference: Mapping[str, tuple], ren
         if sum(s in reference for s in stripped.values()) > sum(n in reference for n in names_shapes):
             return stripped, [(wrapper, "", len(stripped))], False
     rule = infer_rewrite(names_shapes, reference)
-    if rule is None:
-        return rename, [], False
-    missing = [n for n in names_shapes if n not in reference]
-    mapped = {n: r for n, r in apply_rewrite(missing, *rule).items() if r in reference}
-    rename.update(mapped)
-    return rename, [(rule[0], rule[1], len(mapped))], True
+    applied = []
+    if rule is not None:
+        missing = [n for n in names_shapes if n not in reference]
+        mapped = {n: r for n, r in apply_rewrite(missing, *rule).items() if r in reference}
+        rename.update(mapped)
+        applied.append((rule[0], rule[1], len(mapped)))
+    applied += segment_renames(names_shapes, reference, rename)
+    return rename, applied, bool(applied)
+
+
+def segment_renames(names_shapes: Mapping[str, tuple], reference: Mapping[str, tuple], rename: dict) -> list:
+    """Read names Instruct still lacks with a segment transformers renames on load (layouts.FILE_SEGMENTS: Mixtral's
+    `.block_sparse_moe.` saved per expert, `.mlp.` saved fused) as Instruct names them, where it has that name
+    with a fitting shape and the input does not; updates `rename`; [(old, new, count)] for what was read so."""
+    taken = set(rename.values())
+    counts: dict[tuple[str, str], int] = {}
+    for n, r in rename.items():
+        if r in reference:
+            continue
+        for variant in segment_variants(r)[1:]:
+            if variant in reference and variant not in taken and fits(names_shapes[n], reference[variant]):
+                rename[n] = variant
+                taken.add(variant)
+                pair = next((a, b) for a, b in zip(r.split("."), variant.split(".")) if a != b)
+                counts[pair] = counts.get(pair, 0) + 1
+                break
+    return [(f".{a}.", f".{b}.", k) for (a, b), k in counts.items()]
 
 
 def check_distinct(rename: dict[str, str]) -> None:

@@ -340,7 +340,8 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
 
 
 def term_rows(name: str, i: TensorInfo, b: TensorInfo | None, term: Term, locate) -> int:
-    """How many leading rows of Instruct's tensor `term` covers; MismatchError when its shape cannot graft."""
+    """How many leading rows (of dim 0) of Instruct's tensor `term` covers; MismatchError when its shape cannot
+    graft."""
     u = term.update
     if u is not None:
         if u.magnitude is not None and (b is None or b.shape != i.shape):
@@ -349,7 +350,7 @@ def term_rows(name: str, i: TensorInfo, b: TensorInfo | None, term: Term, locate
                 f"{locate('base', None)}: DoRA target {name!r} is {found} in base, Instruct has "
                 f"{i.dtype}{list(i.shape)}"
             )
-        return u.rows
+        return u.rows // u.group if u.group else u.rows  # a fused expert update counts E * d1 matrix rows
     t = term.tuned
     if t.shape != b.shape:
         raise MismatchError(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from graftcore.io.safetensors_file import Pieces, TensorInfo, itemsize
+from graftcore.lora_update import matrix_shape
 from graftcore.plan import Action, TensorOp
 
 
@@ -112,23 +113,26 @@ def ranges(numel: int, chunk: int, bounds: list[int]) -> Iterator[tuple[int, int
 
 
 def block_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
-    """An op with a LoRA term, in blocks of about `chunk` elements: rows_per_block = chunk // cols, or one row cut
-    into column ranges when a row alone is longer. A block never straddles `op.rows` (Instruct's extra
-    vocabulary rows are copied)."""
+    """An op with a LoRA term, in blocks of about `chunk` elements of its [rows, cols] matrix (lora_update.
+    matrix_shape): rows_per_block = chunk // cols, or one row cut into column ranges when a row alone is longer.
+    A block never straddles `op.rows` (Instruct's extra vocabulary rows are copied), nor two experts of a fused
+    expert tensor (each takes its own factor)."""
     i = op.instruct
-    rows, cols = (i.shape[0], i.numel // i.shape[0]) if i.shape and i.shape[0] else (0, 0)
+    rows, cols = matrix_shape(i.shape)
     if cols == 0:
         return
+    covered = op.rows * (rows // i.shape[0])  # op.rows counts rows of dim 0
+    group = max((t.update.group for t in op.terms if t.update is not None), default=0) or rows
     per_block, col_step = max(1, chunk // cols), min(cols, chunk)
     r0 = 0
     while r0 < rows:
-        r1 = min(rows, r0 + per_block, op.rows if r0 < op.rows else rows)
+        r1 = min(rows, r0 + per_block, covered if r0 < covered else rows, (r0 // group + 1) * group)
         for c0 in range(0, cols, col_step):
             c1 = min(cols, c0 + col_step)
             lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
             reads = (Read("instruct", i, lo, hi),)
             grafted = lo
-            if r0 < op.rows:
+            if r0 < covered:
                 grafted = hi
                 reads += delta_reads(op, lo, hi)
             yield Step(lo, hi, reads, grafted=grafted, block=(r0, r1, c0, c1))

@@ -6,11 +6,14 @@ Instruct's bytes; and the output loads with the model's Auto class."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pytest
 import torch
 from helpers import load_folder, perturbed, reference, same_bits
+from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would share stderr with graftcore's
@@ -45,7 +48,7 @@ ARCHITECTURES = {
             kv_lora_rank=8,
             qk_rope_head_dim=4,
             qk_nope_head_dim=4,
-            v_head_dim=4,
+            v_head_dim=8,
             n_group=1,
             topk_group=1,
             n_shared_experts=1,
@@ -83,15 +86,25 @@ def test_projections_on_every_architecture(arch, tmp_path, cli):
     got = load_folder(tmp_path / "out")
     chosen = expected_projections(instruct)
     assert len(chosen) > 6, sorted(instruct)  # the check below is about something
-    changed = set()
+    changed, formula = set(), {}
     for n, i in instruct.items():
-        want = reference(i, tuned[n], base[n]) if n in chosen else i
+        formula[n] = want = reference(i, tuned[n], base[n]) if n in chosen else i
         assert same_bits(got[n], want), n
         if not same_bits(got[n], i):
             changed.add(n)
     assert changed == {n for n in chosen if not same_bits(tuned[n], base[n])}
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
-    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    # a forward pass of the output equals one of a model built here from the formula (Instruct's folder with
+    # the formula's weights), and differs from Instruct's own
+    shutil.copytree(tmp_path / "instruct", tmp_path / "formula")
+    save_file(formula, tmp_path / "formula" / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name in ("out", "formula", "instruct"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.bfloat16).eval()
+        assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+        with torch.no_grad():
+            logits[name] = loaded(ids).logits
+    assert torch.equal(logits["out"], logits["formula"]) and not torch.equal(logits["out"], logits["instruct"])
 
 
 def test_reference_keeps_the_papers_selection(tmp_path):
@@ -120,6 +133,30 @@ def vl_pair(kind: str):
             T.LlavaConfig(text_config=text_config, vision_config=vision, image_token_index=95)
         )
         text = T.LlamaForCausalLM(text_config)
+    elif kind == "qwen2_5_vl":  # saved as model.layers.* and visual.*, in memory model.language_model.* / visual
+        text_config = dict(COMMON, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        vision = dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            window_size=4,
+            fullatt_block_indexes=[0],
+        )
+        vl = T.Qwen2_5_VLForConditionalGeneration(
+            T.Qwen2_5_VLConfig(
+                text_config=text_config,
+                vision_config=vision,
+                image_token_id=95,
+                video_token_id=94,
+                vision_start_token_id=93,
+            )
+        )
+        text = T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON))
     else:
         text_config = T.Gemma3TextConfig(**COMMON, head_dim=8)
         vision = T.SiglipVisionConfig(
@@ -134,11 +171,12 @@ def vl_pair(kind: str):
     return text.to(torch.bfloat16), vl.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind", ["llava", "gemma3"])
+@pytest.mark.parametrize("kind", ["llava", "gemma3", "qwen2_5_vl"])
 def test_a_vl_instruct_over_a_text_base(kind, tmp_path, cli):
     """transformers saves the VL model's language layers as language_model.model.* (and language_model.lm_head),
     the text model's as model.*: the prefix rewrite is found from the headers, shown, and every language tensor
-    grafted; the vision tower and projector are Instruct's. Before: exit 0 with nothing grafted."""
+    grafted; the vision tower and projector are Instruct's. Before: exit 0 with nothing grafted. Qwen2.5-VL saves
+    its language layers under the text model's names (model.layers.*, visual.* beside them): nothing to rewrite."""
     torch.manual_seed(0)
     text, vl = vl_pair(kind)
     text.save_pretrained(tmp_path / "base")
@@ -146,13 +184,14 @@ def test_a_vl_instruct_over_a_text_base(kind, tmp_path, cli):
     perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
     code, _, err = merge_trio(cli, tmp_path)
     assert code == 0, err
-    assert "prefix '' -> 'language_model.' (inferred from the headers)" in err
+    rewritten = kind != "qwen2_5_vl"
+    assert ("prefix '' -> 'language_model.' (inferred from the headers)" in err) == rewritten, err
     base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
     got = load_folder(tmp_path / "out")
     grafted = 0
     for n, i in instruct.items():
         m = n.removeprefix("language_model.")
-        if n.startswith("language_model.") and m in base:
+        if m in base:
             assert same_bits(got[n], reference(i, tuned[m], base[m])), n
             grafted += 1
         else:
@@ -161,10 +200,9 @@ def test_a_vl_instruct_over_a_text_base(kind, tmp_path, cli):
     import json
 
     renamed = json.loads((tmp_path / "out" / "graftcore.json").read_text())["renamed"]
-    assert {(r["role"], r["from"], r["to"], r["inferred"]) for r in renamed} == {
-        ("base", "", "language_model.", True),
-        ("tuned", "", "language_model.", True),
-    }
+    assert {(r["role"], r["from"], r["to"], r["inferred"]) for r in renamed} == (
+        {("base", "", "language_model.", True), ("tuned", "", "language_model.", True)} if rewritten else set()
+    )
     assert type(vl).from_pretrained(tmp_path / "out").config.model_type == vl.config.model_type
 
 
@@ -242,36 +280,42 @@ def test_fused_experts_into_a_per_expert_instruct(tmp_path, cli):
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3_moe"
 
 
-def test_per_expert_inputs_into_a_fused_instruct(tmp_path, cli):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_per_expert_inputs_into_a_fused_instruct(arch, tmp_path, cli):
     """Base and tuned saved per expert (transformers' default), Instruct fused (save_original_format=False): each
     fused output tensor is read from its 2E (or E) per-expert input tensors, a step never spanning two, and is
-    bit-exact against the fused tensors assembled here plainly (before: exit 0, the experts' update dropped)."""
-    model = qwen3_moe()
+    bit-exact against the fused tensors assembled here plainly (before: exit 0, the experts' update dropped).
+    Mixtral's per-expert files name the block `block_sparse_moe` and the parts w1 (gate), w3 (up), w2 (down);
+    its fused files name it `mlp`, as transformers' conversion_mapping.py renames it."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch]().to(torch.bfloat16)
     model.save_pretrained(tmp_path / "base")
     perturbed(model, 1, 0.01).save_pretrained(tmp_path / "tuned")
     perturbed(model, 2, 0.01).save_pretrained(tmp_path / "instruct", save_original_format=False)
     code, _, err = merge_trio(cli, tmp_path, "--chunk-size", "100")
     assert code == 0 and "read in Instruct's expert layout" in err, err
     base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
+    gate, up, down = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    stored = (lambda n: n.replace(".mlp.", ".block_sparse_moe.")) if arch == "mixtral" else (lambda n: n)
 
     def fused(sd, name):  # Instruct's fused name -> the per-expert tensors stacked as transformers fuses them
-        prefix, kind = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name).groups()
+        prefix, kind = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", stored(name)).groups()
         experts = sorted({int(n.split(".experts.")[1].split(".")[0]) for n in sd if n.startswith(prefix + ".")})
         if kind == "down_proj":
-            return torch.stack([sd[f"{prefix}.{e}.down_proj.weight"] for e in experts])
+            return torch.stack([sd[f"{prefix}.{e}.{down}.weight"] for e in experts])
         return torch.stack(
-            [torch.cat([sd[f"{prefix}.{e}.gate_proj.weight"], sd[f"{prefix}.{e}.up_proj.weight"]]) for e in experts]
+            [torch.cat([sd[f"{prefix}.{e}.{gate}.weight"], sd[f"{prefix}.{e}.{up}.weight"]]) for e in experts]
         )
 
     got = load_folder(tmp_path / "out")
     fused_names = [n for n in instruct if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert len(fused_names) == 4
     for n, i in instruct.items():
-        t, b = (fused(sd, n) if n in fused_names else sd[n] for sd in (tuned, base))
+        t, b = (fused(sd, n) if n in fused_names else sd[stored(n)] for sd in (tuned, base))
         assert same_bits(got[n], reference(i, t, b)), n
     code, stdout, err = cli("verify", tmp_path / "out", "--recompute", "50")
     assert code == 0 and "bit-exact" in stdout, err
-    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "qwen3_moe"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == arch
 
 
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -281,20 +325,22 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((order(x) - order(y)).abs().max()) if x.numel() else 0
 
 
-def test_a_peft_lora_on_a_vl_model(tmp_path, cli):
+@pytest.mark.parametrize("kind", ["gemma3", "qwen2_5_vl"])
+def test_a_peft_lora_on_a_vl_model(kind, tmp_path, cli):
     """PEFT names the adapter's modules as the VL model holds them in memory (model.language_model.layers.N...,
     model.vision_tower...), the files hold language_model.model.* and vision_tower.*: both rewrites are inferred
     and the merge equals PEFT's own merge_and_unload within one bf16 ulp (before: exit 2, 'Instruct does not
     have')."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    _, vl = vl_pair("gemma3")
+    _, vl = vl_pair(kind)
+    targets = ["q_proj", "v_proj"] + (["qkv"] if kind == "qwen2_5_vl" else [])  # Qwen2.5-VL's vision attention
     vl.save_pretrained(tmp_path / "base")
     perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
     cls = type(vl)
     model = peft.get_peft_model(
         cls.from_pretrained(tmp_path / "base", dtype=torch.float32),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets),
     )
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -321,8 +367,8 @@ def test_a_peft_lora_on_a_vl_model(tmp_path, cli):
         .state_dict()
     )
     got = cls.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
-    adapted = [k for k in merged if k.endswith(("q_proj.weight", "v_proj.weight"))]
-    assert any("vision" in k for k in adapted) and any("language_model" in k for k in adapted)
+    adapted = [k for k in merged if k.endswith(tuple(f"{t}.weight" for t in targets))]
+    assert any("vision" in k or "visual" in k for k in adapted) and any("language_model" in k for k in adapted)
     for k, want in merged.items():
         assert bf16_ulps(got[k], want) <= 1, k
 
@@ -353,3 +399,61 @@ def test_rename_applies_to_an_adapter_too(tmp_path, cli):
     got, instruct = load_folder(tmp_path / "o"), load_folder(tmp_path / "instruct")
     changed = {n for n in instruct if not same_bits(got[n], instruct[n])}
     assert changed == {f"language_model.model.layers.{k}.self_attn.q_proj.weight" for k in range(2)}
+
+
+# (architecture, Instruct saved fused?, LoraConfig options): PEFT 0.21 turns "all-linear" on a transformers-5 MoE
+# model into target_parameters over the experts' 3-D gate_up_proj / down_proj (and the router's weight)
+MOE_LORAS = [
+    ("qwen3_moe", False, dict(target_modules="all-linear")),
+    ("qwen3_moe", True, dict(target_modules="all-linear")),
+    ("mixtral", False, dict(target_modules="all-linear")),
+    ("deepseek_v3", False, dict(target_modules="all-linear")),
+    ("gpt_oss", True, dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])),
+]
+
+
+@pytest.mark.parametrize(
+    "arch,fused,options", MOE_LORAS, ids=[f"{a}-{'fused' if f else 'per-expert'}" for a, f, _ in MOE_LORAS]
+)
+def test_a_peft_lora_on_moe_experts(arch, fused, options, tmp_path, cli):
+    """PEFT LoRA on the experts' parameters (target_parameters, nested ParamWrappers, factors [r * E, in] and
+    [out, r * E]), grafted onto Instruct saved per expert (transformers' default) or fused: equal to PEFT's own
+    merge_and_unload within one bf16 ulp, every expert changed (before: exit 2, 'target_parameters is set')."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch]().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    perturbed(model, 2, 0.01).save_pretrained(tmp_path / "instruct", save_original_format=not fused)
+    cls = type(model)
+    lora = peft.get_peft_model(
+        cls.from_pretrained(tmp_path / "base", dtype=torch.float32), peft.LoraConfig(r=4, lora_alpha=8, **options)
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    lora.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"], config  # the case under test: LoRA on parameters
+    code, _, err = cli(
+        "merge",
+        "--tuned",
+        tmp_path / "adapter",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
+    instruct = cls.from_pretrained(tmp_path / "instruct", dtype=torch.float32)
+    before = {k: v.clone() for k, v in instruct.state_dict().items()}
+    merged = peft.PeftModel.from_pretrained(instruct, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    got = cls.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    experts = [k for k in merged if ".experts." in k and "bias" not in k]
+    assert experts and all(not torch.equal(merged[k], before[k]) for k in experts), experts
+    for k, want in merged.items():
+        assert bf16_ulps(got[k], want) <= 1, k
+    code, stdout, err = cli("verify", tmp_path / "out", "--recompute", "20")
+    assert code == 0 and "bit-exact" in stdout, err

@@ -19,7 +19,7 @@ LAYERS = [
     ("kernels", {"kernels", "kernels.aot", "kernels.cpu", "kernels.lora", "kernels.triton_graft"}),
     ("io", {"io", "io.json_files", "io.safetensors_file", "io.input_file", "io.output_folder"}),
     ("sources", {"sources", "sources.checkpoint", "sources.hub", "sources.local"}),
-    ("plan", {"names", "layouts", "lora", "plan", "steps", "inputs", "report"}),
+    ("plan", {"names", "layouts", "lora_update", "lora_params", "lora", "plan", "steps", "inputs", "report"}),
     ("compute", {"compute", "compute.cpu", "compute.cuda", "compute.devices"}),
     ("pass", {"readers", "stream", "engine"}),
     (

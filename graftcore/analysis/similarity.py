@@ -37,6 +37,7 @@ from graftcore.errors import AdapterError, GraftError, MismatchError, OutputErro
 from graftcore.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
 from graftcore.io.output_folder import atomic_write, output_errors
 from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo, itemsize
+from graftcore.lora_update import matrix_shape
 from graftcore.options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
 from graftcore.plan import Action, DeltaInput, TensorOp, Term, match_inputs, swapped_hint
 from graftcore.sources.checkpoint import Checkpoint
@@ -394,7 +395,7 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
                 terms.append(term)
                 how.append((d.role, "full", term))
             elif u is not None:
-                if u.rows != b.shape[0] or u.rows * u.cols != b.numel:
+                if (u.rows, u.cols) != matrix_shape(b.shape):
                     raise MismatchError(
                         f"{u.where}: the update of {name!r} covers {u.rows} x {u.cols}, but base "
                         f"({locate('base', b)}) has {list(b.shape)}"

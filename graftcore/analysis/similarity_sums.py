@@ -34,6 +34,7 @@ from graftcore import interrupts
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import itemsize
 from graftcore.kernels import CHUNK
+from graftcore.lora_update import matrix_shape
 from graftcore.options import MergeOptions
 from graftcore.readers import DEPTH, WORKERS, read_elements
 from graftcore.sources.checkpoint import Checkpoint
@@ -104,11 +105,22 @@ class ChunkMath:
         return sums
 
 
-def lowrank_into(
-    out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, lo: int, hi: int, cols: int
-) -> None:
-    """out = scale * (left @ right) over the flat elements [lo, hi) of the [rows, cols] update: the end of a row
-    begun in an earlier chunk, whole rows, the start of a row the next chunk ends (each a float32 GEMM)."""
+def lowrank_into(out: torch.Tensor, f, lo: int, hi: int, cols: int) -> None:
+    """out = scale * (left @ right) of the loaded update `f` over the flat elements [lo, hi) of its [rows, cols]
+    matrix, one expert's rows at a time for a fused expert tensor (each with its own right factor)."""
+    span = f.update.group * cols  # the elements of one expert's rows; 0: one right factor for every row
+    start = lo
+    while start < hi:
+        stop = min(hi, (start // span + 1) * span) if span else hi
+        right = f.right_for(start // cols, (stop - 1) // cols + 1)
+        rows_into(out[start - lo : stop - lo], f.left, right, start, stop, cols)
+        start = stop
+    out.mul_(f.scale)
+
+
+def rows_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lo: int, hi: int, cols: int) -> None:
+    """out = left @ right over the flat elements [lo, hi) of the [rows, cols] product: the end of a row begun in an
+    earlier chunk, whole rows, the start of a row the next chunk ends (each a float32 GEMM)."""
     r0, c0 = divmod(lo, cols)
     n, pos = hi - lo, 0
     if c0:
@@ -121,7 +133,6 @@ def lowrank_into(
         pos, r0 = pos + whole * cols, r0 + whole
     if pos < n:
         torch.mm(left[r0 : r0 + 1], right[:, : n - pos], out=out[pos:n].view(1, n - pos))
-    out.mul_(scale)
 
 
 def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[str], opts: MergeOptions):
@@ -192,7 +203,7 @@ class SimilarityConsumer(StepConsumer):
                 )
         self.acc = torch.zeros(2 + 4 * self.pool.m, dtype=torch.float64)  # ChunkMath.sums: 2 * (1 + 2m)
         self.accs.append(self.acc)
-        self.cols = op.numel // op.shape[0] if op.shape and op.shape[0] else 1
+        self.cols = matrix_shape(op.shape)[1] or 1
         self.diffs = [0] + [k for k, (_, how, _) in enumerate(m.sources, start=1) if how == "full"]  # X - B to compute
         self.batch: list = []
 
@@ -301,7 +312,7 @@ def compute_step(math_: ChunkMath, sources, step, held, loaded: dict, cols: int,
                 continue
             if how == "lowrank":
                 f = loaded[role]
-                lowrank_into(ds[k], f.left, f.right, f.scale, step.lo, step.hi, cols)
+                lowrank_into(ds[k], f, step.lo, step.hi, cols)
             else:
                 ds[k].zero_()
             torch.add(b, ds[k], out=xs[k])
