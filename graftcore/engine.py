@@ -22,14 +22,16 @@ from pathlib import Path
 import torch
 
 from graftcore import interrupts
+from graftcore.compute.cpu import CpuCompute
 from graftcore.errors import NonFiniteError
+from graftcore.fp8_steps import Encoded, decode
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import ShardWriter, itemsize, torch_dtype
 from graftcore.plan import Plan, TensorOp
 from graftcore.readers import Held, read_elements
 from graftcore.report import Progress, Report
 from graftcore.sources.checkpoint import Checkpoint
-from graftcore.steps import Step
+from graftcore.steps import Step, step_elements
 from graftcore.stream import StepConsumer, run_pass
 
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
@@ -196,11 +198,15 @@ class MergeConsumer(StepConsumer):
         self.shards = {s.file: s for s in plan.shards}
         self.writer_thread = WriterThread(POOL)
         self.pool: queue.Queue = queue.Queue()
+        self.capacity = max([compute.chunk * 4] + [largest_step_bytes(op, compute.chunk) for op in plan.ops])
         for _ in range(POOL):
-            self.pool.put(torch.empty(compute.chunk * 4, dtype=torch.uint8, pin_memory=compute.pin_output))
+            self.pool.put(torch.empty(self.capacity, dtype=torch.uint8, pin_memory=compute.pin_output))
         self.clock = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
         self.notes: list[str] = []
-        self.shard = self.writer = self.sink = self.loaded = None
+        self.shard = self.writer = self.sink = self.loaded = self.encoded = None
+        self.host = compute if compute.name == "cpu" else CpuCompute(compute.chunk)  # FP8 ops: the CPU twin
+        self.fp8: dict[str, dict] = {}  # FP8 output tensor -> what its encoding kept of the update
+        self.power_of_two = bool(getattr(checkpoints["instruct"].quant, "power_of_two", False))
 
     def begin_pass(self, streamer) -> None:
         self.drop = streamer.drop_behind  # out of core: written windows dropped from the page cache too
@@ -210,25 +216,49 @@ class MergeConsumer(StepConsumer):
         self.writer = ShardWriter(
             self.folder.path / name, self.shard.entries, self.shard.metadata, drop_behind=self.drop
         )
-        self.sink = ChunkSink(self.writer, self.writer_thread, self.pool, self.compute.chunk * 4, self.clock)
+        self.sink = ChunkSink(self.writer, self.writer_thread, self.pool, self.capacity, self.clock)
 
     def begin_op(self, op: TensorOp) -> None:
-        self.loaded = load_lora(op, self.compute, self.checkpoints, self.opts) if op.low_rank else None
+        compute = self.host if op.quantized else self.compute
+        self.loaded = load_lora(op, compute, self.checkpoints, self.opts) if op.low_rank else None
+        self.encoded = Encoded(op, self.power_of_two) if op.quantized_out else None
 
     def step(self, op: TensorOp, step: Step, held: list[Held]) -> int:
         if step.raw:
             return self.sink.raw(held[0])
-        compute, loaded = self.compute, self.loaded
+        if step.scales:
+            return self.sink.chunk(step.hi - step.lo, op.instruct.scale.dtype, self.write_scales(step))
+        compute, loaded, encoded = self.host if op.quantized else self.compute, self.loaded, self.encoded
         try:
             return self.sink.chunk(
-                step.hi - step.lo, op.out_dtype, lambda out: compute_step(op, step, held, out, compute, loaded)
+                step.hi - step.lo,
+                op.out_dtype,
+                lambda out: compute_step(op, step, held, out, compute, loaded, encoded, self.locate),
             )
         finally:
             event = compute.input_event  # the GPU path may still be copying from the read buffers
             for h in held:
                 h.release(event)
 
+    def locate(self, role: str, file: str) -> str:
+        return self.checkpoints[role].locate(file)
+
+    def write_scales(self, step: Step):
+        """The fill of the step that writes an FP8 tensor's new scales; records what its encoding kept."""
+        encoded = self.encoded
+        op = encoded.op
+        self.fp8[op.name] = {
+            "update_error": encoded.relative_error(),
+            "rescaled_blocks": encoded.rescaled,
+            "blocks": encoded.blocks,
+            "update_norm_sq": encoded.update_sq,
+            "error_norm_sq": encoded.error_sq,
+        }
+        return lambda out: encoded.write_scales(out, step.lo, step.hi)
+
     def end_op(self, op: TensorOp) -> None:
+        if op.quantized:
+            check_finite(self.host, self.shard, self.checkpoints, self.opts, self.notes)
         if not self.compute.deferred:
             check_finite(self.compute, self.shard, self.checkpoints, self.opts, self.notes)
 
@@ -243,7 +273,8 @@ class MergeConsumer(StepConsumer):
         t_fsync = time.perf_counter()
         sha = self.writer.finish()
         self.clock["fsync"] += time.perf_counter() - t_fsync
-        self.folder.shard_done(self.shard.file, self.writer.size, sha)
+        fp8 = {op.name: self.fp8.pop(op.name) for op in self.shard.ops if op.name in self.fp8}
+        self.folder.shard_done(self.shard.file, self.writer.size, sha, fp8)
         self.report.shards_written += 1
         self.report.bytes_written += self.writer.size
         self.writer = None
@@ -303,33 +334,57 @@ def execute(
     return report
 
 
-def compute_step(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, loaded):
-    """Compute one step into `out`; returns the event the writer waits on (GPU) or None."""
-    by_role = {read.role: h for read, h in zip(step.reads, held)}
-    i = by_role["instruct"].tensor(op.instruct)
+def compute_step(
+    op: TensorOp,
+    step: Step,
+    held: list[Held],
+    out: torch.Tensor,
+    compute,
+    loaded,
+    encoded: Encoded | None = None,
+    locate=None,
+):
+    """Compute one step into `out`; returns the event the writer waits on (GPU) or None. An op with FP8 inputs
+    decodes them (fp8_steps.decode; `locate(role, file)` names a bad scale's file); one with an FP8 output computes
+    float32 rows and `encoded` encodes them."""
+    if op.quantized:
+        views, scales = decode(step, held, locate)
+    else:
+        views = {read.role: h.tensor(read.info) for read, h in zip(step.reads, held)}
+    i = views["instruct"]
     g = step.grafted - step.lo  # elements computed from the update; the rest are Instruct's, copied
+    target = out if encoded is None else torch.empty(step.hi - step.lo, dtype=torch.float32)
     if g == 0:
-        return compute.convert(out, i)
-    b = by_role["base"].tensor(op.base) if "base" in by_role else None
-    if loaded is not None:
-        return compute.block(out, i, b, block_terms(op, step.block, by_role, loaded), op.name)
-    tuned = [by_role[t.role].tensor(t.tuned) for t in op.terms]
-    ready = compute.graft(out[:g], i[:g], tuned, b, [t.alpha for t in op.terms], op.name)
-    if g < step.hi - step.lo:  # Instruct's extra vocabulary rows begin inside this step
-        compute.convert(out[g:], i[g:])
+        ready = compute.convert(target, i)
+    elif loaded is not None:
+        ready = compute.block(target, i, views.get("base"), block_terms(op, step.block, views, loaded), op.name)
+    else:
+        tuned = [views[t.role] for t in op.terms]
+        ready = compute.graft(target[:g], i[:g], tuned, views.get("base"), [t.alpha for t in op.terms], op.name)
+        if g < step.hi - step.lo:  # Instruct's extra vocabulary rows begin inside this step
+            compute.convert(target[g:], i[g:])
+    if encoded is not None:
+        encoded.encode(out, target, scales["instruct"], step.lo // op.instruct.cols, i)
     return ready
 
 
-def block_terms(op: TensorOp, block: tuple[int, int, int, int], by_role: dict[str, Held], loaded: dict) -> list:
+def largest_step_bytes(op: TensorOp, chunk: int) -> int:
+    """The most output bytes one step of `op` computes (FP8 ops step in whole block rows, beyond `chunk`)."""
+    if not op.quantized:
+        return 0
+    return max(step_elements(op, chunk) * itemsize(op.out_dtype), op.instruct.scale.nbytes if op.quantized_out else 0)
+
+
+def block_terms(op: TensorOp, block: tuple[int, int, int, int], views: dict[str, torch.Tensor], loaded: dict) -> list:
     """The terms of one block of an op with LoRA terms: FullDelta / LowRankDelta over rows [r0, r1), columns
-    [c0, c1)."""
+    [c0, c1); `views`: each input's elements of the block."""
     from graftcore.kernels.lora import FullDelta, LowRankDelta
 
     r0, r1, c0, c1 = block
     terms = []
     for term in op.terms:
         if term.update is None:
-            terms.append(FullDelta(by_role[term.role].tensor(term.tuned), term.alpha))
+            terms.append(FullDelta(views[term.role], term.alpha))
             continue
         f = loaded[term.role]
         axis = term.update.dora_axis

@@ -19,7 +19,7 @@ from graftcore.io.output_folder import OutputFolder, config_takes_dtype
 from graftcore.io.safetensors_file import planned_file_size
 from graftcore.options import MergeOptions
 from graftcore.plan import Plan, entries_digest, plan_entries
-from graftcore.report import Report
+from graftcore.report import Report, fp8_summary
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.steps import files_depended_on
 from graftcore.version import __version__
@@ -59,8 +59,10 @@ def finish_output(
         report.notes += [n for n in ck.report_notes() if n not in report.notes]
     instruct = checkpoints["instruct"]
     index = None
+    fp8 = {name: rec for shard in folder.finished.values() for name, rec in shard.get("fp8", {}).items()}
+    report.fp8 = fp8_summary(fp8) if fp8 else {}
     if plan.write_index:
-        weight_map = {op.name: s.file for s in plan.shards for op in s.ops}
+        weight_map = {name: s.file for s in plan.shards for op in s.ops for name, _, _ in op.entries}
         index = {"metadata": {"total_size": plan.out_nbytes}, "weight_map": dict(sorted(weight_map.items()))}
     extras = [(instruct.extra_file_path(f), f) for f in instruct.extra_files()]
     config = next((src for src, rel in extras if rel == "config.json"), None)
@@ -69,7 +71,13 @@ def finish_output(
             f"{config}: not a JSON object, copied as it is: it does not say torch_dtype {opts.dtype} as the weights are"
         )
     interrupts.check()
-    folder.finalize(index, extras, manifest(checkpoints, opts, report), opts.dtype if opts.dtype != "auto" else None)
+    dequantized = instruct.quant is not None and opts.dtype != "auto"
+    if dequantized:
+        report.notes.append(
+            f"{instruct.ref}: FP8 weights written dequantized ({opts.dtype}); config.json's quantization_config removed"
+        )
+    dtype = opts.dtype if opts.dtype != "auto" else None
+    folder.finalize(index, extras, manifest(checkpoints, opts, report), dtype, dequantized)
 
 
 def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:
@@ -98,7 +106,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
             for role, ck in checkpoints.items()
         },
         "options": options,
-        "plan": {"tensors": len(report.plan.ops), "sha256": entries_digest(plan_entries(report.plan))},
+        "plan": {"tensors": len(plan_entries(report.plan)), "sha256": entries_digest(plan_entries(report.plan))},
         "counts": {
             "grafted": report.grafted,
             "grafted_rows": report.grafted_rows,
@@ -113,6 +121,7 @@ def manifest(checkpoints: dict[str, Checkpoint], opts: MergeOptions, report: Rep
         # seconds: compute, wait_input, wait_writer (compute thread), write (writer thread), fsync, read_ROLE (readers)
         "timings": {k: round(v, 3) for k, v in report.timings.items()},
         "reads": report.reads,  # per input: bytes read from the disk with O_DIRECT, and from the page cache
+        **({"fp8": report.fp8} if report.fp8 else {}),  # what requantizing to FP8 kept of the update
     }
 
 

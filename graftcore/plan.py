@@ -14,7 +14,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from graftcore.errors import MismatchError
-from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, Pieces, TensorInfo, itemsize
+from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, Pieces, Quantized, TensorInfo, itemsize
 from graftcore.layouts import FUSED_EXPERTS, PER_EXPERT, expert_layouts, read_in_instructs_layout
 from graftcore.names import align
 from graftcore.options import MergeOptions, parse_renames, parse_size
@@ -62,7 +62,29 @@ class TensorOp:
 
     @property
     def out_nbytes(self) -> int:
-        return self.numel * itemsize(self.out_dtype)
+        scale = self.instruct.scale.nbytes if self.quantized_out else 0
+        return self.numel * itemsize(self.out_dtype) + scale
+
+    @property
+    def quantized_out(self) -> bool:
+        """Whether the output is FP8 with Instruct's scale grid (the op then also writes the scale tensor)."""
+        return isinstance(self.instruct, Quantized) and self.out_dtype == self.instruct.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """Whether an input the steps decode, or the output, is quantized (steps then cover whole rows)."""
+        return self.quantized_out or any(
+            isinstance(x, Quantized) for x in (self.instruct, self.base, *(t.tuned for t in self.terms))
+        )
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The output tensors of this op: (name, dtype, shape), its new scales after an FP8 weight."""
+        out = [(self.name, self.out_dtype, self.shape)]
+        if self.quantized_out:
+            scale = self.instruct.scale
+            out.append((scale.name, scale.dtype, tuple(scale.shape)))
+        return out
 
     @property
     def low_rank(self) -> bool:
@@ -112,7 +134,7 @@ class OutShard:
 
     @property
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(op.name, op.out_dtype, op.shape) for op in self.ops]
+        return [entry for op in self.ops for entry in op.entries]
 
 
 @dataclass
@@ -308,11 +330,20 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
         return TensorOp(name, Action.COPY, out_dtype, i, reason=why)
     roles = [("instruct", i)] + ([("base", b)] if b is not None else []) + [(t.role, t.tuned) for t in terms if t.tuned]
     for role, x in roles:
-        if x.dtype not in FLOAT_DTYPES:
+        if x.dtype not in FLOAT_DTYPES and not isinstance(x, Quantized):
             raise MismatchError(
-                f"{locate(role, x)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16 or F32 "
-                f"(--exclude it to copy Instruct's)"
+                f"{locate(role, x)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16, F32 or FP8 "
+                f"with its scales (--exclude it to copy Instruct's)"
             )
+        if isinstance(x, Quantized) and isinstance(i, Quantized) and x.block != i.block:
+            raise MismatchError(
+                f"{locate(role, x.scale)}: tensor {name!r} is quantized in {x.block[0]}x{x.block[1]} blocks in {role} "
+                f"but {i.block[0]}x{i.block[1]} in Instruct ({locate('instruct', i.scale)}); graftcore reads FP8 "
+                f"inputs only in Instruct's block size"
+            )
+    quantized = [role for role, x in roles if isinstance(x, Quantized)]
+    if quantized and any(t.update is not None and t.update.magnitude is not None for t in terms):
+        raise MismatchError(f"{locate('instruct', i)}: tensor {name!r}: DoRA onto FP8 inputs is not supported")
     if any(t.update is not None for t in terms) and any(isinstance(x, Pieces) for x in (b, *(t.tuned for t in terms))):
         raise MismatchError(
             f"{locate('instruct', i)}: tensor {name!r}: an adapter's update beside experts read from another layout "
@@ -332,6 +363,11 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
         else f"Instruct has {i.shape[0] - covered} more rows than the tuned inputs; "
         f"rows {covered}.. copied from Instruct"
     )
+    if quantized and not whole:
+        raise MismatchError(
+            f"{locate('instruct', i)}: tensor {name!r}: {extra.split(';')[0]}, and {quantized[0]}'s is FP8: grafting "
+            f"the shared rows of quantized tensors is not supported"
+        )
     if any(t.update is not None for t in terms):
         return TensorOp(name, Action.LORA, out_dtype, i, b, terms, rows=covered, reason=extra)
     if whole:
@@ -381,7 +417,8 @@ def swapped_hint(i: TensorInfo, b: TensorInfo, t: TensorInfo) -> str:
 
 
 def output_dtype(i: TensorInfo, opts: MergeOptions) -> str:
-    if opts.dtype == "auto" or i.dtype not in FLOAT_DTYPES:
+    """Instruct's dtype, or --dtype's for a float tensor (a quantized one is then written dequantized)."""
+    if opts.dtype == "auto" or (i.dtype not in FLOAT_DTYPES and not isinstance(i, Quantized)):
         return i.dtype
     return DTYPE_CODES[opts.dtype]
 
@@ -460,7 +497,9 @@ def human(n: float) -> str:
 
 def plan_entries(plan: Plan) -> list:
     """(shard, tensor, dtype, shape) of every output tensor: what graftcore.json's plan digest covers."""
-    return [[s.file, op.name, op.out_dtype, list(op.shape)] for s in plan.shards for op in s.ops]
+    return [
+        [s.file, name, dtype, list(shape)] for s in plan.shards for op in s.ops for name, dtype, shape in op.entries
+    ]
 
 
 def entries_digest(entries: list) -> str:

@@ -380,9 +380,12 @@ class InputStreamer:
 def raw_step_bytes(ops: list, chunk: int, buffer_bytes: int) -> int:
     """The bytes of a read buffer, and of a step that copies a tensor as it is: `buffer_bytes`, or more if a
     computed step (at most `chunk` elements of one input tensor) needs more."""
-    from graftcore.steps import op_inputs
+    from graftcore.steps import op_inputs, step_elements
 
-    largest = max((min(info.numel, chunk) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op)), default=0)
+    largest = max(
+        (min(info.numel, step_elements(op, chunk)) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op)),
+        default=0,
+    )
     return max(buffer_bytes, largest)
 
 

@@ -34,6 +34,7 @@ class Report:
     dry_run: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, wait_input, wait_writer, write, ...
     reads: dict[str, dict[str, int]] = field(default_factory=dict)  # per input: bytes read direct / from the cache
+    fp8: dict = field(default_factory=dict)  # FP8 output: what requantizing kept of the update (fp8_summary)
 
     def count(self, plan: Plan) -> None:
         """Take the counts of tensors per action, the ignored tensors and the notes from `plan`."""
@@ -58,10 +59,49 @@ class Report:
             parts.append(f"{self.lora} LoRA-merged")
         parts.append(f"{self.copied} copied")
         kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
-        return (
+        line = (
             f"{self.output}: {', '.join(parts)} tensors; {self.shards_written + self.shards_kept} shard(s){kept}, "
             f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
         )
+        if self.fp8:
+            line += "\n" + fp8_line(self.fp8)
+        return line
+
+
+# the relative error of the applied update above which the summary warns: more than half of the update lost
+FP8_WARN = 0.5
+
+
+def fp8_summary(per_tensor: dict[str, dict]) -> dict:
+    """graftcore.json's "fp8" section from each FP8 output tensor's record (engine: update_error, rescaled_blocks,
+    blocks and the squared norms): the whole model's relative error of the applied update,
+    sqrt(sum ||deq(out) - deq(I) - update||^2 / sum ||update||^2), the worst tensor, rescaled blocks."""
+    error = sum(r["error_norm_sq"] for r in per_tensor.values())
+    update = sum(r["update_norm_sq"] for r in per_tensor.values())
+    worst = max(per_tensor, key=lambda n: per_tensor[n]["update_error"], default=None)
+    return {
+        "update_error": (error / update) ** 0.5 if update else 0.0,
+        "worst_tensor": worst,
+        "worst_update_error": per_tensor[worst]["update_error"] if worst else 0.0,
+        "rescaled_blocks": sum(r["rescaled_blocks"] for r in per_tensor.values()),
+        "blocks": sum(r["blocks"] for r in per_tensor.values()),
+        "tensors": {n: {k: r[k] for k in ("update_error", "rescaled_blocks", "blocks")} for n, r in per_tensor.items()},
+    }
+
+
+def fp8_line(fp8: dict) -> str:
+    """The summary's line on an FP8 output (and its warning when much of the update was rounded away)."""
+    line = (
+        f"FP8 output: the requantized update is off by {fp8['update_error']:.1%} of its norm (relative error of "
+        f"deq(out) - deq(Instruct) against the float32 update; worst tensor {fp8['worst_tensor']}: "
+        f"{fp8['worst_update_error']:.1%}); {fp8['rescaled_blocks']} of {fp8['blocks']} blocks took a new scale"
+    )
+    if fp8["update_error"] > FP8_WARN:
+        line += (
+            "\nwarning: FP8's 3 mantissa bits rounded away much of the update; --dtype bfloat16 writes a "
+            "dequantized model that keeps all of it"
+        )
+    return line
 
 
 class Progress(NamedTuple):

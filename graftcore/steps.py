@@ -10,6 +10,10 @@ bookkeeping stays a few objects whatever the model size.
     COPY          same dtype: the bytes as they are, `raw_bytes` at a time; else chunks of I, converted
     LORA          blocks of whole output rows (or one row cut into column ranges); I, and B and the full
                   tuned inputs where a term needs them (a LoRA term's factors are read whole)
+
+A quantized (FP8) input is read as its weight's elements followed by the rows of its scale grid that cover them
+(a Read with `scale`), so an op with one is cut into whole rows; when the output is FP8 too, into whole block
+rows of Instruct's grid (a block's new scale needs the whole block), and a last step writes the new scales.
 """
 
 from __future__ import annotations
@@ -17,19 +21,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from graftcore.io.safetensors_file import Pieces, TensorInfo, itemsize
+from graftcore.io.safetensors_file import Pieces, Quantized, TensorInfo, itemsize
 from graftcore.lora_update import matrix_shape
 from graftcore.plan import Action, TensorOp
 
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """Elements [first, stop) of input tensor `info` of the checkpoint `role`."""
+    """Elements [first, stop) of input tensor `info` of the checkpoint `role`; `scale`: the scale grid's elements
+    for the quantized weight read just before it."""
 
     role: str
     info: TensorInfo
     first: int
     stop: int
+    scale: bool = False
 
     @property
     def start_byte(self) -> int:
@@ -46,7 +52,8 @@ class Step:
 
     `reads` holds Instruct's range first, then Base's and each full tuned input's where the step grafts; elements
     [lo, grafted) are computed from the update, [grafted, hi) copied from Instruct. `raw`: copied byte for
-    byte. `block` (LoRA): output rows [r0, r1) and columns [c0, c1).
+    byte. `block` (LoRA): output rows [r0, r1) and columns [c0, c1). `scales`: the op's new FP8 scales, elements
+    [lo, hi) of its scale grid, written after its weight.
     """
 
     lo: int
@@ -55,33 +62,90 @@ class Step:
     grafted: int = 0
     raw: bool = False
     block: tuple[int, int, int, int] | None = None
+    scales: bool = False
 
 
 def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
     """The steps of `op` in execution order (`chunk` elements per computed step, `raw_bytes` per copied one)."""
     i = op.instruct
     if op.action is Action.COPY and op.out_dtype == i.dtype:
-        per = max(1, raw_bytes // itemsize(i.dtype))
-        for lo in range(0, i.numel, per):
-            hi = min(i.numel, lo + per)
-            yield Step(lo, hi, (Read("instruct", i, lo, hi),), raw=True)
+        yield from raw_steps(i, raw_bytes)
+        if isinstance(i, Quantized):
+            yield from raw_steps(i.scale, raw_bytes)
         return
     if op.low_rank:
         yield from block_steps(op, chunk)
-        return
-    grafted = op.grafted_numel
-    for lo, hi in ranges(op.numel, chunk, piece_bounds(op)):
-        g = min(hi, max(lo, grafted))
-        reads = (Read("instruct", i, lo, hi),)
-        if g > lo:
-            reads += delta_reads(op, lo, g)
-        yield Step(lo, hi, reads, grafted=g)
+    elif op.quantized:
+        yield from row_steps(op, chunk)
+    else:
+        grafted = op.grafted_numel
+        for lo, hi in ranges(op.numel, chunk, piece_bounds(op)):
+            g = min(hi, max(lo, grafted))
+            reads = (Read("instruct", i, lo, hi),)
+            if g > lo:
+                reads += delta_reads(op, lo, g)
+            yield Step(lo, hi, reads, grafted=g)
+    if op.quantized_out:
+        yield Step(0, i.scale.numel, (), scales=True)
+
+
+def raw_steps(info: TensorInfo, raw_bytes: int) -> Iterator[Step]:
+    """Instruct's tensor `info` copied as it is, `raw_bytes` at a time."""
+    per = max(1, raw_bytes // itemsize(info.dtype))
+    for lo in range(0, info.numel, per):
+        hi = min(info.numel, lo + per)
+        yield Step(lo, hi, (Read("instruct", info, lo, hi),), raw=True)
+
+
+def rows_per_step(op: TensorOp, chunk: int) -> int:
+    """Whole rows per step of an op with a quantized input or output: about `chunk` elements, at least one row, a
+    multiple of Instruct's block rows when the output is encoded."""
+    cols = op.numel // op.shape[0]
+    band = op.instruct.block[0] if op.quantized_out else 1
+    per = max(1, chunk // max(1, cols))
+    return max(band, per // band * band)
+
+
+def step_elements(op: TensorOp, chunk: int) -> int:
+    """The most elements of one input tensor a computed step of `op` reads."""
+    if op.quantized:
+        return rows_per_step(op, chunk) * (op.numel // op.shape[0])
+    return chunk
+
+
+def row_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
+    """An op with a quantized input or output in steps of whole rows (rows_per_step)."""
+    i = op.instruct
+    rows = i.shape[0]
+    cols = op.numel // rows
+    per = rows_per_step(op, chunk)
+    for r0 in range(0, rows, per):
+        lo, hi = r0 * cols, min(rows, r0 + per) * cols
+        reads = reads_of("instruct", i, lo, hi)
+        if op.grafted_numel:
+            reads += delta_reads(op, lo, hi)
+        yield Step(lo, hi, reads, grafted=hi if op.grafted_numel else lo)
 
 
 def delta_reads(op: TensorOp, lo: int, hi: int) -> tuple[Read, ...]:
     """The reads a grafted range needs besides Instruct's: Base's (full deltas, DoRA), then each full delta's."""
-    reads = (read("base", op.base, lo, hi),) if op.reads_base else ()
-    return reads + tuple(read(t.role, t.tuned, lo, hi) for t in op.terms if t.tuned is not None)
+    reads = reads_of("base", op.base, lo, hi) if op.reads_base else ()
+    for t in op.terms:
+        if t.tuned is not None:
+            reads += reads_of(t.role, t.tuned, lo, hi)
+    return reads
+
+
+def reads_of(role: str, info, lo: int, hi: int) -> tuple[Read, ...]:
+    """The reads of elements [lo, hi) of an input tensor: one, or for a quantized one (whole rows), its weight's
+    and then its scale grid's rows that cover them."""
+    if not isinstance(info, Quantized):
+        return (read(role, info, lo, hi),)
+    cols = info.cols
+    bh, bw = info.block
+    grid_cols = cdiv(cols, bw)
+    first_row, stop_row = lo // cols // bh, cdiv(cdiv(hi, cols), bh)
+    return (Read(role, info, lo, hi), Read(role, info.scale, first_row * grid_cols, stop_row * grid_cols, scale=True))
 
 
 def read(role: str, info: TensorInfo | Pieces, lo: int, hi: int) -> Read:
@@ -104,6 +168,10 @@ def piece_bounds(op: TensorOp) -> list[int]:
     return sorted(bounds - {0})
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def ranges(numel: int, chunk: int, bounds: list[int]) -> Iterator[tuple[int, int]]:
     """[lo, hi) of at most `chunk` elements covering [0, numel), never across one of `bounds`."""
     edges = [0, *[b for b in bounds if 0 < b < numel], numel]
@@ -124,13 +192,15 @@ def block_steps(op: TensorOp, chunk: int) -> Iterator[Step]:
     covered = op.rows * (rows // i.shape[0])  # op.rows counts rows of dim 0
     group = max((t.update.group for t in op.terms if t.update is not None), default=0) or rows
     per_block, col_step = max(1, chunk // cols), min(cols, chunk)
+    if op.quantized:  # whole rows (whole block rows for an encoded output)
+        per_block, col_step = rows_per_step(op, chunk), cols
     r0 = 0
     while r0 < rows:
         r1 = min(rows, r0 + per_block, covered if r0 < covered else rows, (r0 // group + 1) * group)
         for c0 in range(0, cols, col_step):
             c1 = min(cols, c0 + col_step)
             lo, hi = r0 * cols + c0, (r1 - 1) * cols + c1  # whole rows, or columns [c0, c1) of one row
-            reads = (Read("instruct", i, lo, hi),)
+            reads = reads_of("instruct", i, lo, hi)
             grafted = lo
             if r0 < covered:
                 grafted = hi
@@ -150,16 +220,19 @@ def plan_reads(ops: list[TensorOp], role: str, steps, raw_bytes: int) -> Iterato
 
 
 def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
-    """(role, input tensor) of every tensor the steps of `op` read from (each part of one stored in pieces)."""
-    yield "instruct", op.instruct
+    """(role, input tensor) of every tensor the steps of `op` read from (each part of one stored in pieces, the
+    scales of a quantized one)."""
+    inputs = [("instruct", op.instruct)]
     if op.grafted_numel:
-        inputs = [("base", op.base)] if op.reads_base else []
+        inputs += [("base", op.base)] if op.reads_base else []
         inputs += [(t.role, t.tuned) for t in op.terms if t.tuned is not None]
-        for role, info in inputs:
-            if isinstance(info, Pieces):
-                yield from ((role, part) for _, _, part in info.parts)
-            else:
-                yield role, info
+    for role, info in inputs:
+        if isinstance(info, Pieces):
+            yield from ((role, part) for _, _, part in info.parts)
+        else:
+            yield role, info
+            if isinstance(info, Quantized):
+                yield role, info.scale
 
 
 def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:

@@ -214,3 +214,133 @@ def peft_merge(model_dir: Path, adapter: Path):
 
     model = peft.PeftModel.from_pretrained(load_model(model_dir), str(adapter)).merge_and_unload()
     return model, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+# ---- FP8 checkpoints (block-scaled, as DeepSeek-V3 / Qwen3-FP8 ship them) ----
+
+E4M3_MAX = 448.0
+
+
+def quantize_fp8(w: torch.Tensor, block=(128, 128), scale_dtype=torch.float32):
+    """(q float8_e4m3fn, scale) of a 2-D weight, as DeepSeek-V3's inference/kernel.py weight_quant and transformers'
+    Fp8Quantize write it, block by block in plain loops: s = amax / 448 (1 for an all-zero block), stored in
+    `scale_dtype`; q = x / s cast to E4M3 (clamped: a bf16-rounded s may be below amax / 448). Edge blocks are
+    partial: the grid is [ceil(rows / bh), ceil(cols / bw)]."""
+    rows, cols = w.shape
+    bh, bw = block
+    grid = (-(-rows // bh), -(-cols // bw))
+    scale = torch.empty(grid, dtype=scale_dtype)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            x = w[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw].float()
+            amax = x.abs().max()
+            s = (amax / E4M3_MAX if amax > 0 else torch.tensor(1.0)).to(scale_dtype)
+            scale[i, j] = s
+            q[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw] = (x / s.float()).clamp(-E4M3_MAX, E4M3_MAX).to(q.dtype)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block=(128, 128)) -> torch.Tensor:
+    """float32 value of every element: float32(q) * the scale of its block, written element-wise by index."""
+    rows, cols = q.shape
+    r = torch.arange(rows).view(-1, 1) // block[0]
+    c = torch.arange(cols).view(1, -1) // block[1]
+    return q.float() * scale.float()[r, c]
+
+
+def is_quantized(name: str, t: torch.Tensor) -> bool:
+    """What the FP8 checkpoints quantize: the 2-D linear weights of the layers; not embeddings, norms, the head or
+    the router (`mlp.gate.weight`), as DeepSeek-V3's files leave them."""
+    return t.dim() == 2 and ".layers." in name and name.endswith(".weight") and "_proj" in name.split(".")[-2]
+
+
+def fp8_state_dict(sd: dict, block=(128, 128), scale_dtype=torch.float32) -> dict:
+    """`sd` with every weight is_quantized selects as FP8 plus its NAME.weight_scale_inv."""
+    out = {}
+    for n, t in sd.items():
+        if is_quantized(n, t):
+            q, s = quantize_fp8(t, block, scale_dtype)
+            out[n], out[n[: -len("weight")] + "weight_scale_inv"] = q, s
+        else:
+            out[n] = t
+    return out
+
+
+def fp8_config(config: dict, block=(128, 128)) -> dict:
+    """A model's config.json with the quantization_config DeepSeek-V3's carries."""
+    return {
+        **config,
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(block),
+        },
+    }
+
+
+def write_fp8_checkpoint(folder: Path, sd: dict, config: dict, block=(128, 128), scale_dtype=torch.float32, shards=1):
+    """An FP8 checkpoint of the bf16 state dict `sd`; with shards=2 every scale lies in the other shard than its
+    weight (DeepSeek-V3's index maps some scales so), through the index."""
+    tensors = fp8_state_dict(sd, block, scale_dtype)
+    folder = Path(folder)
+    if shards == 1:
+        return write_checkpoint(folder, tensors, 1, fp8_config(config, block))
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [{n: t for n, t in tensors.items() if not n.endswith("_scale_inv")}]
+    parts.append({n: t for n, t in tensors.items() if n.endswith("_scale_inv")})
+    weight_map = {}
+    for k, part in enumerate(parts):
+        fname = f"model-{k + 1:05d}-of-00002.safetensors"
+        save_file(part, folder / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (folder / "config.json").write_text(json.dumps(fp8_config(config, block)))
+    return folder
+
+
+def requantize_reference(x: torch.Tensor, kept: torch.Tensor, block, scale_dtype=torch.float32):
+    """The FP8 encoding rule written plainly, block by block (the project's contract): keep Instruct's scale s if
+    every |x| / s <= 464, else the smallest s in the scale dtype with max |x| / s <= 448 found by stepping up from
+    amax / 448; q = x / s round-to-nearest-even, saturating at 448. Returns (q uint8 bytes, scale)."""
+    rows, cols = x.shape
+    bh, bw = block
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scale = kept.clone()
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[scale_dtype]
+    for i in range(kept.shape[0]):
+        for j in range(kept.shape[1]):
+            blk = x[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw]
+            s = kept[i, j].to(scale_dtype)
+            amax = blk.abs().max()
+            if torch.isfinite(amax) and amax / s.float() > 464:
+                s = (amax / E4M3_MAX).to(scale_dtype)
+                while s.float() < amax / E4M3_MAX or amax / s.float() > E4M3_MAX:
+                    s = (s.view(bits) + 1).view(scale_dtype)
+            scale[i, j] = s
+            y = (blk / s.float()).clamp(-E4M3_MAX, E4M3_MAX)
+            q[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw] = e4m3_round(y)
+    return q.view(torch.uint8), scale
+
+
+def e4m3_round(y: torch.Tensor) -> torch.Tensor:
+    """y (within +-448) to float8_e4m3fn by round-to-nearest-even on the table of all 256 codes, independently of
+    torch's cast: the nearest finite code, on a tie the one with an even (last bit 0) code."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).float()
+    ok = torch.isfinite(values) & ~((codes >= 128) & (values == 0))  # finite codes, +0 once
+    values, codes = values[ok], codes[ok]
+    order = torch.argsort(values)
+    values, codes = values[order], codes[order]
+    flat = y.reshape(-1)
+    hi = torch.searchsorted(values, flat).clamp(1, len(values) - 1)
+    lo = hi - 1
+    d_lo, d_hi = flat - values[lo], values[hi] - flat
+    pick = torch.where(d_lo < d_hi, lo, torch.where(d_hi < d_lo, hi, torch.where(codes[lo] % 2 == 0, lo, hi)))
+    out = codes[pick]
+    out[(values[pick] == 0) & torch.signbit(flat)] = 0x80  # a negative value that rounds to zero is -0
+    return out.view(torch.float8_e4m3fn).view(y.shape)

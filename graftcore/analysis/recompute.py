@@ -115,41 +115,55 @@ class RecomputeConsumer(StepConsumer):
             opts,
         )
         self.merged_on_gpu, self.report = merged_on_gpu, report
-        self.loaded = None
+        self.loaded = self.encoded = None
 
     def begin_group(self, name: str, ops: list) -> None:
         self.header, self.file = self.headers[name], name
 
     def begin_op(self, op) -> None:
         from graftcore.engine import load_lora
+        from graftcore.fp8_steps import Encoded
 
         self.loaded = load_lora(op, self.compute, self.checkpoints, self.opts) if op.low_rank else None
+        quant = self.checkpoints["instruct"].quant
+        self.encoded = Encoded(op, bool(getattr(quant, "power_of_two", False))) if op.quantized_out else None
 
     def step(self, op, step: Step, held: list) -> int:
         from graftcore.engine import compute_step
 
+        name = step.reads[0].info.name if step.raw else op.name  # a raw step may copy an FP8 weight's scales
         try:
             if step.raw:
-                want = held[0].tensor(op.instruct)
+                want = held[0].tensor(step.reads[0].info)
             else:
                 want = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
-                compute_step(op, step, held, want, self.compute, self.loaded)
+                compute_step(op, step, held, want, self.compute, self.loaded, self.encoded)
                 self.compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
-            info = self.header.tensors[op.name]
-            got = read_elements(self.folder / info.file, info, step.lo, step.hi)
             ulp = op.low_rank and self.merged_on_gpu
-            if not same(got, want, ulp):
-                raise VerifyError(
-                    f"{self.folder / self.file}: tensor {op.name!r}, elements {step.lo}..{step.hi}: the bytes differ "
-                    "from what the recorded inputs give now (an input's data changed since the merge, or the shard "
-                    "was written wrong)"
-                )
+            self.compare(name, step.lo, step.hi, want, ulp)
+            if self.encoded is not None and not step.raw:  # the new scales of the block rows just encoded
+                (bh, bw), cols = op.instruct.block, op.instruct.cols
+                grid_cols = -(-cols // bw)
+                first, stop = step.lo // cols // bh * grid_cols, -(-step.hi // cols // bh) * grid_cols
+                scale = self.encoded.scale[first:stop].to(torch_dtype(op.instruct.scale.dtype))
+                self.compare(op.instruct.scale.name, first, stop, scale, False)
         finally:
             for h in held:
                 h.release()
         self.report.chunks_recomputed += 1
         self.report.within_ulp += ulp
         return 0
+
+    def compare(self, name: str, lo: int, hi: int, want: torch.Tensor, ulp: bool) -> None:
+        """VerifyError unless elements [lo, hi) of the output tensor `name` are `want`'s bits (or within one ulp)."""
+        info = self.header.tensors[name]
+        got = read_elements(self.folder / info.file, info, lo, hi)
+        if not same(got, want, ulp):
+            raise VerifyError(
+                f"{self.folder / self.file}: tensor {name!r}, elements {lo}..{hi}: the bytes differ "
+                "from what the recorded inputs give now (an input's data changed since the merge, or the shard "
+                "was written wrong)"
+            )
 
 
 def recorded_options(manifest: dict, hub: dict) -> MergeOptions:
@@ -221,6 +235,8 @@ def choose_steps(plan: Plan, chunk: int, raw: int, k: int, rng: random.Random) -
         if lo < len(wanted) and wanted[lo] < end:
             picks = set(wanted[lo : bisect.bisect_left(wanted, end)])
             steps = [step for j, step in enumerate(op_steps(op, chunk, raw)) if start + j in picks]
+            if any(step.scales for step in steps):  # the new FP8 scales: checked with each block row's step
+                steps = [step for step in steps if not step.scales] or [next(op_steps(op, chunk, raw))]
             chosen.setdefault(shard.file, (shard, []))[1].append((op, steps))
     return list(chosen.values())
 

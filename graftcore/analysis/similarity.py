@@ -36,7 +36,7 @@ from graftcore import interrupts
 from graftcore.errors import AdapterError, GraftError, MismatchError, OutputError
 from graftcore.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
 from graftcore.io.output_folder import atomic_write, output_errors
-from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo, itemsize
+from graftcore.io.safetensors_file import FLOAT_DTYPES, Quantized, TensorInfo, itemsize
 from graftcore.lora_update import matrix_shape
 from graftcore.options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
 from graftcore.plan import Action, DeltaInput, TensorOp, Term, match_inputs, swapped_hint
@@ -311,6 +311,11 @@ def count(n: int) -> str:
 # ---------------------------------------------------------------- what to measure
 
 
+def readable(x) -> bool:
+    """Whether similarity measures a tensor of this kind: F16, BF16, F32, or FP8 decoded with its scales."""
+    return x.dtype in FLOAT_DTYPES or isinstance(x, Quantized)
+
+
 class MeasureOp(TensorOp):
     """A TensorOp that reads Base even without a full tuned term (Instruct against Base alone, or adapters only):
     op_steps then reads Instruct, Base and each full tuned input over the same ranges, as for a graft."""
@@ -360,13 +365,13 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
         if not opts.selects(name):
             skipped.append((name, "not selected"))
             continue
-        if i.dtype not in FLOAT_DTYPES:
-            skipped.append((name, f"{i.dtype} in Instruct; measured: F16, BF16, F32"))
+        if not readable(i):
+            skipped.append((name, f"{i.dtype} in Instruct; measured: F16, BF16, F32, FP8 with its scales"))
             continue
         if b is None:
             skipped.append((name, "in Instruct, not in base"))
             continue
-        if b.dtype not in FLOAT_DTYPES:
+        if not readable(b):
             raise MismatchError(
                 f"{locate('base', b)}: tensor {name!r} is {b.dtype} in base but {i.dtype} in Instruct "
                 f"(--exclude it to skip it)"
@@ -386,7 +391,7 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
                     f"({locate(d.role, None)}); --exclude it to skip it"
                 )
             if t is not None:
-                if t.shape != b.shape or t.dtype not in FLOAT_DTYPES:
+                if t.shape != b.shape or not readable(t):
                     raise MismatchError(
                         f"{locate(d.role, t)}: tensor {name!r} is {t.dtype}{list(t.shape)} in {d.role} "
                         f"but {b.dtype}{list(b.shape)} in base ({locate('base', b)})"
@@ -404,7 +409,8 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
             else:
                 how.append((d.role, "zero", None))
         info = i if rows is None else i._replace(shape=b.shape, end=i.start + b.numel * itemsize(i.dtype))
-        op = MeasureOp(name, Action.GRAFT, info.dtype, info, b, tuple(terms))
+        out_dtype = "F32" if isinstance(info, Quantized) else info.dtype  # nothing is written: no FP8 encoding
+        op = MeasureOp(name, Action.GRAFT, out_dtype, info, b, tuple(terms))
         measured.append(Measured(op, tuple(i.shape), rows, how))
     skipped += [(name, reason) for name, reason in matched.ignored()]
     return MeasurePlan(measured, skipped, notes)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from graftcore import interrupts
+from graftcore.fp8_steps import decode
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import itemsize
 from graftcore.kernels import CHUNK
@@ -301,7 +302,7 @@ def compute_steps(math_: ChunkMath, sources, batch: list, loaded: dict, cols: in
 def compute_step(math_: ChunkMath, sources, step, held, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
     """The float64 sums of one step; releases the step's read buffers."""
     try:
-        views = {read.role: h.tensor(read.info) for read, h in zip(step.reads, held)}
+        views, _ = decode(step, held)  # FP8 inputs decoded with their scales
         n = step.hi - step.lo
         b, xs, ds = math_.rows(n)
         b.copy_(views["base"])

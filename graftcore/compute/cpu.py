@@ -41,8 +41,11 @@ class CpuCompute:
 
     def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
         """A block with LoRA terms (kernels.lora.block_cpu); returns None (nothing to wait for)."""
+        from graftcore.kernels import CpuScratch
         from graftcore.kernels.lora import block_cpu
 
+        if self.scratch.chunk < out.numel():  # a block of FP8 rows: whole block rows, beyond the chunk
+            self.scratch = CpuScratch(out.numel())
         self._count(name, block_cpu(out, i, b, terms, self.scratch))
         return None
 

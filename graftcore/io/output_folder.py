@@ -85,10 +85,10 @@ def atomic_copy(src: Path, dst: Path) -> None:
         raise
 
 
-def config_with_dtype(text: str, dtype: str) -> str:
+def config_with_dtype(text: str, dtype: str, dequantized: bool = False) -> str:
     """config.json's `text` with its top-level "torch_dtype" (and "dtype" where present, as newer transformers
-    writes it) set to `dtype`; other keys keep their values and order. Text that is not a JSON object, or that
-    already says `dtype`, comes back unchanged."""
+    writes it) set to `dtype`, and for weights written `dequantized`, without "quantization_config"; other keys
+    keep their values and order. Text that is not a JSON object, or that already says so, comes back unchanged."""
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError):
@@ -96,6 +96,8 @@ def config_with_dtype(text: str, dtype: str) -> str:
     if not isinstance(doc, dict):
         return text
     new = {**doc, "torch_dtype": dtype, **({"dtype": dtype} if "dtype" in doc else {})}
+    if dequantized:
+        new.pop("quantization_config", None)
     if new == doc:
         return text
     return json.dumps(new, indent=2, ensure_ascii=False) + ("\n" if text.endswith("\n") else "")
@@ -109,15 +111,16 @@ def config_takes_dtype(path: Path) -> bool:
         return False
 
 
-def atomic_copy_config(src: Path, dst: Path, dtype: str) -> None:
-    """atomic_copy of a config.json whose dtype becomes `dtype` (a file that is not UTF-8 is copied as is)."""
+def atomic_copy_config(src: Path, dst: Path, dtype: str, dequantized: bool = False) -> None:
+    """atomic_copy of a config.json whose dtype becomes `dtype` (and without its quantization_config for weights
+    written `dequantized`; a file that is not UTF-8 is copied as is)."""
     with output_errors(src, "read it"):
         raw = src.read_bytes()
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         return atomic_copy(src, dst)
-    atomic_write(dst, config_with_dtype(text, dtype).encode())
+    atomic_write(dst, config_with_dtype(text, dtype, dequantized).encode())
 
 
 def file_sha256(path: Path) -> str:
@@ -279,20 +282,28 @@ class OutputFolder:
         doc = {"fingerprint": self.fingerprint, "shards": self.finished}
         atomic_write(self.path / self.progress, json.dumps(doc, indent=1).encode())
 
-    def shard_done(self, file: str, size: int, sha256: str) -> None:
-        self.finished[file] = {"size": size, "sha256": sha256, "key": self.keys.get(file)}
+    def shard_done(self, file: str, size: int, sha256: str, fp8: dict | None = None) -> None:
+        """Record a finished shard (`fp8`: its FP8 tensors' records, kept for graftcore.json across a resume)."""
+        rec = {"size": size, "sha256": sha256, "key": self.keys.get(file)}
+        self.finished[file] = {**rec, "fp8": fp8} if fp8 else rec
         self._save_progress()
 
     def finalize(
-        self, index: dict | None, extra_files: list[tuple[Path, str]], manifest: dict, dtype: str | None = None
+        self,
+        index: dict | None,
+        extra_files: list[tuple[Path, str]],
+        manifest: dict,
+        dtype: str | None = None,
+        dequantized: bool = False,
     ) -> None:
         """Copy Instruct's non-weight files, write the index and graftcore.json, drop the progress file.
 
-        With `dtype` (the --dtype of the tensors, unless auto) config.json's "torch_dtype" says it too.
+        With `dtype` (the --dtype of the tensors, unless auto) config.json's "torch_dtype" says it too, and for
+        FP8 weights written `dequantized` it loses its quantization_config.
         """
         for src, rel in extra_files:
             if dtype is not None and rel == "config.json":
-                atomic_copy_config(src, self.path / rel, dtype)
+                atomic_copy_config(src, self.path / rel, dtype, dequantized)
             else:
                 atomic_copy(src, self.path / rel)
         written = [*self.finished, *(rel for _, rel in extra_files)]

@@ -69,6 +69,8 @@ _TORCH_NAMES = {
     "F64": "float64",
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
+FP8_DTYPES = ("F8_E4M3",)  # quantized weights graftcore decodes (with their scales) and encodes
+SCALE_DTYPES = ("F32", "BF16", "F16")  # the dtypes of those scales
 DTYPE_NAMES = {code: code for code in DTYPE_SIZES}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -130,6 +132,40 @@ class TensorInfo(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+class Quantized(NamedTuple):
+    """A quantized weight and its scales as one logical tensor (sources/quantized.py folds them): the weight's
+    bytes lie at [start, end) of `file` like a TensorInfo's; `scale` is the scale tensor (possibly in another
+    file), one multiplier per `block` = (rows, cols) of weight elements: (128, 128) for block FP8, (1, cols) per
+    channel, the whole matrix per tensor. The value is float32(q) * scale (DeepSeek-V3 inference/kernel.py,
+    weight_dequant: scale [ceil(M / 128), ceil(N / 128)], row-major, edge blocks partial)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    end: int
+    scale: TensorInfo
+    block: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def cols(self) -> int:
+        """Elements per row of the [rows, cols] matrix the blocks tile."""
+        return self.shape[-1] if self.shape else 1
+
+    def weight(self) -> TensorInfo:
+        """The stored weight alone."""
+        return TensorInfo(self.name, self.dtype, self.shape, self.file, self.start, self.end)
 
 
 class Pieces(NamedTuple):

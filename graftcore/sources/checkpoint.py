@@ -34,6 +34,7 @@ class Checkpoint:
         revision: the resolved commit of a hub input (None for local ones).
         fingerprint: changes whenever a file's path or header changes (file_state() covers its contents).
         identities: shard -> file_identity() when its header was read (or when first opened, for a download).
+        quant: how its weights are quantized (sources/quantized.py), None for none.
     """
 
     ref: str
@@ -46,6 +47,7 @@ class Checkpoint:
     revision: str | None = None
     local_files: dict[str, Path] = field(default_factory=dict)
     identities: dict[str, tuple] = field(default_factory=dict)
+    quant: object = None  # a quantized.QuantFormat when its weights are FP8 (their scales folded into them)
 
     def shard_path(self, file: str) -> Path:
         """The local path of shard `file` (a hub checkpoint downloads it here)."""

@@ -22,6 +22,7 @@ from graftcore.sources.checkpoint import (
     pickled_only,
     read_index,
 )
+from graftcore.sources.quantized import fold_quantized
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -60,11 +61,11 @@ def open_checkpoint(ref: str | os.PathLike, **hub_options) -> Checkpoint:
     if reason is None:
         from graftcore.sources.hub import open_hub_checkpoint
 
-        return open_hub_checkpoint(ref, **hub_options)
+        return fold_quantized(open_hub_checkpoint(ref, **hub_options))
     path = Path(ref).expanduser()
     if not path.exists():
         raise CheckpointError(f"{ref}: no such file or folder (not a hub repo id: {reason})")
-    return open_local(path)
+    return fold_quantized(open_local(path))
 
 
 def open_local(path: Path) -> Checkpoint:

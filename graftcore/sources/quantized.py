@@ -1,0 +1,178 @@
+"""Quantized checkpoints: each FP8 weight and its scales folded into one logical tensor (io.Quantized), from the
+headers and config.json's `quantization_config`, before anything is matched, so the scales never show up as
+tensors to graft, copy or measure.
+
+The formats (facts from the libraries that write them and the files they wrote):
+- block FP8, `"quant_method": "fp8"` (DeepSeek-V3/R1/V3.1, Kimi-K2, Qwen3-*-FP8; transformers'
+  FineGrainedFP8Config): `NAME.weight` F8_E4M3 [out, in] and `NAME.weight_scale_inv` [ceil(out / bh),
+  ceil(in / bw)], (bh, bw) = `weight_block_size` ([128, 128]); the scale is F32 in DeepSeek's files, BF16 in
+  Qwen3-FP8's. `scale_fmt: "ue8m0"` (DeepSeek-V3.1) means power-of-two scales (transformers' Fp8Quantize rounds
+  them up to one). Not quantized: embeddings, norms, lm_head, routers.
+- compressed-tensors, `"quant_method": "compressed-tensors"`, format "float-quantized" (the RedHatAI
+  "-FP8-dynamic" models): `NAME.weight` F8_E4M3 and `NAME.weight_scale` in the weights' original dtype, per
+  tensor ([1] or []), per channel ([out, 1]) or per block; `NAME.input_scale` only for static activations (an
+  ordinary tensor here: Instruct's, copied).
+
+Example:
+    >>> ck = fold_quantized(open_local(path))            # doctest: +SKIP
+    >>> ck.tensors["model.layers.0.mlp.down_proj.weight"].scale.name
+    'model.layers.0.mlp.down_proj.weight_scale_inv'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graftcore.errors import CheckpointError
+from graftcore.io.json_files import read_json_file
+from graftcore.io.safetensors_file import FP8_DTYPES, SCALE_DTYPES, Quantized, TensorInfo
+from graftcore.sources.checkpoint import Checkpoint
+
+CONFIG = "config.json"
+SCALE_SUFFIX = {"fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}
+DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config.weight_block_size
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How an input's weights are quantized: `method` ("fp8" or "compressed-tensors"), the scale tensors' suffix,
+    whether new scales must be powers of two (scale_fmt "ue8m0"), and the `quantization_config` itself."""
+
+    method: str
+    scale_suffix: str
+    power_of_two: bool
+    config: dict
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def read_quantization_config(ck: Checkpoint) -> dict | None:
+    """config.json's `quantization_config` (None when there is no config.json or no such key)."""
+    if CONFIG not in ck.extra_files():
+        return None
+    path = ck.extra_file_path(CONFIG)
+    doc = read_json_file(path, CONFIG, CheckpointError)
+    config = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{path}: quantization_config is not an object")
+    return config
+
+
+def quant_format(config: dict, where: str) -> QuantFormat:
+    """The QuantFormat of a `quantization_config`; CheckpointError for a method or format graftcore does not read."""
+    method = config.get("quant_method")
+    if method not in SCALE_SUFFIX:
+        raise CheckpointError(
+            f"{where}: quantization_config.quant_method is {method!r}; graftcore reads 'fp8' (block FP8) and "
+            f"'compressed-tensors' FP8 checkpoints"
+        )
+    if method == "fp8" and str(config.get("fmt", "e4m3")).lower() != "e4m3":
+        raise CheckpointError(f"{where}: quantization_config.fmt is {config.get('fmt')!r}; graftcore reads e4m3")
+    if method == "compressed-tensors" and config.get("format", "float-quantized") != "float-quantized":
+        raise CheckpointError(
+            f"{where}: compressed-tensors format {config.get('format')!r}; graftcore reads 'float-quantized' (FP8)"
+        )
+    return QuantFormat(method, SCALE_SUFFIX[method], config.get("scale_fmt") == "ue8m0", config)
+
+
+def config_block(config: dict, where: str) -> tuple[int, int] | None:
+    """(bh, bw) of a block FP8 config (its weight_block_size, or the default); None for compressed-tensors, whose
+    scales' shapes say their granularity."""
+    if config.get("quant_method") != "fp8":
+        return None
+    block = config.get("weight_block_size", list(DEFAULT_BLOCK))
+    if block is None:
+        return None  # per tensor
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}: quantization_config.weight_block_size is {block!r}, not two positive ints")
+    return tuple(block)
+
+
+def scale_block(weight: TensorInfo, scale: TensorInfo, block: tuple[int, int] | None, method: str, where: str):
+    """The (rows, cols) of weight elements each scale covers, from the scale's shape; CheckpointError when the
+    shape fits neither the config's block nor a per-channel or per-tensor scale."""
+    rows, cols = weight.shape
+    shape = tuple(scale.shape)
+    if block is not None:
+        want = (ceil_div(rows, block[0]), ceil_div(cols, block[1]))
+        if shape == want:
+            return block
+        raise CheckpointError(
+            f"{where}: tensor {scale.name!r} is {list(shape)}, but {weight.name!r} {list(weight.shape)} in "
+            f"{block[0]}x{block[1]} blocks (quantization_config.weight_block_size) needs {list(want)}"
+        )
+    if shape in ((), (1,), (1, 1)):
+        return (rows, cols)  # one scale for the tensor
+    if method == "compressed-tensors" and shape in ((rows, 1), (rows,)):
+        return (1, cols)  # one per output channel
+    if method == "compressed-tensors" and len(shape) == 2 and shape[0] and shape[1]:
+        bh, bw = ceil_div(rows, shape[0]), ceil_div(cols, shape[1])
+        if (ceil_div(rows, bh), ceil_div(cols, bw)) == shape:
+            return (bh, bw)
+    raise CheckpointError(
+        f"{where}: tensor {scale.name!r} is {list(shape)}: not a per-tensor, per-channel or block scale of "
+        f"{weight.name!r} {list(weight.shape)}"
+    )
+
+
+def fold_quantized(ck: Checkpoint) -> Checkpoint:
+    """`ck` with every FP8 weight and its scale folded into one io.Quantized (the scales' names gone from
+    `ck.tensors`) and `ck.quant` set; `ck` unchanged when it holds no FP8 and says no quantization. CheckpointError
+    (naming the file and tensor) for FP8 without a quantization_config or the reverse, a missing scale, a scale of
+    the wrong shape or dtype, E5M2 where E4M3 is declared, a scale with no FP8 weight."""
+    fp8 = [n for n, i in ck.tensors.items() if i.dtype.startswith("F8_")]
+    try:
+        config = read_quantization_config(ck)
+    except CheckpointError:
+        if fp8:
+            raise
+        return ck  # an unreadable config.json of an unquantized model is copied as it is (output_folder.py)
+    where = ck.extra_file_path(CONFIG) if config is not None else ck.ref
+    if config is None:
+        if fp8:
+            info = ck.tensors[fp8[0]]
+            raise CheckpointError(
+                f"{ck.locate(info.file)}: tensor {fp8[0]!r} is {info.dtype}, but {ck.ref} has no "
+                f"quantization_config in {CONFIG}, so its scales cannot be read (give the model's folder, with its "
+                f"{CONFIG})"
+            )
+        return ck
+    fmt = quant_format(config, str(where))
+    block = config_block(config, str(where))
+    if not fp8:
+        raise CheckpointError(
+            f"{where}: quantization_config says {fmt.method}, but no tensor of {ck.ref} is F8_E4M3 (a dequantized "
+            f"copy with the quantized model's {CONFIG}?)"
+        )
+    folded: dict[str, Quantized] = {}
+    for name in fp8:
+        info = ck.tensors[name]
+        at = ck.locate(info.file)
+        if info.dtype not in FP8_DTYPES:
+            raise CheckpointError(f"{at}: tensor {name!r} is {info.dtype}, but {fmt.method} declares F8_E4M3")
+        if not name.endswith(".weight") or len(info.shape) != 2:
+            raise CheckpointError(
+                f"{at}: tensor {name!r} is {info.dtype}{list(info.shape)}; graftcore reads FP8 only as 2-D "
+                f"`.weight` tensors with a scale"
+            )
+        scale_name = name[: -len("weight")] + fmt.scale_suffix
+        scale = ck.tensors.get(scale_name)
+        if scale is None:
+            raise CheckpointError(f"{at}: tensor {name!r} is {info.dtype} but {scale_name!r} is missing in {ck.ref}")
+        if scale.dtype not in SCALE_DTYPES:
+            raise CheckpointError(
+                f"{ck.locate(scale.file)}: tensor {scale_name!r} is {scale.dtype}; graftcore reads F32, BF16 or F16 "
+                f"scales"
+            )
+        b = scale_block(info, scale, block, fmt.method, ck.locate(scale.file))
+        folded[name] = Quantized(name, info.dtype, info.shape, info.file, info.start, info.end, scale, b)
+    scales = {q.scale.name for q in folded.values()}
+    stray = [n for n in ck.tensors if n.endswith("." + fmt.scale_suffix) and n not in scales]
+    if stray:
+        info = ck.tensors[stray[0]]
+        raise CheckpointError(f"{ck.locate(info.file)}: tensor {stray[0]!r} is a scale with no FP8 weight beside it")
+    ck.tensors = {n: folded.get(n, info) for n, info in ck.tensors.items() if n not in scales}
+    ck.quant = fmt
+    return ck
