@@ -36,7 +36,7 @@ from pathlib import Path
 
 from graftcore.errors import AdapterError, CheckpointError
 from graftcore.io.json_files import read_json_file
-from graftcore.io.safetensors_file import FLOAT_DTYPES, TensorInfo
+from graftcore.io.safetensors_file import FLOAT_DTYPES, Quantized, TensorInfo
 from graftcore.lora_params import parameter_updates, wrapper_depth
 from graftcore.lora_update import LowRankUpdate
 from graftcore.names import infer_rewrites, rewrite_names
@@ -447,9 +447,9 @@ def plan_module(
         raise AdapterError(
             f"{where}: tensor {a.name!r} targets {target!r}, which Instruct ({instruct.ref}) does not have"
         )
-    if i.dtype not in FLOAT_DTYPES:
+    if i.dtype not in FLOAT_DTYPES and not isinstance(i, Quantized):
         raise AdapterError(
-            f"{where}: tensor {a.name!r} targets {target!r}, which is {i.dtype} in Instruct, not F16/BF16/F32"
+            f"{where}: tensor {a.name!r} targets {target!r}, which is {i.dtype} in Instruct, not F16/BF16/F32/FP8"
         )
     for x in (a, b, m, parts.get("bias")):
         if x is not None and x.dtype not in FLOAT_DTYPES:

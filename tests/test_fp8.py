@@ -9,12 +9,8 @@ import pytest
 import torch
 from helpers import (
     dequantize_fp8,
-    e4m3_round,
-    fp8_state_dict,
-    is_quantized,
     load_folder,
     perturbed,
-    quantize_fp8,
     requantize_reference,
     same_bits,
     write_checkpoint,
@@ -51,34 +47,31 @@ def config_of(model) -> dict:
     return model.config.to_dict()
 
 
-def fp8_trio(tmp_path, scale_dtype=torch.float32, shards=1, tuned_scale=0.002):
+def fp8_trio(tmp_path, scale_dtype=torch.float32, shards=1, tuned_scale=0.002, block=BLOCK):
     """Base and Instruct in FP8 (Instruct = Base + a larger change, then quantized), tuned in bf16: a fine-tune of
     the dequantized Base, as users make it. Returns the three state dicts as written."""
     model = qwen3()
     base_sd = state(model)
     instruct_sd = state(perturbed(qwen3(), 2, 0.01))
-    write_fp8_checkpoint(tmp_path / "base", base_sd, config_of(model), BLOCK, scale_dtype, shards)
-    write_fp8_checkpoint(tmp_path / "instruct", instruct_sd, config_of(model), BLOCK, scale_dtype, shards)
+    write_fp8_checkpoint(tmp_path / "base", base_sd, config_of(model), block, scale_dtype, shards)
+    write_fp8_checkpoint(tmp_path / "instruct", instruct_sd, config_of(model), block, scale_dtype, shards)
     base, instruct = load_folder(tmp_path / "base"), load_folder(tmp_path / "instruct")
     g = torch.Generator().manual_seed(5)
     tuned = {}
-    for n, t in base.items():
+    for n in base:
         if n.endswith("_scale_inv"):
             continue
-        x = (
-            dequantize_fp8(t, base[n[: -len("weight")] + "weight_scale_inv"], BLOCK)
-            if t.dtype.is_floating_point and t.element_size() == 1
-            else t.float()
-        )
+        x = deq(base, n, block)
         tuned[n] = (x + tuned_scale * torch.randn(x.shape, generator=g)).to(torch.bfloat16)
     write_checkpoint(tmp_path / "tuned", tuned, 1, config_of(model))
     return base, tuned, instruct
 
 
-def deq(sd: dict, name: str) -> torch.Tensor:
+def deq(sd: dict, name: str, block=BLOCK) -> torch.Tensor:
+    """A weight's float32 values: decoded with its scales when it is FP8."""
     t = sd[name]
     if t.dtype == torch.float8_e4m3fn:
-        return dequantize_fp8(t, sd[name[: -len("weight")] + "weight_scale_inv"], BLOCK)
+        return dequantize_fp8(t, sd[name[: -len("weight")] + "weight_scale_inv"], block)
     return t.float()
 
 
@@ -128,3 +121,205 @@ def test_fp8_base_and_instruct_with_a_bf16_fine_tune(scale_dtype, shards, tmp_pa
     assert 0 < manifest["fp8"]["update_error"] and set(manifest["fp8"]["tensors"]) == set(quantized)
     code, out, err = cli("verify", tmp_path / "out")
     assert code == 0, err
+
+
+def test_alpha_zero_gives_back_instruct(tmp_path, cli):
+    """alpha = 0: every weight and scale byte of the FP8 output is Instruct's (a -0 may come back as +0)."""
+    fp8_trio(tmp_path)
+    code, _, err = merge(cli, tmp_path, "--alpha", "0")
+    assert code == 0, err
+    got, instruct = load_folder(tmp_path / "out"), load_folder(tmp_path / "instruct")
+    for n, i in instruct.items():
+        a, b = got[n], i
+        if i.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8).clone(), b.view(torch.uint8).clone()
+            b[b == 0x80] = 0  # -0 + 0 = +0
+        assert same_bits(a, b), n
+
+
+def test_tuned_equal_to_base_gives_back_instruct(tmp_path, cli):
+    """All three FP8, tuned = Base: the update is zero and the output is Instruct's bytes."""
+    model = qwen3()
+    sd = state(model)
+    write_fp8_checkpoint(tmp_path / "base", sd, config_of(model), BLOCK)
+    write_fp8_checkpoint(tmp_path / "tuned", sd, config_of(model), BLOCK)
+    write_fp8_checkpoint(tmp_path / "instruct", state(perturbed(qwen3(), 2, 0.01)), config_of(model), BLOCK)
+    code, _, err = merge(cli, tmp_path)
+    assert code == 0, err
+    got, instruct = load_folder(tmp_path / "out"), load_folder(tmp_path / "instruct")
+    for n, i in instruct.items():
+        a, b = (x.view(torch.uint8).clone() if x.dtype == torch.float8_e4m3fn else x for x in (got[n], i))
+        if i.dtype == torch.float8_e4m3fn:
+            b[b == 0x80] = 0
+        assert same_bits(a, b), n
+    manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
+    assert manifest["fp8"]["update_error"] == 0 and manifest["fp8"]["rescaled_blocks"] == 0
+
+
+@pytest.mark.parametrize("kind", ["all fp8", "bf16 base", "bf16 instruct"])
+def test_any_mix_of_fp8_and_bf16(kind, tmp_path, cli):
+    """All three FP8; a dequantized (bf16) Base with an FP8 Instruct; FP8 Base and tuned onto a bf16 Instruct
+    (output bf16, one rounding of the float32 sum of decoded values)."""
+    model = qwen3()
+    config = config_of(model)
+    sds = {
+        "base": state(model),
+        "tuned": state(perturbed(qwen3(), 1, 0.002)),
+        "instruct": state(perturbed(qwen3(), 2, 0.01)),
+    }
+    plain = {"bf16 base": "base", "bf16 instruct": "instruct"}.get(kind)
+    for role, sd in sds.items():
+        if role == plain:
+            write_checkpoint(tmp_path / role, sd, 1, config)
+        else:
+            write_fp8_checkpoint(tmp_path / role, sd, config, BLOCK)
+    code, _, err = merge(cli, tmp_path)
+    assert code == 0, err
+    base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
+    got = load_folder(tmp_path / "out")
+    assert set(got) == set(instruct)
+    for n, i in instruct.items():
+        if n.endswith("_scale_inv"):
+            continue
+        x = deq(instruct, n) + (deq(tuned, n) - deq(base, n))
+        if i.dtype == torch.float8_e4m3fn:
+            scale_name = n[: -len("weight")] + "weight_scale_inv"
+            q, s = requantize_reference(x, instruct[scale_name], BLOCK)
+            assert torch.equal(got[n].view(torch.uint8), q) and same_bits(got[scale_name], s), n
+        else:
+            assert same_bits(got[n], x.to(i.dtype)), n
+
+
+def test_dequantized_output(tmp_path, cli):
+    """--dtype bfloat16: a bf16 model, scales dropped, quantization_config removed, torch_dtype set; each weight
+    the one rounding of x; it loads with transformers and runs."""
+    base, tuned, instruct = fp8_trio(tmp_path)
+    code, _, err = merge(cli, tmp_path, "--dtype", "bfloat16")
+    assert code == 0 and "quantization_config removed" in err, err
+    got = load_folder(tmp_path / "out")
+    assert set(got) == {n for n in instruct if not n.endswith("_scale_inv")}
+    for n, t in got.items():
+        x = deq(instruct, n) + (tuned[n].float() - deq(base, n))
+        assert same_bits(t, x.to(torch.bfloat16)), n
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, got["model.layers.0.mlp.down_proj.weight"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_transformers_reads_the_fp8_output(tmp_path, cli):
+    """transformers' own FP8 loader (FineGrainedFP8Config(dequantize=True): it needs block-divisible shapes, so
+    16x16 blocks here) reads the output, and its weights are the output's bytes decoded as helpers.py does."""
+    fp8_trio(tmp_path, block=(16, 16))
+    code, _, err = merge(cli, tmp_path)
+    assert code == 0, err
+    got = load_folder(tmp_path / "out")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32
+    )
+    weights = dict(model.named_parameters())
+    quantized = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
+    assert quantized
+    for n in quantized:
+        want = dequantize_fp8(got[n], got[n[: -len("weight")] + "weight_scale_inv"], (16, 16))
+        assert torch.equal(weights[n].float(), want), n
+
+
+def test_lora_onto_an_fp8_instruct(tmp_path, cli):
+    """A PEFT LoRA trained on the (dequantized) Base, grafted onto an FP8 Instruct: FP8 out, each block's scale
+    the rule's for x = deq(I) + s * B @ A (float64 here, rounded to float32), weights within one FP8 step of the
+    rule's bytes (the float32 GEMM's summation order is not the test's)."""
+    from helpers import make_adapter
+
+    model = qwen3()
+    model.save_pretrained(tmp_path / "base")
+    write_fp8_checkpoint(tmp_path / "instruct", state(perturbed(qwen3(), 2, 0.01)), config_of(model), BLOCK)
+    adapter = make_adapter(
+        tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]
+    )
+    code, _, err = cli(
+        "merge", "--tuned", adapter, "--instruct", tmp_path / "instruct", "--output", tmp_path / "out", "--quiet"
+    )
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    factors = load_file(adapter / "adapter_model.safetensors")
+    instruct, got = load_folder(tmp_path / "instruct"), load_folder(tmp_path / "out")
+    adapted = 0
+    for n, i in instruct.items():
+        if i.dtype != torch.float8_e4m3fn:
+            continue
+        key = "base_model.model." + n[: -len(".weight")]
+        scale_name = n[: -len("weight")] + "weight_scale_inv"
+        if key + ".lora_A.weight" not in factors:
+            assert torch.equal(got[n].view(torch.uint8), i.view(torch.uint8)), n
+            continue
+        a, b = factors[key + ".lora_A.weight"].double(), factors[key + ".lora_B.weight"].double()
+        x = (deq(instruct, n).double() + 2.0 * (b @ a)).float()
+        q, s = requantize_reference(x, instruct[scale_name], BLOCK)
+        mine = dequantize_fp8(got[n], got[scale_name], BLOCK)
+        ref = dequantize_fp8(q.view(torch.float8_e4m3fn), s, BLOCK)
+        assert (mine - ref).abs().le(ref.abs() / 8 + 1e-9).all(), n  # within one E4M3 step
+        assert (got[n].view(torch.uint8) == q).float().mean() > 0.99, n
+        adapted += 1
+    assert adapted == 2 * 2
+
+
+def test_similarity_measures_decoded_weights(tmp_path, cli):
+    """similarity on FP8 inputs measures every weight decoded with its scales (sigma against float64 math over
+    the decoded values) and never lists a scale tensor."""
+    base, tuned, instruct = fp8_trio(tmp_path)
+    code, _, err = cli(
+        "similarity",
+        "--base",
+        tmp_path / "base",
+        "--tuned",
+        tmp_path / "tuned",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "sim",
+    )
+    assert code == 0 and "not measured" not in err, err
+    doc = json.loads((tmp_path / "sim" / "similarity.json").read_text())
+    text = json.dumps(doc)
+    assert "scale_inv" not in text
+    names = [n for n in instruct if not n.endswith("_scale_inv")]
+    i = [deq(instruct, n).double() for n in names]
+    b = [deq(base, n).double() for n in names]
+    sigma = sum(float((x - y).abs().sum()) for x, y in zip(i, b)) / sum(
+        float(x.abs().sum() + y.abs().sum()) for x, y in zip(i, b)
+    )
+    got = doc["model"]["pairs"]["instruct"]["sigma"]
+    assert doc["coverage"] == 1.0 and abs(got - sigma) < 1e-9, (got, sigma)
+
+
+def test_verify_recomputes_fp8_chunks(tmp_path, cli):
+    """verify --recompute recomputes FP8 block rows and their scales bit-exact, and catches a scale changed in
+    the shard (its sha256 fixed up in graftcore.json, so only the recomputation can see it)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    fp8_trio(tmp_path)
+    code, _, err = merge(cli, tmp_path, "--chunk-size", "64")
+    assert code == 0, err
+    code, out, err = cli("verify", tmp_path / "out", "--recompute", "1000")
+    assert code == 0 and "bit-exact" in out, err
+    shard = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(shard)
+    name = "model.layers.1.mlp.up_proj.weight_scale_inv"
+    tensors[name][0, 0] *= 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    manifest_path = tmp_path / "out" / "graftcore.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"]["model.safetensors"].update(
+        size=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest()
+    )
+    manifest_path.write_text(json.dumps(manifest))
+    code, out, err = cli("verify", tmp_path / "out")
+    assert code == 0, err  # sha256, headers and plan hold: only the values changed
+    code, out, err = cli("verify", tmp_path / "out", "--recompute", "1000")
+    assert code == 2 and name in err and "differ" in err, err
