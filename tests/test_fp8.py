@@ -9,8 +9,11 @@ import pytest
 import torch
 from helpers import (
     dequantize_fp8,
+    e4m3_round,
+    is_quantized,
     load_folder,
     perturbed,
+    quantize_fp8,
     requantize_reference,
     same_bits,
     write_checkpoint,
@@ -323,3 +326,157 @@ def test_verify_recomputes_fp8_chunks(tmp_path, cli):
     assert code == 0, err  # sha256, headers and plan hold: only the values changed
     code, out, err = cli("verify", tmp_path / "out", "--recompute", "1000")
     assert code == 2 and name in err and "differ" in err, err
+
+
+def mutate(folder, fn=None, config=None):
+    """Rewrite the one-shard checkpoint `folder`: tensors through fn(dict) -> dict, config.json through config."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    if fn is not None:
+        save_file(fn(load_file(path)), path, metadata={"format": "pt"})
+    if config is not None:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config(cfg)))
+
+
+SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"
+WEIGHT = "model.layers.1.mlp.down_proj.weight"
+
+
+def set_value(value):
+    def fn(t):
+        t[SCALE][0, 0] = value
+        return t
+
+    return fn
+
+
+HOSTILE = {
+    "missing scale": (lambda t: {k: v for k, v in t.items() if k != SCALE}, None, WEIGHT),
+    "scale of the wrong shape": (lambda t: {**t, SCALE: t[SCALE][:1]}, None, SCALE),
+    "scale of the wrong dtype": (lambda t: {**t, SCALE: t[SCALE].to(torch.int32)}, None, SCALE),
+    "NaN scale": (set_value(float("nan")), None, SCALE),
+    "Inf scale": (set_value(float("inf")), None, SCALE),
+    "zero scale": (set_value(0.0), None, SCALE),
+    "negative scale": (set_value(-0.001), None, SCALE),
+    "no quantization_config": (
+        None,
+        lambda c: {k: v for k, v in c.items() if k != "quantization_config"},
+        "is F8_E4M3, but",  # names the first FP8 tensor it meets
+    ),
+    "block size other than the config's": (
+        None,
+        lambda c: {**c, "quantization_config": {**c["quantization_config"], "weight_block_size": [16, 16]}},
+        "weight_scale_inv",
+    ),
+    "E5M2 where E4M3 is declared": (lambda t: {**t, WEIGHT: t[WEIGHT].float().to(torch.float8_e5m2)}, None, WEIGHT),
+    "a scale without its weight": (
+        lambda t: {**t, "model.layers.0.mlp.gate.weight_scale_inv": t[SCALE].clone()},
+        None,
+        "gate",
+    ),
+    "fp8 declared, none stored": (
+        lambda t: {
+            k: deq(t, k).to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn else v
+            for k, v in t.items()
+            if not k.endswith("_scale_inv")
+        },
+        None,
+        "quantization_config",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize("role", ["instruct", "base"])
+def test_hostile_fp8_input(case, role, tmp_path, cli):
+    """Each broken FP8 input: exit 2, one line naming the file and the tensor (or the config), no traceback,
+    nothing that looks like a finished output."""
+    fp8_trio(tmp_path)
+    fn, config, named = HOSTILE[case]
+    mutate(tmp_path / role, fn, config)
+    code, _, err = merge(cli, tmp_path)
+    assert code == 2, (case, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert named in err and str(tmp_path / role) in err, err
+    assert not (tmp_path / "out" / "graftcore.json").exists()
+    assert not list((tmp_path / "out").glob("*.safetensors")) if (tmp_path / "out").exists() else True
+
+
+def test_inputs_in_another_block_size_than_instruct(tmp_path, cli):
+    """Base quantized in 16x16 blocks, Instruct in 32x32: exit 2 naming both grids."""
+    model = qwen3()
+    config = config_of(model)
+    write_fp8_checkpoint(tmp_path / "base", state(model), config, (16, 16))
+    write_checkpoint(tmp_path / "tuned", state(perturbed(qwen3(), 1, 0.002)), 1, config)
+    write_fp8_checkpoint(tmp_path / "instruct", state(perturbed(qwen3(), 2, 0.01)), config, BLOCK)
+    code, _, err = merge(cli, tmp_path)
+    assert code == 2 and "16x16" in err and "32x32" in err and "_proj.weight'" in err, err
+
+
+def compressed_tensors_fp8(sd: dict, strategy: str) -> dict:
+    """A compressed-tensors "float-quantized" state dict (the RedHatAI -FP8-dynamic layout): NAME.weight F8_E4M3
+    and NAME.weight_scale in the weights' dtype, one per output channel [out, 1] or one per tensor [1]."""
+    out = {}
+    for n, t in sd.items():
+        if not is_quantized(n, t):
+            out[n] = t
+            continue
+        block = (1, t.shape[1]) if strategy == "channel" else tuple(t.shape)
+        q, s = quantize_fp8(t, block, torch.bfloat16)
+        out[n], out[n[: -len("weight")] + "weight_scale"] = q, s if strategy == "channel" else s.view(1)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_compressed_tensors_fp8_instruct(strategy, tmp_path, cli):
+    """A compressed-tensors FP8 Instruct (per-channel or per-tensor BF16 weight_scale) over bf16 Base and tuned:
+    FP8 out in Instruct's format, every byte and scale the rule's with blocks of one row or the whole tensor."""
+    model = qwen3()
+    config = config_of(model)
+    base, tuned = state(model), state(perturbed(qwen3(), 1, 0.002))
+    instruct_sd = compressed_tensors_fp8(state(perturbed(qwen3(), 2, 0.01)), strategy)
+    write_checkpoint(tmp_path / "base", base, 1, config)
+    write_checkpoint(tmp_path / "tuned", tuned, 1, config)
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": strategy}}
+        },
+        "ignore": ["lm_head"],
+    }
+    write_checkpoint(tmp_path / "instruct", instruct_sd, 1, {**config, "quantization_config": quant})
+    code, _, err = merge(cli, tmp_path)
+    assert code == 0, err
+    got = load_folder(tmp_path / "out")
+    assert set(got) == set(instruct_sd)
+    quantized = 0
+    for n, i in instruct_sd.items():
+        if n.endswith("weight_scale"):
+            continue
+        if i.dtype != torch.float8_e4m3fn:
+            assert same_bits(got[n], (i.float() + tuned[n].float() - base[n].float()).to(i.dtype)), n
+            continue
+        scale_name = n[: -len("weight")] + "weight_scale"
+        block = (1, i.shape[1]) if strategy == "channel" else tuple(i.shape)
+        grid = instruct_sd[scale_name].view(-1, 1)
+        x = dequantize_fp8(i, grid, block) + (tuned[n].float() - base[n].float())
+        q, s = requantize_reference(x, grid, block, torch.bfloat16)
+        assert torch.equal(got[n].view(torch.uint8), q), n
+        assert same_bits(got[scale_name], s.view(instruct_sd[scale_name].shape)), n
+        quantized += 1
+    assert quantized == 14
+
+
+def test_e4m3_cast_rounds_to_nearest_even():
+    """The encoder's cast (torch's float32 -> float8_e4m3fn) against the table rounding of helpers.py, on every
+    midpoint between two neighbouring codes (where the tie goes to the even code), just beside each, and on
+    random values: the rule's "round-to-nearest-even" holds on the CPU twin's path."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = torch.unique(codes[torch.isfinite(codes)])
+    mid = (values[1:] + values[:-1]) / 2  # exact in float32: E4M3 has 3 mantissa bits
+    y = torch.cat([mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1), torch.randn(10000) * 50])
+    y = y.clamp(-448, 448)
+    assert torch.equal(y.to(torch.float8_e4m3fn).view(torch.uint8), e4m3_round(y).view(torch.uint8))

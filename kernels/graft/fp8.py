@@ -122,7 +122,9 @@ def quantize_into(
     rescale = (ratio > KEEP_BOUND) & torch.isfinite(amax)
     scale = kept32
     if bool(rescale.any()):
-        scale = torch.where(rescale, round_up_scale(torch.where(rescale, amax, kept32), scale_dtype, power_of_two), kept32)
+        scale = torch.where(
+            rescale, round_up_scale(torch.where(rescale, amax, kept32), scale_dtype, power_of_two), kept32
+        )
     per_element = scale_per_element(scale, row0, rows, cols, block)
     y = torch.div(x, per_element).clamp_(-E4M3_MAX, E4M3_MAX)
     q = out.view(torch.float8_e4m3fn) if out.dtype == torch.uint8 else out
