@@ -24,7 +24,7 @@ import torch
 from graftcore import interrupts
 from graftcore.compute.cpu import CpuCompute
 from graftcore.errors import NonFiniteError
-from graftcore.fp8_steps import Encoded, decode
+from graftcore.fp8_steps import Encoded, decode, encode_on_device, on_device
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import ShardWriter, itemsize, torch_dtype
 from graftcore.plan import Plan, TensorOp
@@ -228,6 +228,8 @@ class MergeConsumer(StepConsumer):
             return self.sink.raw(held[0])
         if step.scales:
             return self.sink.chunk(step.hi - step.lo, op.instruct.scale.dtype, self.write_scales(step))
+        if op.quantized and self.compute is not self.host and on_device(op):  # the Triton FP8 kernel
+            return self.sink.chunk(step.hi - step.lo, op.out_dtype, lambda out: self.fp8_on_device(op, step, held, out))
         compute, loaded, encoded = self.host if op.quantized else self.compute, self.loaded, self.encoded
         try:
             return self.sink.chunk(
@@ -239,6 +241,14 @@ class MergeConsumer(StepConsumer):
             event = compute.input_event  # the GPU path may still be copying from the read buffers
             for h in held:
                 h.release(event)
+
+    def fp8_on_device(self, op: TensorOp, step: Step, held: list[Held], out: torch.Tensor) -> None:
+        try:
+            counts = encode_on_device(op, step, held, out, self.encoded, self.compute.device, self.locate)
+            self.host._count(op.name, counts)
+        finally:
+            for h in held:
+                h.release()
 
     def locate(self, role: str, file: str) -> str:
         return self.checkpoints[role].locate(file)

@@ -36,17 +36,22 @@ def decode(step: Step, held: list[Held], locate=None) -> tuple[dict[str, torch.T
         if not read.scale:
             views[read.role], weights[read.role] = t, read
             continue
-        if not bool((t > 0).all()) or not bool(torch.isfinite(t).all()):  # NaN fails both
-            where = locate(read.role, read.info.file) if locate else read.info.file
-            raise CheckpointError(
-                f"{where}: tensor {read.info.name!r} ({read.role}) holds a NaN, Inf, zero or negative scale; an FP8 "
-                f"weight's scales are positive and finite"
-            )
+        check_scales(t, read, locate)
         w = weights[read.role]
         info: Quantized = w.info
         scales[read.role] = t
         views[read.role] = dequantize(views[read.role], t, w.first // info.cols, info.cols, info.block).view(-1)
     return views, scales
+
+
+def check_scales(t: torch.Tensor, read, locate) -> None:
+    """CheckpointError when a scale read is NaN, Inf, zero or negative (`locate(role, file)`: the path to name)."""
+    if not bool((t > 0).all()) or not bool(torch.isfinite(t).all()):  # NaN fails both
+        where = locate(read.role, read.info.file) if locate else read.info.file
+        raise CheckpointError(
+            f"{where}: tensor {read.info.name!r} ({read.role}) holds a NaN, Inf, zero or negative scale; an FP8 "
+            f"weight's scales are positive and finite"
+        )
 
 
 @dataclass
@@ -68,6 +73,15 @@ class Encoded:
     def blocks(self) -> int:
         return self.scale.numel()
 
+    def add(self, row0: int, scale: torch.Tensor, rescaled: int, error_sq: float, update_sq: float) -> None:
+        """Record the block rows from `row0` that were encoded: their scales (float32) and measures."""
+        info: Quantized = self.op.instruct
+        first = row0 // info.block[0] * -(-info.cols // info.block[1])
+        self.scale[first : first + scale.numel()] = scale.reshape(-1)
+        self.rescaled += rescaled
+        self.error_sq += error_sq
+        self.update_sq += update_sq
+
     def encode(self, out: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, row0: int, instruct: torch.Tensor):
         """Encode the float32 rows `x` (from row `row0`) into `out`, with Instruct's scales `kept` for them."""
         info: Quantized = self.op.instruct
@@ -76,11 +90,7 @@ class Encoded:
         enc = quantize_into(
             out, x.view(rows, info.cols), kept, row0, info.block, dtype, self.power_of_two, instruct.view(rows, -1)
         )
-        first = row0 // info.block[0] * enc.scale.shape[1]
-        self.scale[first : first + enc.scale.numel()] = enc.scale.view(-1)
-        self.rescaled += enc.rescaled
-        self.error_sq += enc.error_sq
-        self.update_sq += enc.update_sq
+        self.add(row0, enc.scale, enc.rescaled, enc.error_sq, enc.update_sq)
 
     def write_scales(self, out: torch.Tensor, lo: int, hi: int) -> None:
         """Elements [lo, hi) of the new scale grid, in the scale's dtype, into `out`."""
@@ -89,3 +99,52 @@ class Encoded:
     def relative_error(self) -> float:
         """||deq(out) - deq(I) - update|| / ||update|| (0 for a tensor the update leaves unchanged)."""
         return (self.error_sq / self.update_sq) ** 0.5 if self.update_sq else 0.0
+
+
+def on_device(op: TensorOp) -> bool:
+    """Whether the Triton FP8 kernel computes `op` on a GPU: an FP8 output grafted from one full tuned input
+    (LoRA terms and several deltas use the CPU twin)."""
+    return op.quantized_out and not op.low_rank and len(op.terms) == 1 and op.reads_base
+
+
+def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, encoded: Encoded, device, locate):
+    """One step of an on_device op on `device` with the Triton kernel (the CPU twin's bits): the inputs copied
+    there, the FP8 bytes and new scales copied back into `out` and `encoded`; returns the NonFinite counts."""
+    from graftcore.kernels import NonFinite
+    from graftcore.kernels.triton_fp8 import graft_fp8_triton
+
+    raw: dict[str, list] = {}
+    for read, h in zip(step.reads, held):
+        t = h.tensor(read.info)
+        if read.scale:
+            check_scales(t, read, locate)
+            raw[read.role][1] = t.to(device, torch.float32)
+        else:
+            raw[read.role] = [t.to(device), None]
+    info: Quantized = op.instruct
+    term = op.terms[0]
+    rows = (step.hi - step.lo) // info.cols
+    grid = -(-rows // info.block[0]) * -(-info.cols // info.block[1])
+    q = torch.empty(step.hi - step.lo, dtype=torch.uint8, device=device)
+    scale = torch.empty(grid, dtype=torch.float32, device=device)
+    norms = torch.empty(grid, 2, dtype=torch.float32, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    graft_fp8_triton(
+        q,
+        scale,
+        norms,
+        counts,
+        tuple(raw["instruct"]),
+        tuple(raw["base"]),
+        tuple(raw[term.role]),
+        info.cols,
+        info.block,
+        term.alpha,
+        torch_dtype(info.scale.dtype),
+        encoded.power_of_two,
+    )
+    out.view(torch.uint8).copy_(q.cpu())
+    kept, scale = raw["instruct"][1].cpu(), scale.cpu()
+    sums = norms.double().sum(dim=0).cpu()
+    encoded.add(step.lo // info.cols, scale, int((scale != kept).sum()), float(sums[0]), float(sums[1]))
+    return NonFinite(*counts.cpu().tolist())

@@ -127,8 +127,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
-def interpreted_kernel_module():
-    """A private copy of graftcore.kernels.triton_graft decorated in Triton's interpreter (runs on CPU tensors).
+def interpreted_kernel_module(name: str = "triton_graft"):
+    """A private copy of graftcore.kernels.`name` decorated in Triton's interpreter (runs on CPU tensors).
 
     Interpreter mode is fixed when `@triton.jit` runs, so the env var is set only around this import and the
     canonical module (sys.modules) stays compiled for GPU tests. Triton's own library is imported first,
@@ -139,7 +139,7 @@ def interpreted_kernel_module():
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec = importlib.util.find_spec("graftcore.kernels.triton_graft")
+        spec = importlib.util.find_spec(f"graftcore.kernels.{name}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -217,6 +217,25 @@ def peft_merge(model_dir: Path, adapter: Path):
 
 
 # ---- FP8 checkpoints (block-scaled, as DeepSeek-V3 / Qwen3-FP8 ship them) ----
+
+QWEN3 = dict(  # widths that 32x32 blocks tile with partial edge blocks (48 = 32 + 16, 80 = 64 + 16)
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
+
+def tiny_qwen3(seed: int = 0):
+    """A tiny Qwen3 built by transformers from QWEN3, in bf16, its weights drawn with `seed`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3)).to(torch.bfloat16)
+
 
 E4M3_MAX = 448.0
 

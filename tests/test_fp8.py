@@ -16,6 +16,7 @@ from helpers import (
     quantize_fp8,
     requantize_reference,
     same_bits,
+    tiny_qwen3,
     write_checkpoint,
     write_fp8_checkpoint,
 )
@@ -24,26 +25,14 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
 BLOCK = (32, 32)  # small blocks, so that tiny weights hold several, and partial edge ones (48 = 32 + 16)
-CONFIG = dict(
-    vocab_size=96,
-    hidden_size=48,
-    intermediate_size=80,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
 
 
 def qwen3(seed: int = 0):
-    torch.manual_seed(seed)
-    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**CONFIG)).to(torch.bfloat16)
+    return tiny_qwen3(seed)
 
 
 def state(model) -> dict:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"} | {
-        "lm_head.weight": model.lm_head.weight.detach().clone()
-    }
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 def config_of(model) -> dict:

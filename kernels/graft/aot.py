@@ -86,3 +86,45 @@ def sass_per_element(kernel, block: int = 1024, warps: int = 4) -> float:
     code = sass(kernel)
     common = next((k + 1 for k, line in enumerate(code) if line.endswith("EXIT")), len(code))
     return common / (block / (warps * 32))
+
+
+def compile_fp8(capability: int, block: tuple[int, int] = (128, 128), warps: int = 4):
+    """The FP8 graft kernel (triton_fp8.py) compiled for sm_`capability`: Base FP8, tuned bf16, F32 scales, one
+    delta with alpha != 1 (so the multiply is in it), no FMA contraction."""
+    from .triton_fp8 import BF16_BITS, FP8, SCALE_F32, fp8_graft_kernel
+
+    names = fp8_graft_kernel.arg_names
+    pointers = {
+        "q_ptr": "*u8",
+        "s_out_ptr": "*fp32",
+        "norms_ptr": "*fp32",
+        "counts_ptr": "*i64",
+        "i_ptr": "*u8",
+        "i_s_ptr": "*fp32",
+        "b_ptr": "*u8",
+        "b_s_ptr": "*fp32",
+        "t_ptr": "*i16",
+        "t_s_ptr": "*fp32",
+    }
+    scalars = {"rows": "i64", "cols": "i64", "grid_cols": "i64", "alpha": "fp32"}
+    constants = {
+        "B_KIND": FP8,
+        "T_KIND": BF16_BITS,
+        "ALPHA_IS_ONE": False,
+        "SCALE_KIND": SCALE_F32,
+        "POWER_OF_TWO": False,
+        "BH": block[0],
+        "BW": block[1],
+        "TILE_H": triton.next_power_of_2(block[0]),
+        "TILE_W": triton.next_power_of_2(block[1]),
+    }
+    signature = {a: pointers.get(a) or scalars.get(a) or "constexpr" for a in names}
+    source = ASTSource(
+        fn=fp8_graft_kernel,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constants.items()},
+        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in pointers},
+    )
+    return triton.compile(
+        source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps, "enable_fp_fusion": False}
+    )
