@@ -84,3 +84,23 @@ def test_cuda_merge_equals_cpu_merge(tmp_path):
     cpu, gpu = load_folder(tmp_path / "cpu"), load_folder(tmp_path / "cuda")
     for n in instruct:
         assert same_bits(gpu[n], cpu[n]), n
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_fp8_merge_equals_cpu_merge(tmp_path, cli):
+    """FP8 Base and Instruct, tuned bf16, on the GPU (the Triton FP8 kernel) and on the CPU twin: the same bytes."""
+    from helpers import perturbed, tiny_qwen3, write_fp8_checkpoint
+
+    model = tiny_qwen3()
+    config = model.config.to_dict()
+    write_fp8_checkpoint(tmp_path / "base", model.state_dict(), config, (32, 32))
+    write_checkpoint(tmp_path / "tuned", perturbed(tiny_qwen3(), 1, 0.004).state_dict(), 1, config)
+    write_fp8_checkpoint(tmp_path / "instruct", perturbed(tiny_qwen3(), 2, 0.01).state_dict(), config, (32, 32))
+    roles = [x for r in ("base", "tuned", "instruct") for x in (f"--{r}", tmp_path / r)]
+    for device in ("cpu", "cuda"):
+        code, _, err = cli("merge", *roles, "--output", tmp_path / device, "--device", device, "--quiet")
+        assert code == 0, err
+    assert (tmp_path / "cuda" / "model.safetensors").read_bytes() == (
+        tmp_path / "cpu" / "model.safetensors"
+    ).read_bytes()
