@@ -13,6 +13,7 @@ streams read 2-3x faster than one on the disks we measured (docs/architecture.md
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -24,9 +25,10 @@ import torch
 from graftcore import interrupts
 from graftcore.compute.cpu import CpuCompute
 from graftcore.errors import NonFiniteError
-from graftcore.fp8_steps import Encoded, decode, encode_on_device, on_device
+from graftcore.fp8_steps import Encoded, decode, encode_full_deltas, encode_on_device, on_device
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import ShardWriter, itemsize, torch_dtype
+from graftcore.kernels.fp8 import Scratch, Workers, graft_into
 from graftcore.plan import Plan, TensorOp
 from graftcore.readers import Held, read_elements
 from graftcore.report import Progress, Report
@@ -34,6 +36,7 @@ from graftcore.sources.checkpoint import Checkpoint
 from graftcore.steps import Step, step_elements
 from graftcore.stream import StepConsumer, run_pass
 
+FP8_THREADS = 4  # at most this many threads encode an FP8 step's column tiles (one per core below that)
 POOL = 4  # output buffers in flight between the compute thread and the writer thread
 SMALL_RAW = 256 << 10  # bytes: a tensor copied unchanged below this is packed with its neighbours into one write
 
@@ -206,6 +209,10 @@ class MergeConsumer(StepConsumer):
         self.shard = self.writer = self.sink = self.loaded = self.encoded = None
         self.host = compute if compute.name == "cpu" else CpuCompute(compute.chunk)  # FP8 ops: the CPU twin
         self.fp8: dict[str, dict] = {}  # FP8 output tensor -> what its encoding kept of the update
+        self.scratch = Scratch()  # the FP8 steps' buffers
+        self.workers = (
+            Workers(min(FP8_THREADS, os.cpu_count() or 1)) if any(op.quantized_out for op in plan.ops) else None
+        )
         self.power_of_two = bool(getattr(checkpoints["instruct"].quant, "power_of_two", False))
 
     def begin_pass(self, streamer) -> None:
@@ -221,7 +228,7 @@ class MergeConsumer(StepConsumer):
     def begin_op(self, op: TensorOp) -> None:
         compute = self.host if op.quantized else self.compute
         self.loaded = load_lora(op, compute, self.checkpoints, self.opts) if op.low_rank else None
-        self.encoded = Encoded(op, self.power_of_two) if op.quantized_out else None
+        self.encoded = Encoded(op, self.power_of_two, self.workers) if op.quantized_out else None
 
     def step(self, op: TensorOp, step: Step, held: list[Held]) -> int:
         if step.raw:
@@ -235,7 +242,7 @@ class MergeConsumer(StepConsumer):
             return self.sink.chunk(
                 step.hi - step.lo,
                 op.out_dtype,
-                lambda out: compute_step(op, step, held, out, compute, loaded, encoded, self.locate),
+                lambda out: compute_step(op, step, held, out, compute, loaded, encoded, self.locate, self.scratch),
             )
         finally:
             event = compute.input_event  # the GPU path may still be copying from the read buffers
@@ -296,6 +303,8 @@ class MergeConsumer(StepConsumer):
 
     def close(self) -> None:
         self.writer_thread.close()
+        if self.workers is not None:
+            self.workers.close()
         self.clock["write"] = self.writer_thread.busy
 
 
@@ -353,28 +362,40 @@ def compute_step(
     loaded,
     encoded: Encoded | None = None,
     locate=None,
+    scratch=None,
 ):
     """Compute one step into `out`; returns the event the writer waits on (GPU) or None. An op with FP8 inputs
-    decodes them (fp8_steps.decode; `locate(role, file)` names a bad scale's file); one with an FP8 output computes
-    float32 rows and `encoded` encodes them."""
+    decodes them (fp8_steps.decode; `locate(role, file)` names a bad scale's file; `scratch`: reused buffers);
+    one with an FP8 output computes float32 rows and `encoded` encodes them."""
+    if encoded is not None and not op.low_rank and step.grafted == step.hi:
+        return encode_full_deltas(op, step, held, out, compute, encoded, locate)
     if op.quantized:
-        views, scales = decode(step, held, locate)
+        views, scales = decode(step, held, locate, scratch)
     else:
         views = {read.role: h.tensor(read.info) for read, h in zip(step.reads, held)}
     i = views["instruct"]
     g = step.grafted - step.lo  # elements computed from the update; the rest are Instruct's, copied
-    target = out if encoded is None else torch.empty(step.hi - step.lo, dtype=torch.float32)
+    n = step.hi - step.lo
+    if encoded is None:
+        target = out
+    else:
+        target = torch.empty(n, dtype=torch.float32) if scratch is None else scratch.get("grafted", n)
     if g == 0:
         ready = compute.convert(target, i)
     elif loaded is not None:
         ready = compute.block(target, i, views.get("base"), block_terms(op, step.block, views, loaded), op.name)
+    elif encoded is not None:  # float32 rows to encode: the sum alone, in the CPU twin's order
+        tuned, alphas = [views[t.role] for t in op.terms], [t.alpha for t in op.terms]
+        delta = torch.empty(n, dtype=torch.float32) if scratch is None else scratch.get("delta", n)
+        compute._count(op.name, graft_into(target, i, tuned, views["base"], alphas, delta))
+        ready = None
     else:
         tuned = [views[t.role] for t in op.terms]
         ready = compute.graft(target[:g], i[:g], tuned, views.get("base"), [t.alpha for t in op.terms], op.name)
         if g < step.hi - step.lo:  # Instruct's extra vocabulary rows begin inside this step
             compute.convert(target[g:], i[g:])
     if encoded is not None:
-        encoded.encode(out, target, scales["instruct"], step.lo // op.instruct.cols, i)
+        encoded.encode(out, target, scales["instruct"], step.lo // op.instruct.cols, i, scratch)
     return ready
 
 

@@ -18,16 +18,19 @@ import torch
 
 from graftcore.errors import CheckpointError
 from graftcore.io.safetensors_file import Quantized, torch_dtype
-from graftcore.kernels.fp8 import dequantize, quantize_into
+from graftcore.kernels.fp8 import Scratch, Workers, decode_into, dequantize, graft_encode, quantize_into
 from graftcore.plan import TensorOp
 from graftcore.readers import Held
 from graftcore.steps import Step
 
 
-def decode(step: Step, held: list[Held], locate=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def decode(
+    step: Step, held: list[Held], locate=None, scratch: Scratch | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(role -> the step's elements of that input, flat: float32 for a quantized one, decoded with its scales,
     else as stored; role -> the scale grid rows read for a quantized one). CheckpointError for a scale that is
-    NaN, Inf, zero or negative (`locate(role, file)`: the path to name, default the shard's name)."""
+    NaN, Inf, zero or negative (`locate(role, file)`: the path to name, default the shard's name). With
+    `scratch`, the decoded rows live in its buffers (valid until the next step decoded with it)."""
     views: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     weights = {}
@@ -40,7 +43,14 @@ def decode(step: Step, held: list[Held], locate=None) -> tuple[dict[str, torch.T
         w = weights[read.role]
         info: Quantized = w.info
         scales[read.role] = t
-        views[read.role] = dequantize(views[read.role], t, w.first // info.cols, info.cols, info.block).view(-1)
+        q = views[read.role]
+        row0, rows = w.first // info.cols, q.numel() // info.cols
+        if scratch is None:
+            views[read.role] = dequantize(q, t, row0, info.cols, info.block).view(-1)
+        else:
+            out = scratch.get(f"decoded-{read.role}", q.numel()).view(rows, info.cols)
+            index = scratch.get("index", q.numel(), torch.int32)
+            views[read.role] = decode_into(out, q, t, row0, info.block, index).view(-1)
     return views, scales
 
 
@@ -61,6 +71,7 @@ class Encoded:
 
     op: TensorOp
     power_of_two: bool = False
+    workers: Workers | None = None  # threads for the CPU twin's column tiles
     scale: torch.Tensor = field(init=False)
     rescaled: int = 0
     error_sq: float = 0.0
@@ -82,13 +93,29 @@ class Encoded:
         self.error_sq += error_sq
         self.update_sq += update_sq
 
-    def encode(self, out: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, row0: int, instruct: torch.Tensor):
+    def encode(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        kept: torch.Tensor,
+        row0: int,
+        instruct: torch.Tensor,
+        scratch: Scratch | None = None,
+    ):
         """Encode the float32 rows `x` (from row `row0`) into `out`, with Instruct's scales `kept` for them."""
         info: Quantized = self.op.instruct
         dtype = torch_dtype(info.scale.dtype)
         rows = x.numel() // info.cols
         enc = quantize_into(
-            out, x.view(rows, info.cols), kept, row0, info.block, dtype, self.power_of_two, instruct.view(rows, -1)
+            out,
+            x.view(rows, info.cols),
+            kept,
+            row0,
+            info.block,
+            dtype,
+            self.power_of_two,
+            instruct.view(rows, -1),
+            scratch,
         )
         self.add(row0, enc.scale, enc.rescaled, enc.error_sq, enc.update_sq)
 
@@ -148,3 +175,33 @@ def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tens
     sums = norms.double().sum(dim=0).cpu()
     encoded.add(step.lo // info.cols, scale, int((scale != kept).sum()), float(sums[0]), float(sums[1]))
     return NonFinite(*counts.cpu().tolist())
+
+
+def encode_full_deltas(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, encoded, locate):
+    """One step of an FP8 output grafted from full tuned inputs (no LoRA term) on the CPU twin, in column tiles
+    shared among `encoded.workers` (kernels/graft/fp8.py graft_encode); NaN/Inf counted on `compute`."""
+    raw: dict[str, list] = {}
+    for read, h in zip(step.reads, held):
+        t = h.tensor(read.info)
+        if read.scale:
+            check_scales(t, read, locate)
+            raw[read.role][1] = t
+        else:
+            raw[read.role] = [t, None]
+    info: Quantized = op.instruct
+    enc, counts = graft_encode(
+        out,
+        tuple(raw["instruct"]),
+        tuple(raw["base"]),
+        [tuple(raw[t.role]) for t in op.terms],
+        [t.alpha for t in op.terms],
+        step.lo // info.cols,
+        info.cols,
+        info.block,
+        torch_dtype(info.scale.dtype),
+        encoded.power_of_two,
+        encoded.workers,
+    )
+    encoded.add(step.lo // info.cols, enc.scale, enc.rescaled, enc.error_sq, enc.update_sq)
+    compute._count(op.name, counts)
+    return None

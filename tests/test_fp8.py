@@ -469,3 +469,24 @@ def test_e4m3_cast_rounds_to_nearest_even():
     y = torch.cat([mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1), torch.randn(10000) * 50])
     y = y.clamp(-448, 448)
     assert torch.equal(y.to(torch.float8_e4m3fn).view(torch.uint8), e4m3_round(y).view(torch.uint8))
+
+
+def test_nan_in_an_update_of_an_fp8_tensor(tmp_path, cli):
+    """A NaN in tuned's weight of an FP8 tensor: exit 2 naming the tensor (nothing finished); with
+    --allow-nonfinite the element is the canonical NaN code 0x7F and its block keeps Instruct's scale."""
+    from safetensors.torch import load_file, save_file
+
+    fp8_trio(tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors = load_file(tmp_path / "tuned" / "model.safetensors")
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, tmp_path / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = merge(cli, tmp_path)
+    assert code == 2 and name in err and "NaN/Inf" in err, err
+    assert not (tmp_path / "out" / "graftcore.json").exists()
+    code, _, err = merge(cli, tmp_path, "--allow-nonfinite", out="kept")
+    assert code == 0, err
+    got, instruct = load_folder(tmp_path / "kept"), load_folder(tmp_path / "instruct")
+    assert got[name].view(torch.uint8)[3, 5] == 0x7F
+    scale = name[: -len("weight")] + "weight_scale_inv"
+    assert got[scale][0, 0] == instruct[scale][0, 0]

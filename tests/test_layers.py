@@ -16,7 +16,18 @@ KERNELS = ROOT / "kernels" / "graft"  # installed as graftcore.kernels
 # lowest first; a module may import its own layer and those below
 LAYERS = [
     ("base", {"errors", "options", "interrupts", "version"}),
-    ("kernels", {"kernels", "kernels.aot", "kernels.cpu", "kernels.fp8", "kernels.lora", "kernels.triton_graft"}),
+    (
+        "kernels",
+        {
+            "kernels",
+            "kernels.aot",
+            "kernels.cpu",
+            "kernels.fp8",
+            "kernels.lora",
+            "kernels.triton_fp8",
+            "kernels.triton_graft",
+        },
+    ),
     ("io", {"io", "io.json_files", "io.safetensors_file", "io.input_file", "io.output_folder"}),
     ("sources", {"sources", "sources.checkpoint", "sources.hub", "sources.local", "sources.quantized"}),
     ("plan", {"names", "layouts", "lora_update", "lora_params", "lora", "plan", "steps", "inputs", "report"}),

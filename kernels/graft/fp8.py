@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,28 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class Scratch:
+    """Reusable buffers for FP8 steps, by name, grown on demand: a step allocates nothing (allocating a block
+    row's float32 copies afresh each step cost page faults beside the math)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype=torch.float32) -> torch.Tensor:
+        b = self.buffers.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self.buffers[name] = torch.empty(n, dtype=dtype)
+        return b[:n]
+
+
+def e4m3_table() -> torch.Tensor:
+    """float32 of each of the 256 E4M3FN codes (decoding by table lookup is 5x faster than torch's cast here)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+TABLE = e4m3_table()
+
+
 def scale_per_element(scale: torch.Tensor, row0: int, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
     """[rows, cols] float32: each element's scale, from `scale`, the float32 grid rows covering rows
     [row0, row0 + rows) (its first row is the block row holding row0)."""
@@ -45,13 +68,44 @@ def scale_per_element(scale: torch.Tensor, row0: int, rows: int, cols: int, bloc
     return grid[index].repeat_interleave(bw, dim=1)[:, :cols]
 
 
+def tiles(x: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tensor | None:
+    """`x` [rows, cols] viewed as [grid rows, bh, grid cols, bw] when its rows start and end on block rows and its
+    columns fill whole blocks (the common case, where a scale is applied by broadcasting); None otherwise."""
+    rows, cols = x.shape
+    bh, bw = block
+    if row0 % bh or rows % bh or cols % bw:
+        return None
+    return x.view(rows // bh, bh, cols // bw, bw)
+
+
+def apply_scale(x: torch.Tensor, scale: torch.Tensor, row0: int, block: tuple[int, int], divide: bool = False):
+    """In place: x [rows, cols] multiplied (or divided) by each element's block scale from the float32 grid rows
+    `scale` that cover it."""
+    rows, cols = x.shape
+    t = tiles(x, block, row0)
+    if t is not None:
+        s = scale.reshape(t.shape[0], 1, t.shape[2], 1)
+        return t.div_(s) if divide else t.mul_(s)
+    s = scale_per_element(scale, row0, rows, cols, block)
+    return x.div_(s) if divide else x.mul_(s)
+
+
+def decode_into(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, row0: int, block, index=None) -> torch.Tensor:
+    """out [rows, cols] float32 = float32(q) * its block's scale; `q` the elements (uint8 or float8_e4m3fn view),
+    `index` an int32 buffer of at least their count (None: allocated)."""
+    codes = q.reshape(-1).view(torch.uint8)
+    index = torch.empty(codes.numel(), dtype=torch.int32) if index is None else index[: codes.numel()]
+    index.copy_(codes)
+    torch.index_select(TABLE, 0, index, out=out.view(-1))
+    apply_scale(out, scale.to(torch.float32), row0, block)
+    return out
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, row0: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
     """float32 [rows, cols]: the whole rows [row0, row0 + rows) of a quantized weight, `q` their elements (flat, a
     float8_e4m3fn or uint8 view), `scale` the scale grid rows covering them (any float dtype)."""
-    q = q.view(torch.float8_e4m3fn) if q.dtype == torch.uint8 else q
     rows = q.numel() // cols
-    x = q.reshape(rows, cols).to(torch.float32)
-    return x.mul_(scale_per_element(scale, row0, rows, cols, block))
+    return decode_into(torch.empty(rows, cols), q, scale, row0, block)
 
 
 class Encoded(NamedTuple):
@@ -63,6 +117,7 @@ class Encoded(NamedTuple):
     rescaled: int
     error_sq: float
     update_sq: float
+    finite: bool = True  # every x was finite
 
 
 def round_up_scale(amax: torch.Tensor, dtype: torch.dtype, power_of_two: bool) -> torch.Tensor:
@@ -89,17 +144,30 @@ def next_up(s: torch.Tensor) -> torch.Tensor:
     return (s.view(bits) + 1).view(s.dtype)
 
 
-def block_amax(x: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tensor:
-    """float32 [grid rows, grid cols]: max |x| of each block of the rows x [rows, cols] (whole blocks of rows
-    from row0, which starts a block row; NaN where a block holds NaN)."""
-    rows, cols = x.shape
+def block_amax(a: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tensor:
+    """float32 [grid rows, grid cols]: the max of each block of the non-negative rows `a` [rows, cols] (whole
+    block rows from row0, which starts a block row; NaN where a block holds NaN)."""
+    rows, cols = a.shape
     bh, bw = block
     assert row0 % bh == 0, "a step starts a block row"
-    grid_rows, grid_cols = cdiv(rows, bh), cdiv(cols, bw)
-    a = x.abs()
-    if rows % bh or cols % bw:  # edge blocks are partial: pad with zeros, which never raise a max
-        a = torch.nn.functional.pad(a, (0, grid_cols * bw - cols, 0, grid_rows * bh - rows))
-    return a.view(grid_rows, bh, grid_cols, bw).amax(dim=(1, 3))
+    t = tiles(a, block, row0)
+    if t is not None:
+        return t.amax(dim=(1, 3))
+    grid_rows, grid_cols = cdiv(rows, bh), cdiv(cols, bw)  # edge blocks are partial: zeros never raise a max
+    padded = torch.nn.functional.pad(a, (0, grid_cols * bw - cols, 0, grid_rows * bh - rows))
+    return padded.view(grid_rows, bh, grid_cols, bw).amax(dim=(1, 3))
+
+
+def block_sum(a: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tensor:
+    """float64 [grid rows, grid cols]: the sum of each block of `a` [rows, cols]."""
+    rows, cols = a.shape
+    bh, bw = block
+    t = tiles(a, block, row0)
+    if t is None:
+        grid_rows, grid_cols = cdiv(rows, bh), cdiv(cols, bw)
+        t = torch.nn.functional.pad(a, (0, grid_cols * bw - cols, 0, grid_rows * bh - rows))
+        t = t.view(grid_rows, bh, grid_cols, bw)
+    return t.sum(dim=(1, 3), dtype=torch.float64)
 
 
 def quantize_into(
@@ -111,28 +179,228 @@ def quantize_into(
     scale_dtype: torch.dtype,
     power_of_two: bool = False,
     instruct: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> Encoded:
-    """Encode float32 rows `x` [rows, cols] (whole block rows from `row0`) into `out` (float8_e4m3fn or uint8,
-    rows * cols elements) by the module's rule; `kept`: Instruct's scales for these block rows (any float
-    dtype); `instruct`: Instruct's decoded rows, for the update's norm (None: not measured)."""
+    """Encode float32 rows `x` [rows, cols] (whole block rows from `row0`) into `out` (float8_e4m3fn or uint8:
+    rows * cols elements, or a [rows, cols] view, strided or not) by the module's rule; `kept`: Instruct's scales
+    for these block rows (any float dtype); `instruct`: Instruct's decoded rows, for the update's norm (None: not
+    measured)."""
     rows, cols = x.shape
+    n = rows * cols
+    sc = scratch or Scratch()
     kept32 = kept.reshape(-1, cdiv(cols, block[1])).to(torch.float32)
-    amax = block_amax(x, block, row0)
+    y = sc.get("y", n).view(rows, cols)
+    torch.abs(x, out=y)
+    amax = block_amax(y, block, row0)
     ratio = amax / kept32
     rescale = (ratio > KEEP_BOUND) & torch.isfinite(amax)
     scale = kept32
     if bool(rescale.any()):
-        scale = torch.where(
-            rescale, round_up_scale(torch.where(rescale, amax, kept32), scale_dtype, power_of_two), kept32
-        )
-    per_element = scale_per_element(scale, row0, rows, cols, block)
-    y = torch.div(x, per_element).clamp_(-E4M3_MAX, E4M3_MAX)
+        new = round_up_scale(torch.where(rescale, amax, kept32), scale_dtype, power_of_two)
+        scale = torch.where(rescale, new, kept32)
+    t = tiles(x, block, row0)
+    if t is not None:
+        torch.div(t, scale.view(t.shape[0], 1, t.shape[2], 1), out=y.view(t.shape))
+    else:
+        torch.div(x, scale_per_element(scale, row0, rows, cols, block), out=y)
+    y.clamp_(-E4M3_MAX, E4M3_MAX)  # NaN stays NaN
     q = out.view(torch.float8_e4m3fn) if out.dtype == torch.uint8 else out
-    q.view(rows, cols).copy_(y)
-    nan = torch.isnan(y).view(-1)
-    if bool(nan.any()):
-        q.view(torch.uint8)[nan] = CANONICAL_NAN
-    back = q.view(rows, cols).to(torch.float32).mul_(per_element)
-    error = float(torch.linalg.vector_norm(back.sub_(x), dtype=torch.float64) ** 2)
-    update = 0.0 if instruct is None else float(torch.linalg.vector_norm(x - instruct, dtype=torch.float64) ** 2)
-    return Encoded(scale, int(rescale.sum()), error, update)
+    q = q.view(rows, cols) if q.dim() == 1 else q
+    q.copy_(y)
+    if not bool(torch.isfinite(amax).all()):  # NaN somewhere (a NaN amax): every NaN as the canonical code
+        q.view(torch.uint8)[torch.isnan(y)] = CANONICAL_NAN
+    # the encoding error deq(q) - x: q decoded by table, times its block's scale
+    back = sc.get("back", n).view(rows, cols)
+    index = sc.get("index", n, torch.int32)
+    index.view(rows, cols).copy_(q.view(torch.uint8))
+    torch.index_select(TABLE, 0, index, out=back.view(-1))
+    apply_scale(back, scale, row0, block)
+    back.sub_(x)
+    error = float(torch.dot(back.view(-1), back.view(-1)))
+    update = 0.0
+    if instruct is not None:
+        torch.sub(x, instruct, out=back)
+        update = float(torch.dot(back.view(-1), back.view(-1)))
+    return Encoded(scale, int(rescale.sum()), error, update, bool(torch.isfinite(amax).all()))
+
+
+def graft_into(
+    x: torch.Tensor,
+    instruct: torch.Tensor,
+    tuned: list[torch.Tensor],
+    base: torch.Tensor,
+    alphas: list[float],
+    delta,
+    check: bool = True,
+):
+    """x = I + a1 * (T1 - B) + ... in float32 (the CPU twin's order, graft_cpu's bits before its rounding): the
+    inputs flat, of any float dtype; `delta` a float32 buffer of x's size. Returns the NonFinite counts, with
+    "overflow" meaning a NaN/Inf sum of finite inputs (there is no rounding here); with check=False none are
+    counted (a caller that finds every x finite knows there are none: a NaN/Inf delta makes x NaN/Inf)."""
+    from .cpu import NonFinite
+
+    bad_delta = None
+    for k, (t, a) in enumerate(zip(tuned, alphas)):
+        if torch.float32 in (t.dtype, base.dtype):
+            torch.sub(t, base, out=delta)  # the other operand widens to float32 first: exact, then one subtraction
+        else:  # two 16-bit operands would be subtracted in their own dtype: widen one first
+            delta.copy_(t)
+            delta.sub_(base)
+        if check and not math.isfinite(delta.sum().item()):
+            bad = ~torch.isfinite(delta)
+            bad_delta = bad if bad_delta is None else bad_delta | bad
+        if a != 1.0:
+            delta.mul_(a)
+        if k == 0:
+            torch.add(instruct, delta, out=x)
+        else:
+            x.add_(delta)
+    if not check:
+        return NonFinite()
+    low, high = torch.aminmax(x)
+    if bad_delta is None and math.isfinite(low.item()) and math.isfinite(high.item()):
+        return NonFinite()
+    bad_out = ~torch.isfinite(x)
+    bad_delta = torch.zeros_like(bad_out) if bad_delta is None else bad_delta
+    bad_i = ~torch.isfinite(instruct)
+    return NonFinite(
+        int(bad_delta.sum()), int((bad_out & ~bad_i & ~bad_delta).sum()), int((bad_out & bad_i & ~bad_delta).sum())
+    )
+
+
+TILE_ELEMENTS = 1 << 18  # a column tile of a step: 256K elements, so each float32 buffer is 1 MiB
+
+
+class Workers:
+    """Threads that encode a step's column tiles at once, each thread with its own Scratch (torch releases the
+    GIL inside each op; the pass keeps torch's own threads at one, so these are the parallelism). Tiles are
+    taken in turn by whichever thread is free.
+
+    Example:
+        >>> with Workers(2) as workers:                                  # doctest: +SKIP
+        ...     graft_encode(out, instruct, base, [tuned], [1.0], 0, cols, (128, 128), torch.float32, workers)
+    """
+
+    def __init__(self, n: int = 1):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.n = max(1, n)
+        self.local = threading.local()
+        self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="graftcore-fp8") if self.n > 1 else None
+
+    def scratch(self) -> Scratch:
+        sc = getattr(self.local, "scratch", None)
+        if sc is None:
+            sc = self.local.scratch = Scratch()
+        return sc
+
+    def map(self, fn, items: list) -> list:
+        """[fn(item, scratch) for item in items], on the threads (each call with its thread's Scratch)."""
+        if self.pool is None or len(items) < 2:
+            return [fn(item, self.scratch()) for item in items]
+        return [f.result() for f in [self.pool.submit(lambda it=it: fn(it, self.scratch())) for it in items]]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def graft_encode(
+    out: torch.Tensor,
+    instruct: tuple[torch.Tensor, torch.Tensor],
+    base: tuple[torch.Tensor, torch.Tensor | None],
+    tuned: list[tuple[torch.Tensor, torch.Tensor | None]],
+    alphas: list[float],
+    row0: int,
+    cols: int,
+    block: tuple[int, int],
+    scale_dtype: torch.dtype,
+    power_of_two: bool = False,
+    workers: Workers | None = None,
+):
+    """One step of an FP8 output grafted from full deltas, in column tiles of whole blocks: decode, the CPU
+    twin's float32 sum, encode (quantize_into). Inputs are (flat elements of rows [row0, ..), scale grid rows or
+    None for a float tensor); `out` the step's FP8 bytes (flat). Returns (Encoded of the step's block rows,
+    NonFinite). The bits do not depend on the tiling: every value is computed element by element, and each
+    block's scale from its own elements."""
+    from .cpu import NonFinite
+
+    workers = workers or Workers(1)
+    rows = instruct[0].numel() // cols
+    bh, bw = block
+    grid_cols = cdiv(cols, bw)
+    blocks = cdiv(cols, bw)
+    per = max(1, min(TILE_ELEMENTS // max(1, rows * bw), cdiv(blocks, 2 * workers.n)))  # several tiles per thread
+    width = per * bw
+    spans = [(c0, min(cols, c0 + width)) for c0 in range(0, cols, width)]
+    grids = {}
+
+    def grid(s):  # a scale's grid rows for this step, [grid rows, grid cols] float32
+        key = id(s)
+        if key not in grids:
+            grids[key] = s.reshape(-1, grid_cols).to(torch.float32)
+        return grids[key]
+
+    for s in (instruct[1], base[1], *(t[1] for t in tuned)):
+        if s is not None:
+            grid(s)
+
+    def tile(span, sc: Scratch):
+        c0, c1 = span
+        w, g0, g1 = c1 - c0, c0 // bw, cdiv(c1, bw)
+
+        def load(name, x, s):
+            buf = sc.get(name, rows * w).view(rows, w)
+            view = x.view(rows, cols)[:, c0:c1]
+            if s is None:
+                return buf.copy_(view)
+            index = sc.get("index", rows * w, torch.int32).view(rows, w)
+            index.copy_(view.view(torch.uint8))
+            torch.index_select(TABLE, 0, index.view(-1), out=buf.view(-1))
+            apply_scale(buf, grid(s)[:, g0:g1].contiguous(), row0, block)
+            return buf
+
+        xi = load("i", *instruct)
+        b = load("b", *base)
+        ts = [load(f"t{k}", *t) for k, t in enumerate(tuned)]
+        x = sc.get("x", rows * w).view(rows, w)
+        delta = sc.get("d", rows * w)
+        counts = graft_into(x.view(-1), xi.view(-1), [t.view(-1) for t in ts], b.view(-1), alphas, delta, False)
+        one = len(ts) == 1  # the update is then the one delta: its norm needs no subtraction
+        enc = quantize_into(
+            out.view(rows, cols)[:, c0:c1],
+            x,
+            grid(instruct[1])[:, g0:g1],
+            row0,
+            block,
+            scale_dtype,
+            power_of_two,
+            None if one else xi,
+            sc,
+        )
+        if not enc.finite:  # rare: count the NaN/Inf as the CPU twin does (the same sum again, checked)
+            flat = [t.view(-1) for t in ts]
+            counts = graft_into(sc.get("x2", rows * w), xi.view(-1), flat, b.view(-1), alphas, delta)
+        if one:
+            enc = enc._replace(update_sq=float(torch.dot(delta, delta)))
+        return enc, counts
+
+    done = workers.map(tile, spans)
+    scale = torch.cat([enc.scale for enc, _ in done], dim=1)
+    counts = NonFinite()
+    for _, c in done:
+        counts = counts.plus(c)
+    encoded = Encoded(
+        scale,
+        sum(e.rescaled for e, _ in done),
+        sum(e.error_sq for e, _ in done),
+        sum(e.update_sq for e, _ in done),
+    )
+    return encoded, counts
