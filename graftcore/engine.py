@@ -27,8 +27,8 @@ from graftcore.compute.cpu import CpuCompute
 from graftcore.errors import NonFiniteError
 from graftcore.fp8_steps import Encoded, decode, encode_full_deltas, encode_on_device, on_device
 from graftcore.interrupts import POLL
-from graftcore.io.safetensors_file import ShardWriter, itemsize, torch_dtype
-from graftcore.kernels.fp8 import Scratch, Workers, graft_into
+from graftcore.io.safetensors_file import Quantized, ShardWriter, itemsize, torch_dtype
+from graftcore.kernels.fp8 import Scratch, Workers, dequantize, graft_into
 from graftcore.plan import Plan, TensorOp
 from graftcore.readers import Held, read_elements
 from graftcore.report import Progress, Report
@@ -220,6 +220,7 @@ class MergeConsumer(StepConsumer):
 
     def begin_group(self, name: str, ops: list[TensorOp]) -> None:
         self.shard = self.shards[name]
+        self.by_name = {op.name: op for op in self.shard.ops}
         self.writer = ShardWriter(
             self.folder.path / name, self.shard.entries, self.shard.metadata, drop_behind=self.drop
         )
@@ -275,12 +276,12 @@ class MergeConsumer(StepConsumer):
 
     def end_op(self, op: TensorOp) -> None:
         if op.quantized:
-            check_finite(self.host, self.shard, self.checkpoints, self.opts, self.notes)
+            check_finite(self.host, self.by_name, self.checkpoints, self.opts, self.notes)
         if not self.compute.deferred:
-            check_finite(self.compute, self.shard, self.checkpoints, self.opts, self.notes)
+            check_finite(self.compute, self.by_name, self.checkpoints, self.opts, self.notes)
 
     def drain_group(self) -> None:
-        check_finite(self.compute, self.shard, self.checkpoints, self.opts, self.notes)  # one device sync per shard
+        check_finite(self.compute, self.by_name, self.checkpoints, self.opts, self.notes)  # one device sync per shard
         self.sink.flush()
         t_drain = time.perf_counter()
         self.writer_thread.drain()
@@ -424,13 +425,14 @@ def block_terms(op: TensorOp, block: tuple[int, int, int, int], views: dict[str,
     return terms
 
 
-def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts, notes: list[str]) -> None:
-    """Raise NonFiniteError for the first tensor of `shard` with NaN/Inf in a delta or produced from finite inputs
-    (unless allowed); NaN/Inf that Instruct itself holds and the merge carried through become notes."""
-    counts = compute.nonfinite()
-    for op in shard.ops:
-        found = counts.get(op.name)
-        if not found:
+def check_finite(compute, ops: dict[str, TensorOp], checkpoints: dict[str, Checkpoint], opts, notes: list[str]) -> None:
+    """Raise NonFiniteError for the first tensor (in the order computed) of `ops` (name -> op: the shard's) with
+    NaN/Inf in a delta or produced from finite inputs (unless allowed); NaN/Inf that Instruct itself holds and
+    the merge carried through become notes. Only the tensors with counts are looked at: a check per tensor costs
+    nothing for the shard's others."""
+    for name, found in compute.nonfinite().items():
+        op = ops.get(name)
+        if op is None or not found:
             continue
         if found.instruct:
             notes.append(
@@ -458,6 +460,22 @@ def check_finite(compute, shard, checkpoints: dict[str, Checkpoint], opts, notes
             )
 
 
+def base_rows(ck: Checkpoint, b, cols: int):
+    """(r0, r1) -> Base's rows [r0, r1) as a [r1 - r0, cols] tensor, read directly (DoRA's norm pass); an FP8
+    Base decoded with its scale rows."""
+    path = ck.shard_path(b.file)
+    if not isinstance(b, Quantized):
+        return lambda r0, r1: read_elements(path, b, r0 * cols, r1 * cols).view(r1 - r0, cols)
+    bh, bw = b.block
+    grid_cols = -(-cols // bw)
+
+    def decoded(r0: int, r1: int) -> torch.Tensor:
+        scale = read_elements(ck.shard_path(b.scale.file), b.scale, r0 // bh * grid_cols, -(-r1 // bh) * grid_cols)
+        return dequantize(read_elements(path, b, r0 * cols, r1 * cols), scale, r0, cols, b.block)
+
+    return decoded
+
+
 def load_lora(op: TensorOp, compute, checkpoints: dict[str, Checkpoint], opts) -> dict:
     """The factors of each LoRA term of `op` in float32, by role, where the math runs (read whole: rank r is
     small); for DoRA, also magnitude / norm, from one pass over Base's rows read directly (the streamer then
@@ -474,8 +492,7 @@ def load_lora(op: TensorOp, compute, checkpoints: dict[str, Checkpoint], opts) -
         if u.magnitude is not None:
             i, b = op.instruct, op.base
             cols = i.numel // max(1, i.shape[0])
-            path = checkpoints["base"].shard_path(b.file)
-            rows = lambda r0, r1: read_elements(path, b, r0 * cols, r1 * cols).view(r1 - r0, cols)  # noqa: E731
+            rows = base_rows(checkpoints["base"], b, cols)
             f.dora_scale = dora_scale(f, rows, max(1, compute.chunk // cols), opts.allow_nonfinite)
         loaded[term.role] = compute.place(f)
     return loaded

@@ -342,8 +342,6 @@ def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, o
                 f"inputs only in Instruct's block size"
             )
     quantized = [role for role, x in roles if isinstance(x, Quantized)]
-    if quantized and any(t.update is not None and t.update.magnitude is not None for t in terms):
-        raise MismatchError(f"{locate('instruct', i)}: tensor {name!r}: DoRA onto FP8 inputs is not supported")
     if any(t.update is not None for t in terms) and any(isinstance(x, Pieces) for x in (b, *(t.tuned for t in terms))):
         raise MismatchError(
             f"{locate('instruct', i)}: tensor {name!r}: an adapter's update beside experts read from another layout "

@@ -490,3 +490,76 @@ def test_nan_in_an_update_of_an_fp8_tensor(tmp_path, cli):
     assert got[name].view(torch.uint8)[3, 5] == 0x7F
     scale = name[: -len("weight")] + "weight_scale_inv"
     assert got[scale][0, 0] == instruct[scale][0, 0]
+
+
+def test_several_deltas_onto_fp8(tmp_path, cli):
+    """Two bf16 fine-tunes of the dequantized Base with their alphas, in one pass onto FP8 Instruct: every byte and
+    scale the rule's for x = deq(I) + 0.7 * (T1 - deq(B)) + 0.5 * (T2 - deq(B)), terms added left to right."""
+    base, tuned, instruct = fp8_trio(tmp_path)
+    g = torch.Generator().manual_seed(9)
+    second = {n: (t.float() + 0.003 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in tuned.items()}
+    write_checkpoint(tmp_path / "tuned2", second, 1, config_of(qwen3()))
+    code, _, err = merge(cli, tmp_path, "--tuned", tmp_path / "tuned2", "--alpha", "0.7", "--alpha", "0.5")
+    assert code == 0, err
+    got = load_folder(tmp_path / "out")
+    for n, i in instruct.items():
+        if n.endswith("_scale_inv"):
+            continue
+        b = deq(base, n)
+        x = deq(instruct, n) + (tuned[n].float() - b) * 0.7
+        x = x + (second[n].float() - b) * 0.5
+        if i.dtype == torch.float8_e4m3fn:
+            scale_name = n[: -len("weight")] + "weight_scale_inv"
+            q, s = requantize_reference(x, instruct[scale_name], BLOCK)
+            assert torch.equal(got[n].view(torch.uint8), q) and same_bits(got[scale_name], s), n
+        else:
+            assert same_bits(got[n], x.to(i.dtype)), n
+
+
+def test_dora_with_an_fp8_base(tmp_path, cli):
+    """A PEFT DoRA adapter trained on the dequantized Base, grafted onto FP8 Instruct with the FP8 Base: DoRA's
+    weight norms are taken over Base decoded with its scales; the result is PEFT's DoRA merge written plainly in
+    float64 (T = m / ||B + s B_l A_l|| * (B + s B_l A_l)), x = deq(I) + (T - deq(B)), within one FP8 step."""
+    from helpers import make_adapter
+    from safetensors.torch import load_file
+
+    model = qwen3()
+    write_fp8_checkpoint(tmp_path / "base", state(model), config_of(model), BLOCK)
+    dequantized = {n: deq(load_folder(tmp_path / "base"), n).to(torch.bfloat16) for n in state(model)}
+    write_checkpoint(tmp_path / "base-bf16", dequantized, 1, config_of(model))
+    write_fp8_checkpoint(tmp_path / "instruct", state(perturbed(qwen3(), 2, 0.01)), config_of(model), BLOCK)
+    adapter = make_adapter(
+        tmp_path / "base-bf16", tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["o_proj"]
+    )
+    code, _, err = cli(
+        "merge",
+        "--tuned",
+        adapter,
+        "--base",
+        tmp_path / "base",
+        "--instruct",
+        tmp_path / "instruct",
+        "--output",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
+    ad = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+    }
+    base, instruct, got = (load_folder(tmp_path / r) for r in ("base", "instruct", "out"))
+    checked = 0
+    for module in [k.rsplit(".", 1)[0] for k in ad if k.endswith(".lora_magnitude_vector")]:
+        n = module + ".weight"
+        w = deq(base, n).double()
+        v = w + 2.0 * (ad[module + ".lora_B.weight"] @ ad[module + ".lora_A.weight"])
+        t = ad[module + ".lora_magnitude_vector"].view(-1, 1) / v.norm(dim=1, keepdim=True) * v
+        x = (deq(instruct, n).double() + (t - w)).float()
+        scale_name = n[: -len("weight")] + "weight_scale_inv"
+        q, s = requantize_reference(x, instruct[scale_name], BLOCK)
+        mine = dequantize_fp8(got[n], got[scale_name], BLOCK)
+        ref = dequantize_fp8(q.view(torch.float8_e4m3fn), s, BLOCK)
+        assert (mine - ref).abs().le(ref.abs() / 8 + 1e-9).all(), n
+        checked += 1
+    assert checked == 2

@@ -82,6 +82,9 @@ def apply_scale(x: torch.Tensor, scale: torch.Tensor, row0: int, block: tuple[in
     """In place: x [rows, cols] multiplied (or divided) by each element's block scale from the float32 grid rows
     `scale` that cover it."""
     rows, cols = x.shape
+    if scale.numel() == 1:  # one block (a per-tensor scale, or a small tensor): a scalar
+        s = scale.reshape(())
+        return x.div_(s) if divide else x.mul_(s)
     t = tiles(x, block, row0)
     if t is not None:
         s = scale.reshape(t.shape[0], 1, t.shape[2], 1)
@@ -154,6 +157,8 @@ def block_amax(a: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tens
     if t is not None:
         return t.amax(dim=(1, 3))
     grid_rows, grid_cols = cdiv(rows, bh), cdiv(cols, bw)  # edge blocks are partial: zeros never raise a max
+    if grid_rows * grid_cols == 1:
+        return a.amax().view(1, 1)
     padded = torch.nn.functional.pad(a, (0, grid_cols * bw - cols, 0, grid_rows * bh - rows))
     return padded.view(grid_rows, bh, grid_cols, bw).amax(dim=(1, 3))
 
@@ -201,6 +206,8 @@ def quantize_into(
     t = tiles(x, block, row0)
     if t is not None:
         torch.div(t, scale.view(t.shape[0], 1, t.shape[2], 1), out=y.view(t.shape))
+    elif scale.numel() == 1:
+        torch.div(x, scale.reshape(()), out=y)
     else:
         torch.div(x, scale_per_element(scale, row0, rows, cols, block), out=y)
     y.clamp_(-E4M3_MAX, E4M3_MAX)  # NaN stays NaN
