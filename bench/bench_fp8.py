@@ -58,10 +58,11 @@ def reference_fp8(qi, si, b, t, block=128):
     x = qi.float() * block_scales(qi, si) + (t.float() - b)
     rows, cols = x.shape
     gr, gc = si.shape
-    amax = torch.nn.functional.pad(x.abs(), (0, gc * block - cols, 0, gr * block - rows))
+    finite = torch.where(torch.isfinite(x), x.abs(), 0.0)  # NaN/Inf do not count toward a block's max
+    amax = torch.nn.functional.pad(finite, (0, gc * block - cols, 0, gr * block - rows))
     amax = amax.view(gr, block, gc, block).amax(dim=(1, 3))
     scale = si.float().clone()
-    grow = (amax / scale > 464) & torch.isfinite(amax)
+    grow = amax / scale > 464
     for i, j in grow.nonzero().tolist():
         s = amax[i, j] / 448
         while s < amax[i, j] / 448 or amax[i, j] / s > 448:

@@ -13,6 +13,7 @@ streams read 2-3x faster than one on the disks we measured (docs/architecture.md
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -25,7 +26,7 @@ import torch
 from graftcore import interrupts
 from graftcore.compute.cpu import CpuCompute
 from graftcore.errors import NonFiniteError
-from graftcore.fp8_steps import Encoded, decode, encode_full_deltas, encode_on_device, on_device
+from graftcore.fp8_steps import Encoded, check_scales, decode, encode_full_deltas, encode_on_device, on_device
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import Quantized, ShardWriter, itemsize, torch_dtype
 from graftcore.kernels.fp8 import Scratch, Workers, dequantize, graft_into
@@ -233,6 +234,8 @@ class MergeConsumer(StepConsumer):
 
     def step(self, op: TensorOp, step: Step, held: list[Held]) -> int:
         if step.raw:
+            if step.reads[0].scale:  # Instruct's scales of an FP8 weight copied as they are: checked all the same
+                check_scales(held[0].tensor(step.reads[0].info), step.reads[0], self.locate)
             return self.sink.raw(held[0])
         if step.scales:
             return self.sink.chunk(step.hi - step.lo, op.instruct.scale.dtype, self.write_scales(step))
@@ -265,12 +268,13 @@ class MergeConsumer(StepConsumer):
         """The fill of the step that writes an FP8 tensor's new scales; records what its encoding kept."""
         encoded = self.encoded
         op = encoded.op
+        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  JSON has no NaN: "not measured"
         self.fp8[op.name] = {
-            "update_error": encoded.relative_error(),
+            "update_error": finite(encoded.relative_error()),
             "rescaled_blocks": encoded.rescaled,
             "blocks": encoded.blocks,
-            "update_norm_sq": encoded.update_sq,
-            "error_norm_sq": encoded.error_sq,
+            "update_norm_sq": finite(encoded.update_sq),
+            "error_norm_sq": finite(encoded.error_sq),
         }
         return lambda out: encoded.write_scales(out, step.lo, step.hi)
 

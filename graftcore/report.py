@@ -76,13 +76,14 @@ def fp8_summary(per_tensor: dict[str, dict]) -> dict:
     """graftcore.json's "fp8" section from each FP8 output tensor's record (engine: update_error, rescaled_blocks,
     blocks and the squared norms): the whole model's relative error of the applied update,
     sqrt(sum ||deq(out) - deq(I) - update||^2 / sum ||update||^2), the worst tensor, rescaled blocks."""
-    error = sum(r["error_norm_sq"] for r in per_tensor.values())
-    update = sum(r["update_norm_sq"] for r in per_tensor.values())
-    worst = max(per_tensor, key=lambda n: per_tensor[n]["update_error"], default=None)
+    measured = {n: r for n, r in per_tensor.items() if r["update_error"] is not None and r["error_norm_sq"] is not None}
+    error = sum(r["error_norm_sq"] for r in measured.values())
+    update = sum(r["update_norm_sq"] for r in measured.values())
+    worst = max(measured, key=lambda n: measured[n]["update_error"], default=None)
     return {
         "update_error": (error / update) ** 0.5 if update else 0.0,
         "worst_tensor": worst,
-        "worst_update_error": per_tensor[worst]["update_error"] if worst else 0.0,
+        "worst_update_error": measured[worst]["update_error"] if worst else 0.0,
         "rescaled_blocks": sum(r["rescaled_blocks"] for r in per_tensor.values()),
         "blocks": sum(r["blocks"] for r in per_tensor.values()),
         "tensors": {n: {k: r[k] for k in ("update_error", "rescaled_blocks", "blocks")} for n, r in per_tensor.items()},

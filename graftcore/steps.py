@@ -71,7 +71,7 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
     if op.action is Action.COPY and op.out_dtype == i.dtype:
         yield from raw_steps(i, raw_bytes)
         if isinstance(i, Quantized):
-            yield from raw_steps(i.scale, raw_bytes)
+            yield from raw_steps(i.scale, raw_bytes, scale=True)
         return
     if op.low_rank:
         yield from block_steps(op, chunk)
@@ -89,12 +89,13 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
         yield Step(0, i.scale.numel, (), scales=True)
 
 
-def raw_steps(info: TensorInfo, raw_bytes: int) -> Iterator[Step]:
-    """Instruct's tensor `info` copied as it is, `raw_bytes` at a time."""
+def raw_steps(info: TensorInfo, raw_bytes: int, scale: bool = False) -> Iterator[Step]:
+    """Instruct's tensor `info` copied as it is, `raw_bytes` at a time (`scale`: an FP8 weight's scales, which
+    the merge checks on the way)."""
     per = max(1, raw_bytes // itemsize(info.dtype))
     for lo in range(0, info.numel, per):
         hi = min(info.numel, lo + per)
-        yield Step(lo, hi, (Read("instruct", info, lo, hi),), raw=True)
+        yield Step(lo, hi, (Read("instruct", info, lo, hi, scale=scale),), raw=True)
 
 
 def rows_per_step(op: TensorOp, chunk: int) -> int:

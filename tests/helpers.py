@@ -324,8 +324,9 @@ def write_fp8_checkpoint(folder: Path, sd: dict, config: dict, block=(128, 128),
 
 def requantize_reference(x: torch.Tensor, kept: torch.Tensor, block, scale_dtype=torch.float32):
     """The FP8 encoding rule written plainly, block by block (the project's contract): keep Instruct's scale s if
-    every |x| / s <= 464, else the smallest s in the scale dtype with max |x| / s <= 448 found by stepping up from
-    amax / 448; q = x / s round-to-nearest-even, saturating at 448. Returns (q uint8 bytes, scale)."""
+    every finite |x| / s <= 464, else the smallest s in the scale dtype with max |x| / s <= 448 found by stepping
+    up from amax / 448; q = x / s round-to-nearest-even, saturating at 448 (Inf too), NaN as 0x7F. Returns (q uint8
+    bytes, scale)."""
     rows, cols = x.shape
     bh, bw = block
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
@@ -335,15 +336,18 @@ def requantize_reference(x: torch.Tensor, kept: torch.Tensor, block, scale_dtype
         for j in range(kept.shape[1]):
             blk = x[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw]
             s = kept[i, j].to(scale_dtype)
-            amax = blk.abs().max()
-            if torch.isfinite(amax) and amax / s.float() > 464:
+            finite = blk[torch.isfinite(blk)]  # NaN and Inf do not count toward the max
+            amax = finite.abs().max() if finite.numel() else torch.tensor(0.0)
+            if amax / s.float() > 464:
                 s = (amax / E4M3_MAX).to(scale_dtype)
                 while s.float() < amax / E4M3_MAX or amax / s.float() > E4M3_MAX:
                     s = (s.view(bits) + 1).view(scale_dtype)
             scale[i, j] = s
             y = (blk / s.float()).clamp(-E4M3_MAX, E4M3_MAX)
             q[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw] = e4m3_round(y)
-    return q.view(torch.uint8), scale
+    out = q.view(torch.uint8)
+    out[torch.isnan(x)] = 0x7F
+    return out, scale
 
 
 def e4m3_round(y: torch.Tensor) -> torch.Tensor:

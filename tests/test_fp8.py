@@ -563,3 +563,84 @@ def test_dora_with_an_fp8_base(tmp_path, cli):
         assert (mine - ref).abs().le(ref.abs() / 8 + 1e-9).all(), n
         checked += 1
     assert checked == 2
+
+
+def test_nan_carried_from_an_fp8_instruct(tmp_path, cli):
+    """A NaN in Instruct's FP8 weight is carried (a note, exit 0); graftcore.json stays valid JSON (the update's
+    measure over the finite elements), verify and a rerun accept the output; the NaN's block is encoded from its
+    finite elements: with a large alpha it takes a new scale instead of keeping Instruct's and clipping."""
+    from safetensors.torch import load_file, save_file
+
+    base, tuned, instruct = fp8_trio(tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors = load_file(tmp_path / "instruct" / "model.safetensors")
+    tensors[name].view(torch.uint8)[0, 0] = 0x7F  # E4M3's NaN
+    save_file(tensors, tmp_path / "instruct" / "model.safetensors", metadata={"format": "pt"})
+    instruct = load_folder(tmp_path / "instruct")
+    code, _, err = merge(cli, tmp_path, "--alpha", "40")
+    assert code == 0 and "carried" in err, err
+    manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert manifest["fp8"]["tensors"][name]["update_error"] > 0
+    got = load_folder(tmp_path / "out")
+    x = deq(instruct, name) + (tuned[name].float() - deq(base, name)) * 40
+    scale_name = name[: -len("weight")] + "weight_scale_inv"
+    q, s = requantize_reference(x, instruct[scale_name], BLOCK)
+    assert torch.equal(got[name].view(torch.uint8), q) and same_bits(got[scale_name], s)
+    assert got[name].view(torch.uint8)[0, 0] == 0x7F and s[0, 0] != instruct[scale_name][0, 0]
+    code, out, err = cli("verify", tmp_path / "out", "--recompute", "20")
+    assert code == 0, err
+    code, _, err = merge(cli, tmp_path, "--alpha", "40")
+    assert code == 0, err  # the finished output is recognised, not "a folder another job wrote"
+
+
+def test_compressed_tensors_block_structure_with_partial_edges(tmp_path, cli):
+    """compressed-tensors block scales: the block is the config's block_structure (a [200, 200] weight in 32x32
+    blocks has a [7, 7] grid, which alone would suggest 29x29 blocks); --alpha 0 gives back Instruct's bytes and
+    --dtype bfloat16 its values decoded by the 32x32 grid."""
+    from helpers import dequantize_fp8, quantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 200, generator=g) * 0.02
+    q, s = quantize_fp8(w, (32, 32), torch.bfloat16)
+    name = "model.layers.0.mlp.down_proj.weight"
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 32]},
+            }
+        },
+    }
+    write_checkpoint(tmp_path / "instruct", {name: q, name[:-6] + "weight_scale": s}, 1, {"quantization_config": quant})
+    for role in ("base", "tuned"):
+        write_checkpoint(tmp_path / role, {name: w.bfloat16()}, 1, {})
+    code, _, err = merge(cli, tmp_path, "--alpha", "0")
+    assert code == 0, err
+    assert torch.equal(load_folder(tmp_path / "out")[name].view(torch.uint8), q.view(torch.uint8))
+    code, _, err = merge(cli, tmp_path, "--dtype", "float32", out="f32")
+    assert code == 0, err
+    want = dequantize_fp8(q, s, (32, 32)) + (w.bfloat16().float() - w.bfloat16().float())
+    assert same_bits(load_folder(tmp_path / "f32")[name], want)
+
+
+def test_a_malformed_quantization_config_is_refused(tmp_path, cli):
+    """quant_method of the wrong type, weight_block_size of booleans: exit 2 naming config.json, no traceback."""
+    fp8_trio(tmp_path)
+    for bad in ({"quant_method": ["fp8"]}, {"weight_block_size": [True, 32]}):
+        mutate(
+            tmp_path / "instruct",
+            config=lambda c, bad=bad: {**c, "quantization_config": {**c["quantization_config"], **bad}},
+        )
+        code, _, err = merge(cli, tmp_path)
+        assert code == 2 and "config.json" in err and "Traceback" not in err, (bad, err)
+
+
+def test_a_bad_scale_of_a_copied_fp8_tensor_is_refused(tmp_path, cli):
+    """An FP8 tensor copied as it is (--exclude) still has its scales checked: a zero scale is exit 2."""
+    fp8_trio(tmp_path)
+    mutate(tmp_path / "instruct", set_value(0.0))
+    code, _, err = merge(cli, tmp_path, "--exclude", r"layers\.1\.mlp")
+    assert code == 2 and SCALE in err, err
+    assert not (tmp_path / "out" / "graftcore.json").exists()

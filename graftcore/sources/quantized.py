@@ -63,7 +63,7 @@ def read_quantization_config(ck: Checkpoint) -> dict | None:
 def quant_format(config: dict, where: str) -> QuantFormat:
     """The QuantFormat of a `quantization_config`; CheckpointError for a method or format graftcore does not read."""
     method = config.get("quant_method")
-    if method not in SCALE_SUFFIX:
+    if not isinstance(method, str) or method not in SCALE_SUFFIX:
         raise CheckpointError(
             f"{where}: quantization_config.quant_method is {method!r}; graftcore reads 'fp8' (block FP8) and "
             f"'compressed-tensors' FP8 checkpoints"
@@ -77,17 +77,50 @@ def quant_format(config: dict, where: str) -> QuantFormat:
     return QuantFormat(method, SCALE_SUFFIX[method], config.get("scale_fmt") == "ue8m0", config)
 
 
+def positive_pair(value) -> tuple[int, int] | None:
+    """(a, b) from [a, b] or "AxB" with positive ints; None for anything else."""
+    if isinstance(value, str) and value.lower().count("x") == 1:
+        value = value.lower().split("x")
+        value = [int(v) if v.strip().isdigit() else None for v in value]
+    ok = isinstance(value, list) and len(value) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    return tuple(value) if ok else None
+
+
 def config_block(config: dict, where: str) -> tuple[int, int] | None:
-    """(bh, bw) of a block FP8 config (its weight_block_size, or the default); None for compressed-tensors, whose
-    scales' shapes say their granularity."""
-    if config.get("quant_method") != "fp8":
-        return None
-    block = config.get("weight_block_size", list(DEFAULT_BLOCK))
-    if block is None:
-        return None  # per tensor
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise CheckpointError(f"{where}: quantization_config.weight_block_size is {block!r}, not two positive ints")
-    return tuple(block)
+    """(bh, bw) the config gives the scales of 2-D grids: block FP8's weight_block_size (or the default);
+    compressed-tensors' weights `block_structure` ([bh, bw] or "bhxbw", strategy "block") or (1, group_size)
+    (strategy "group"); None when it gives none (per-tensor and per-channel scales say theirs by their shape)."""
+    if config.get("quant_method") == "fp8":
+        block = config.get("weight_block_size", list(DEFAULT_BLOCK))
+        if block is None:
+            return None  # per tensor
+        if positive_pair(block) is None:
+            raise CheckpointError(f"{where}: quantization_config.weight_block_size is {block!r}, not two positive ints")
+        return positive_pair(block)
+    found = set()
+    groups = config.get("config_groups")
+    for group in groups.values() if isinstance(groups, dict) else ():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            continue
+        strategy = weights.get("strategy")
+        if strategy == "block":
+            block = positive_pair(weights.get("block_structure"))
+            if block is None:
+                raise CheckpointError(
+                    f"{where}: config_groups weights block_structure is {weights.get('block_structure')!r}, not "
+                    f"[rows, cols] of positive ints"
+                )
+            found.add(block)
+        elif strategy == "group":
+            size = weights.get("group_size")
+            if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+                raise CheckpointError(f"{where}: config_groups weights group_size is {size!r}, not a positive int")
+            found.add((1, size))
+    if len(found) > 1:
+        raise CheckpointError(f"{where}: config_groups quantize weights in several block shapes {sorted(found)}")
+    return next(iter(found), None)
 
 
 def scale_block(weight: TensorInfo, scale: TensorInfo, block: tuple[int, int] | None, method: str, where: str):
@@ -95,22 +128,21 @@ def scale_block(weight: TensorInfo, scale: TensorInfo, block: tuple[int, int] | 
     shape fits neither the config's block nor a per-channel or per-tensor scale."""
     rows, cols = weight.shape
     shape = tuple(scale.shape)
+    if method == "compressed-tensors" and shape in ((), (1,), (1, 1)):
+        return (rows, cols)  # one scale for the tensor
+    if method == "compressed-tensors" and shape in ((rows, 1), (rows,)) and (block is None or block[0] == 1):
+        return (1, cols)  # one per output channel
     if block is not None:
         want = (ceil_div(rows, block[0]), ceil_div(cols, block[1]))
         if shape == want:
             return block
+        key = "weight_block_size" if method == "fp8" else "block_structure / group_size"
         raise CheckpointError(
             f"{where}: tensor {scale.name!r} is {list(shape)}, but {weight.name!r} {list(weight.shape)} in "
-            f"{block[0]}x{block[1]} blocks (quantization_config.weight_block_size) needs {list(want)}"
+            f"{block[0]}x{block[1]} blocks (quantization_config {key}) needs {list(want)}"
         )
     if shape in ((), (1,), (1, 1)):
-        return (rows, cols)  # one scale for the tensor
-    if method == "compressed-tensors" and shape in ((rows, 1), (rows,)):
-        return (1, cols)  # one per output channel
-    if method == "compressed-tensors" and len(shape) == 2 and shape[0] and shape[1]:
-        bh, bw = ceil_div(rows, shape[0]), ceil_div(cols, shape[1])
-        if (ceil_div(rows, bh), ceil_div(cols, bw)) == shape:
-            return (bh, bw)
+        return (rows, cols)  # block FP8 without a block size: one scale for the tensor
     raise CheckpointError(
         f"{where}: tensor {scale.name!r} is {list(shape)}: not a per-tensor, per-channel or block scale of "
         f"{weight.name!r} {list(weight.shape)}"

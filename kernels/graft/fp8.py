@@ -12,6 +12,8 @@ Encoding, per block, the same on every path (the rule of the project's FP8 contr
   448 would rescale blocks that did not change); else s = amax / 448 rounded up in the scale's dtype (to a power
   of two for `ue8m0` scales) so that no |x| / s exceeds 448;
   q = x / s, round-to-nearest-even to E4M3, saturating at +-448; NaN as the canonical 0x7F.
+NaN and +-Inf (kept with --allow-nonfinite, or carried from Instruct) do not count toward a block's max: the
+block's other elements are encoded as if they were not there; Inf saturates to +-448.
 Then a zero update gives back Instruct's bytes (a -0 may come back as +0, as IEEE addition gives).
 
 Example:
@@ -197,8 +199,11 @@ def quantize_into(
     y = sc.get("y", n).view(rows, cols)
     torch.abs(x, out=y)
     amax = block_amax(y, block, row0)
+    finite = bool(torch.isfinite(amax).all())
+    if not finite:  # NaN/Inf (allowed, or Instruct's) do not count toward a block's max: the others are encoded
+        amax = block_amax(torch.where(torch.isfinite(y), y, 0.0), block, row0)
     ratio = amax / kept32
-    rescale = (ratio > KEEP_BOUND) & torch.isfinite(amax)
+    rescale = ratio > KEEP_BOUND
     scale = kept32
     if bool(rescale.any()):
         new = round_up_scale(torch.where(rescale, amax, kept32), scale_dtype, power_of_two)
@@ -214,7 +219,7 @@ def quantize_into(
     q = out.view(torch.float8_e4m3fn) if out.dtype == torch.uint8 else out
     q = q.view(rows, cols) if q.dim() == 1 else q
     q.copy_(y)
-    if not bool(torch.isfinite(amax).all()):  # NaN somewhere (a NaN amax): every NaN as the canonical code
+    if not finite:  # every NaN as the canonical code
         q.view(torch.uint8)[torch.isnan(y)] = CANONICAL_NAN
     # the encoding error deq(q) - x: q decoded by table, times its block's scale
     back = sc.get("back", n).view(rows, cols)
@@ -223,12 +228,16 @@ def quantize_into(
     torch.index_select(TABLE, 0, index, out=back.view(-1))
     apply_scale(back, scale, row0, block)
     back.sub_(x)
+    if not finite:  # measured over the finite elements
+        back.masked_fill_(~torch.isfinite(x), 0.0)
     error = float(torch.dot(back.view(-1), back.view(-1)))
     update = 0.0
     if instruct is not None:
         torch.sub(x, instruct, out=back)
+        if not finite or not bool(torch.isfinite(instruct).all()):
+            back.masked_fill_(~torch.isfinite(back), 0.0)
         update = float(torch.dot(back.view(-1), back.view(-1)))
-    return Encoded(scale, int(rescale.sum()), error, update, bool(torch.isfinite(amax).all()))
+    return Encoded(scale, int(rescale.sum()), error, update, finite)
 
 
 def graft_into(
@@ -396,6 +405,8 @@ def graft_encode(
             flat = [t.view(-1) for t in ts]
             counts = graft_into(sc.get("x2", rows * w), xi.view(-1), flat, b.view(-1), alphas, delta)
         if one:
+            if not enc.finite:
+                delta.masked_fill_(~torch.isfinite(delta), 0.0)
             enc = enc._replace(update_sq=float(torch.dot(delta, delta)))
         return enc, counts
 

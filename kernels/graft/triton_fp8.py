@@ -5,8 +5,8 @@ masked). The same bits as the CPU twin (fp8.py decode / graft / quantize_into), 
 
     decode     float32(q) * s: q's bits turned into a float32 with integer ops (exact), one float32 multiply
     graft      x = I + alpha * (T - B), the CPU twin's order (no FMA: compiled with enable_fp_fusion=False)
-    scale      keep Instruct's s unless max|x| / s > 464 (div.rn); else amax / 448 (div.rn), rounded to the
-               scale's dtype and stepped up until amax / s <= 448, as fp8.round_up_scale does
+    scale      keep Instruct's s unless max|x| / s > 464 (div.rn; the max over finite x); else amax / 448
+               (div.rn), rounded to the scale's dtype and stepped up until amax / s <= 448, as fp8.round_up_scale
     encode     x / s (div.rn), clamped to +-448 keeping NaN, to E4M3 by integer round-to-nearest-even (the
                subnormal range by adding and subtracting 2**23, exact in float32); NaN -> 0x7F
 
@@ -160,11 +160,11 @@ def fp8_graft_kernel(
         d = d * alpha
     x = x_i + d
 
-    flat = tl.reshape(tl.where(mask, tl.abs(x), 0.0), (TILE_H * TILE_W,))
+    finite = mask & (x == x) & (tl.abs(x) <= FLT_MAX)  # NaN/Inf do not count toward the block's max
+    flat = tl.reshape(tl.where(finite, tl.abs(x), 0.0), (TILE_H * TILE_W,))
     amax = tl.reduce(flat, 0, tl.standard._elementwise_max)
-    has_nan = tl.reduce(tl.reshape((x != x) & mask, (TILE_H * TILE_W,)).to(tl.int32), 0, tl.standard._sum_combine)
     kept = tl.load(i_s_ptr + s_index)
-    rescale = (tl.math.div_rn(amax, kept) > KEEP_BOUND) & (amax <= FLT_MAX) & (has_nan == 0)
+    rescale = tl.math.div_rn(amax, kept) > KEEP_BOUND
     s = kept
     if rescale:
         s = _new_scale(amax, SCALE_KIND, POWER_OF_TWO)
@@ -175,8 +175,9 @@ def fp8_graft_kernel(
     tl.store(s_out_ptr + s_index, s)
 
     back = _e4m3_to_f32(code) * s
-    err = tl.where(mask, (back - x) * (back - x), 0.0)
-    upd = tl.where(mask, (x - x_i) * (x - x_i), 0.0)
+    err = tl.where(finite, (back - x) * (back - x), 0.0)
+    u = x - x_i
+    upd = tl.where(mask & (u == u) & (tl.abs(u) <= FLT_MAX), u * u, 0.0)
     tl.store(norms_ptr + 2 * s_index, tl.reduce(tl.reshape(err, (TILE_H * TILE_W,)), 0, tl.standard._sum_combine))
     tl.store(norms_ptr + 2 * s_index + 1, tl.reduce(tl.reshape(upd, (TILE_H * TILE_W,)), 0, tl.standard._sum_combine))
 
