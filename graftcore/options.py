@@ -75,7 +75,8 @@ class MergeOptions:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "output dtype of floating tensors (auto: Instruct's; bf16, fp16, fp32 also read)",
+            "help": "output dtype of floating tensors (auto: Instruct's, FP8 included; bf16, fp16, fp32 also read; "
+            "an FP8 Instruct is then written dequantized)",
             "choices": ("auto", "bfloat16", "float16", "float32"),
         },
     )
