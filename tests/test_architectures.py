@@ -318,6 +318,22 @@ def test_per_expert_inputs_into_a_fused_instruct(arch, tmp_path, cli):
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == arch
 
 
+def merge_random_lora(cli, cls, folder, config):
+    """A PEFT adapter of `config` on the model of class `cls` in folder/base, its factors random (seed 7), saved
+    as folder/adapter and merged onto folder/instruct into folder/out: (exit code, stdout, stderr)."""
+    import peft
+
+    model = peft.get_peft_model(cls.from_pretrained(folder / "base", dtype=torch.float32), config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder / "adapter")
+    args = ("--tuned", folder / "adapter", "--instruct", folder / "instruct", "--output", folder / "out", "--quiet")
+    return cli("merge", *args)
+
+
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """The largest distance between the bfloat16 values of `a` and `b`, in units in the last place."""
     x, y = (t.to(torch.bfloat16).contiguous().view(torch.int16).long() for t in (a, b))
@@ -338,26 +354,7 @@ def test_a_peft_lora_on_a_vl_model(kind, tmp_path, cli):
     vl.save_pretrained(tmp_path / "base")
     perturbed(vl, 2, 0.01).save_pretrained(tmp_path / "instruct")
     cls = type(vl)
-    model = peft.get_peft_model(
-        cls.from_pretrained(tmp_path / "base", dtype=torch.float32),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets),
-    )
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(tmp_path / "adapter")
-    code, _, err = cli(
-        "merge",
-        "--tuned",
-        tmp_path / "adapter",
-        "--instruct",
-        tmp_path / "instruct",
-        "--output",
-        tmp_path / "out",
-        "--quiet",
-    )
+    code, _, err = merge_random_lora(cli, cls, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     assert code == 0, err
     merged = (
         peft.PeftModel.from_pretrained(
@@ -425,27 +422,9 @@ def test_a_peft_lora_on_moe_experts(arch, fused, options, tmp_path, cli):
     model.save_pretrained(tmp_path / "base")
     perturbed(model, 2, 0.01).save_pretrained(tmp_path / "instruct", save_original_format=not fused)
     cls = type(model)
-    lora = peft.get_peft_model(
-        cls.from_pretrained(tmp_path / "base", dtype=torch.float32), peft.LoraConfig(r=4, lora_alpha=8, **options)
-    )
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    lora.save_pretrained(tmp_path / "adapter")
+    code, _, err = merge_random_lora(cli, cls, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, **options))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"], config  # the case under test: LoRA on parameters
-    code, _, err = cli(
-        "merge",
-        "--tuned",
-        tmp_path / "adapter",
-        "--instruct",
-        tmp_path / "instruct",
-        "--output",
-        tmp_path / "out",
-        "--quiet",
-    )
     assert code == 0, err
     instruct = cls.from_pretrained(tmp_path / "instruct", dtype=torch.float32)
     before = {k: v.clone() for k, v in instruct.state_dict().items()}
