@@ -49,8 +49,9 @@ def expert_layouts(lost: list[str], instruct: dict) -> tuple[str, str] | None:
 # per-expert names of (gate, up, down): the qwen2_moe family's and Mixtral's
 NAMINGS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 # (segment as transformers 5 names it in memory and in fused files, segment in the original per-expert files):
-# conversion_mapping.py, "mixtral" / "phimoe" / "minimax": WeightRenaming(".block_sparse_moe.", ".mlp.")
-FILE_SEGMENTS = ((".mlp.", ".block_sparse_moe."),)
+# conversion_mapping.py, "mixtral" / "phimoe" / "minimax": WeightRenaming(".block_sparse_moe.", ".mlp."), and
+# "phimoe" also WeightRenaming(".gate.weight", ".router.weight") (its router); the first pair that applies wins
+FILE_SEGMENTS = ((".mlp.router.", ".block_sparse_moe.gate."), (".mlp.", ".block_sparse_moe."))
 
 
 def segment_variants(name: str) -> list[str]:
@@ -58,7 +59,7 @@ def segment_variants(name: str) -> list[str]:
     out = [name]
     for a, b in FILE_SEGMENTS:
         for old, new in ((a, b), (b, a)):
-            if old in name:
+            if old in name and name.replace(old, new, 1) not in out:
                 out.append(name.replace(old, new, 1))
     return out
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from graftcore.errors import AdapterError, CheckpointError
 from graftcore.io.json_files import read_json_file
 from graftcore.io.safetensors_file import FLOAT_DTYPES, Quantized, TensorInfo
+from graftcore.layouts import segment_variants
 from graftcore.lora_params import parameter_updates, wrapper_depth
 from graftcore.lora_update import LowRankUpdate
 from graftcore.names import infer_rewrites, rewrite_names
@@ -442,6 +443,8 @@ def plan_module(
         )
     a, b, m = parts["A"], parts["B"], parts.get("m")
     target = (home or module) + ".weight"
+    if target not in instruct.tensors:  # a segment transformers renames on load (PhiMoE's router: layouts.py)
+        target = next((v for v in segment_variants(target) if v in instruct.tensors), target)
     i = instruct.tensors.get(target)
     if i is None:
         raise AdapterError(

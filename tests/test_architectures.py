@@ -54,6 +54,7 @@ ARCHITECTURES = {
             n_shared_experts=1,
         )
     ),
+    "phimoe": lambda: T.PhimoeForCausalLM(T.PhimoeConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1)),
     "gpt_oss": lambda: T.GptOssForCausalLM(
         T.GptOssConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1, head_dim=8)
     ),
@@ -405,6 +406,8 @@ MOE_LORAS = [
     ("qwen3_moe", True, dict(target_modules="all-linear")),
     ("mixtral", False, dict(target_modules="all-linear")),
     ("deepseek_v3", False, dict(target_modules="all-linear")),
+    # the router: `mlp.router` in memory, `block_sparse_moe.gate` in the per-expert files
+    ("phimoe", False, dict(target_modules=["q_proj", "router"], target_parameters=["gate_up_proj", "down_proj"])),
     ("gpt_oss", True, dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])),
 ]
 
