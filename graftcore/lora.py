@@ -367,6 +367,9 @@ def on_parameter(module: str, cfg: AdapterConfig) -> bool:
 def check_wrapper_parts(module: str, parts: dict[str, TensorInfo], kind: str | None, where: str) -> None:
     """AdapterError unless a ParamWrapper's tensors are a plain lora_A / lora_B pair of float dtypes."""
     first = next(iter(parts.values())).name
+    if "A" not in parts or "B" not in parts:
+        lacks = "A" if "A" not in parts else "B"
+        raise AdapterError(f"{where}: tensor {first!r} has no lora_{lacks} partner for module {module!r}")
     if kind != "linear" or set(parts) != {"A", "B"}:
         raise AdapterError(
             f"{where}: tensor {first!r}: LoRA on a parameter ({module!r}) has tensors "
