@@ -109,3 +109,16 @@ def test_square_experts_need_the_model_type(tmp_path, cli):
     (instruct / "config.json").unlink()
     code, _, err = merge(cli, adapter, instruct, tmp_path / "out")
     assert code == 2 and "gate_up_proj" in err and "model_type" in err, err
+
+
+def test_a_wrapper_without_its_lora_b_is_named(tmp_path, cli):
+    """A LoRA on a parameter whose lora_B is missing from the file: exit 2 saying which partner is missing."""
+    from safetensors.torch import load_file, save_file
+
+    adapter, instruct = qwen3_moe_lora(tmp_path, target_modules=[], target_parameters=["gate_up_proj", "down_proj"])
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    gone = next(k for k in tensors if k.endswith("experts.lora_B.weight"))
+    save_file({k: v for k, v in tensors.items() if k != gone}, path)
+    code, _, err = merge(cli, adapter, instruct, tmp_path / "out")
+    assert code == 2 and "no lora_B partner" in err and "adapter_model.safetensors" in err, err
