@@ -29,7 +29,7 @@ from graftcore.errors import NonFiniteError
 from graftcore.fp8_steps import Encoded, check_scales, decode, encode_full_deltas, encode_on_device, on_device
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import Quantized, ShardWriter, itemsize, torch_dtype
-from graftcore.kernels.fp8 import Scratch, Workers, dequantize, graft_into
+from graftcore.kernels.fp8 import Scratch, Workers, dequantize
 from graftcore.plan import Plan, TensorOp
 from graftcore.readers import Held, read_elements
 from graftcore.report import Progress, Report
@@ -371,7 +371,8 @@ def compute_step(
 ):
     """Compute one step into `out`; returns the event the writer waits on (GPU) or None. An op with FP8 inputs
     decodes them (fp8_steps.decode; `locate(role, file)` names a bad scale's file; `scratch`: reused buffers);
-    one with an FP8 output computes float32 rows and `encoded` encodes them."""
+    one with an FP8 output computes float32 rows and `encoded` encodes them (full deltas alone: graft and encode
+    fused in encode_full_deltas; with a LoRA term: the block into float32, then encoded)."""
     if encoded is not None and not op.low_rank and step.grafted == step.hi:
         return encode_full_deltas(op, step, held, out, compute, encoded, locate)
     if op.quantized:
@@ -389,11 +390,6 @@ def compute_step(
         ready = compute.convert(target, i)
     elif loaded is not None:
         ready = compute.block(target, i, views.get("base"), block_terms(op, step.block, views, loaded), op.name)
-    elif encoded is not None:  # float32 rows to encode: the sum alone, in the CPU twin's order
-        tuned, alphas = [views[t.role] for t in op.terms], [t.alpha for t in op.terms]
-        delta = torch.empty(n, dtype=torch.float32) if scratch is None else scratch.get("delta", n)
-        compute._count(op.name, graft_into(target, i, tuned, views["base"], alphas, delta))
-        ready = None
     else:
         tuned = [views[t.role] for t in op.terms]
         ready = compute.graft(target[:g], i[:g], tuned, views.get("base"), [t.alpha for t in op.terms], op.name)
@@ -470,11 +466,9 @@ def base_rows(ck: Checkpoint, b, cols: int):
     path = ck.shard_path(b.file)
     if not isinstance(b, Quantized):
         return lambda r0, r1: read_elements(path, b, r0 * cols, r1 * cols).view(r1 - r0, cols)
-    bh, bw = b.block
-    grid_cols = -(-cols // bw)
 
     def decoded(r0: int, r1: int) -> torch.Tensor:
-        scale = read_elements(ck.shard_path(b.scale.file), b.scale, r0 // bh * grid_cols, -(-r1 // bh) * grid_cols)
+        scale = read_elements(ck.shard_path(b.scale.file), b.scale, *b.scale_range(r0, r1))
         return dequantize(read_elements(path, b, r0 * cols, r1 * cols), scale, r0, cols, b.block)
 
     return decoded

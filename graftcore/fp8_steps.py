@@ -55,6 +55,20 @@ def decode(
     return views, scales
 
 
+def stored_inputs(step: Step, held: list[Held], locate) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """role -> (the step's elements as stored, the scale grid rows read for them or None), scales checked: what
+    the encoders that decode for themselves (the kernel, graft_encode) take."""
+    raw: dict[str, tuple] = {}
+    for read, h in zip(step.reads, held):
+        t = h.tensor(read.info)
+        if read.scale:
+            check_scales(t, read, locate)
+            raw[read.role] = (raw[read.role][0], t)
+        else:
+            raw[read.role] = (t, None)
+    return raw
+
+
 def check_scales(t: torch.Tensor, read, locate) -> None:
     """CheckpointError when a scale read is NaN, Inf, zero or negative (`locate(role, file)`: the path to name)."""
     low, high = torch.aminmax(t.to(torch.float32))
@@ -88,8 +102,7 @@ class Encoded:
 
     def add(self, row0: int, scale: torch.Tensor, rescaled: int, error_sq: float, update_sq: float) -> None:
         """Record the block rows from `row0` that were encoded: their scales (float32) and measures."""
-        info: Quantized = self.op.instruct
-        first = row0 // info.block[0] * -(-info.cols // info.block[1])
+        first, _ = self.op.instruct.scale_range(row0, row0)
         self.scale[first : first + scale.numel()] = scale.reshape(-1)
         self.rescaled += rescaled
         self.error_sq += error_sq
@@ -142,18 +155,14 @@ def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tens
     from graftcore.kernels import NonFinite
     from graftcore.kernels.triton_fp8 import graft_fp8_triton
 
-    raw: dict[str, list] = {}
-    for read, h in zip(step.reads, held):
-        t = h.tensor(read.info)
-        if read.scale:
-            check_scales(t, read, locate)
-            raw[read.role][1] = t.to(device, torch.float32)
-        else:
-            raw[read.role] = [t.to(device), None]
+    raw = {
+        role: (t.to(device), None if s is None else s.to(device, torch.float32))
+        for role, (t, s) in stored_inputs(step, held, locate).items()
+    }
     info: Quantized = op.instruct
     term = op.terms[0]
-    rows = (step.hi - step.lo) // info.cols
-    grid = -(-rows // info.block[0]) * -(-info.cols // info.block[1])
+    first, stop = info.scale_range(step.lo // info.cols, step.hi // info.cols)
+    grid = stop - first
     q = torch.empty(step.hi - step.lo, dtype=torch.uint8, device=device)
     scale = torch.empty(grid, dtype=torch.float32, device=device)
     norms = torch.empty(grid, 2, dtype=torch.float32, device=device)
@@ -163,9 +172,9 @@ def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tens
         scale,
         norms,
         counts,
-        tuple(raw["instruct"]),
-        tuple(raw["base"]),
-        tuple(raw[term.role]),
+        raw["instruct"],
+        raw["base"],
+        raw[term.role],
         info.cols,
         info.block,
         term.alpha,
@@ -182,20 +191,13 @@ def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tens
 def encode_full_deltas(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, compute, encoded, locate):
     """One step of an FP8 output grafted from full tuned inputs (no LoRA term) on the CPU twin, in column tiles
     shared among `encoded.workers` (kernels/graft/fp8.py graft_encode); NaN/Inf counted on `compute`."""
-    raw: dict[str, list] = {}
-    for read, h in zip(step.reads, held):
-        t = h.tensor(read.info)
-        if read.scale:
-            check_scales(t, read, locate)
-            raw[read.role][1] = t
-        else:
-            raw[read.role] = [t, None]
+    raw = stored_inputs(step, held, locate)
     info: Quantized = op.instruct
     enc, counts = graft_encode(
         out,
-        tuple(raw["instruct"]),
-        tuple(raw["base"]),
-        [tuple(raw[t.role]) for t in op.terms],
+        raw["instruct"],
+        raw["base"],
+        [raw[t.role] for t in op.terms],
         [t.alpha for t in op.terms],
         step.lo // info.cols,
         info.cols,

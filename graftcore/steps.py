@@ -142,11 +142,8 @@ def reads_of(role: str, info, lo: int, hi: int) -> tuple[Read, ...]:
     and then its scale grid's rows that cover them."""
     if not isinstance(info, Quantized):
         return (read(role, info, lo, hi),)
-    cols = info.cols
-    bh, bw = info.block
-    grid_cols = cdiv(cols, bw)
-    first_row, stop_row = lo // cols // bh, cdiv(cdiv(hi, cols), bh)
-    return (Read(role, info, lo, hi), Read(role, info.scale, first_row * grid_cols, stop_row * grid_cols, scale=True))
+    first, stop = info.scale_range(lo // info.cols, cdiv(hi, info.cols))
+    return (Read(role, info, lo, hi), Read(role, info.scale, first, stop, scale=True))
 
 
 def read(role: str, info: TensorInfo | Pieces, lo: int, hi: int) -> Read:

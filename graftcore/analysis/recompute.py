@@ -142,9 +142,7 @@ class RecomputeConsumer(StepConsumer):
             ulp = op.low_rank and self.merged_on_gpu
             self.compare(name, step.lo, step.hi, want, ulp)
             if self.encoded is not None and not step.raw:  # the new scales of the block rows just encoded
-                (bh, bw), cols = op.instruct.block, op.instruct.cols
-                grid_cols = -(-cols // bw)
-                first, stop = step.lo // cols // bh * grid_cols, -(-step.hi // cols // bh) * grid_cols
+                first, stop = op.instruct.scale_range(step.lo // op.instruct.cols, step.hi // op.instruct.cols)
                 scale = self.encoded.scale[first:stop].to(torch_dtype(op.instruct.scale.dtype))
                 self.compare(op.instruct.scale.name, first, stop, scale, False)
         finally:

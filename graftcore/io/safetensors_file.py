@@ -163,6 +163,13 @@ class Quantized(NamedTuple):
         """Elements per row of the [rows, cols] matrix the blocks tile."""
         return self.shape[-1] if self.shape else 1
 
+    def scale_range(self, first_row: int, stop_row: int) -> tuple[int, int]:
+        """Elements [first, stop) of the scale grid (row-major, ceil(cols / bw) per grid row) whose blocks cover
+        the weight's rows [first_row, stop_row)."""
+        bh, bw = self.block
+        grid_cols = -(-self.cols // bw)
+        return first_row // bh * grid_cols, -(-stop_row // bh) * grid_cols
+
     def weight(self) -> TensorInfo:
         """The stored weight alone."""
         return TensorInfo(self.name, self.dtype, self.shape, self.file, self.start, self.end)

@@ -165,18 +165,6 @@ def block_amax(a: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tens
     return padded.view(grid_rows, bh, grid_cols, bw).amax(dim=(1, 3))
 
 
-def block_sum(a: torch.Tensor, block: tuple[int, int], row0: int) -> torch.Tensor:
-    """float64 [grid rows, grid cols]: the sum of each block of `a` [rows, cols]."""
-    rows, cols = a.shape
-    bh, bw = block
-    t = tiles(a, block, row0)
-    if t is None:
-        grid_rows, grid_cols = cdiv(rows, bh), cdiv(cols, bw)
-        t = torch.nn.functional.pad(a, (0, grid_cols * bw - cols, 0, grid_rows * bh - rows))
-        t = t.view(grid_rows, bh, grid_cols, bw)
-    return t.sum(dim=(1, 3), dtype=torch.float64)
-
-
 def quantize_into(
     out: torch.Tensor,
     x: torch.Tensor,
