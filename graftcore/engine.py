@@ -230,7 +230,8 @@ class MergeConsumer(StepConsumer):
     def begin_op(self, op: TensorOp) -> None:
         compute = self.host if op.quantized else self.compute
         self.loaded = load_lora(op, compute, self.checkpoints, self.opts) if op.low_rank else None
-        self.encoded = Encoded(op, self.power_of_two, self.workers) if op.quantized_out else None
+        where = self.checkpoints["instruct"].locate(op.instruct.file)
+        self.encoded = Encoded(op, self.power_of_two, self.workers, where) if op.quantized_out else None
 
     def step(self, op: TensorOp, step: Step, held: list[Held]) -> int:
         if step.raw:
@@ -296,7 +297,7 @@ class MergeConsumer(StepConsumer):
         sha = self.writer.finish()
         self.clock["fsync"] += time.perf_counter() - t_fsync
         fp8 = {op.name: self.fp8.pop(op.name) for op in self.shard.ops if op.name in self.fp8}
-        self.folder.shard_done(self.shard.file, self.writer.size, sha, fp8)
+        self.folder.shard_done(self.shard.file, self.writer.size, sha, fp8, self.writer.prefix_digests)
         self.report.shards_written += 1
         self.report.bytes_written += self.writer.size
         self.writer = None

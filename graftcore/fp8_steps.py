@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graftcore.errors import CheckpointError
+from graftcore.errors import CheckpointError, NonFiniteError
 from graftcore.io.safetensors_file import Quantized, torch_dtype
 from graftcore.kernels.fp8 import Scratch, Workers, decode_into, dequantize, graft_encode, quantize_into
 from graftcore.plan import TensorOp
@@ -83,11 +83,13 @@ def check_scales(t: torch.Tensor, read, locate) -> None:
 @dataclass
 class Encoded:
     """An FP8 output tensor in progress: its new scale grid, filled block row by block row, and what the encoding
-    kept of the update (squared norms, float64)."""
+    kept of the update (squared norms, float64). `where`: the file to name when a block needs a scale its dtype
+    cannot hold."""
 
     op: TensorOp
     power_of_two: bool = False
     workers: Workers | None = None  # threads for the CPU twin's column tiles
+    where: str = ""
     scale: torch.Tensor = field(init=False)
     rescaled: int = 0
     error_sq: float = 0.0
@@ -101,7 +103,17 @@ class Encoded:
         return self.scale.numel()
 
     def add(self, row0: int, scale: torch.Tensor, rescaled: int, error_sq: float, update_sq: float) -> None:
-        """Record the block rows from `row0` that were encoded: their scales (float32) and measures."""
+        """Record the block rows from `row0` that were encoded: their scales (float32) and measures. NonFiniteError
+        when a new scale overflowed its dtype (an F16 scale above 65504): no scale of that dtype holds the block,
+        and an Inf scale would decode the block as NaN/Inf."""
+        if not bool(torch.isfinite(scale).all()):
+            info: Quantized = self.op.instruct
+            bad = int((~torch.isfinite(scale)).sum())
+            raise NonFiniteError(
+                f"{self.where or info.file}: tensor {self.op.name!r}: {bad} block(s) of the grafted values need a "
+                f"scale above the largest {info.scale.dtype} value (tensor {info.scale.name!r}), so they cannot be "
+                f"written in Instruct's FP8 format; --dtype bfloat16 (or float32) writes the tensor dequantized"
+            )
         first, _ = self.op.instruct.scale_range(row0, row0)
         self.scale[first : first + scale.numel()] = scale.reshape(-1)
         self.rescaled += rescaled
@@ -165,7 +177,7 @@ def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tens
     grid = stop - first
     q = torch.empty(step.hi - step.lo, dtype=torch.uint8, device=device)
     scale = torch.empty(grid, dtype=torch.float32, device=device)
-    norms = torch.empty(grid, 2, dtype=torch.float32, device=device)
+    norms = torch.empty(grid, 2, dtype=torch.float64, device=device)
     counts = torch.zeros(3, dtype=torch.int64, device=device)
     graft_fp8_triton(
         q,
@@ -183,7 +195,7 @@ def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tens
     )
     out.view(torch.uint8).copy_(q.cpu())
     kept, scale = raw["instruct"][1].cpu(), scale.cpu()
-    sums = norms.double().sum(dim=0).cpu()
+    sums = norms.sum(dim=0).cpu()
     encoded.add(step.lo // info.cols, scale, int((scale != kept).sum()), float(sums[0]), float(sums[1]))
     return NonFinite(*counts.cpu().tolist())
 

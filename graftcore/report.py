@@ -68,22 +68,25 @@ class Report:
         return line
 
 
-# the relative error of the applied update above which the summary warns: more than half of the update lost
-FP8_WARN = 0.5
+# the relative error of the applied update above which the summary advises: the rounding noise is then more than a
+# tenth of the update itself (0% = the update kept exactly; 100% = noise as large as the update, or none of it kept)
+FP8_WARN = 0.10
 
 
 def fp8_summary(per_tensor: dict[str, dict]) -> dict:
     """graftcore.json's "fp8" section from each FP8 output tensor's record (engine: update_error, rescaled_blocks,
     blocks and the squared norms): the whole model's relative error of the applied update,
     sqrt(sum ||deq(out) - deq(I) - update||^2 / sum ||update||^2), the worst tensor, rescaled blocks."""
-    measured = {n: r for n, r in per_tensor.items() if r["update_error"] is not None and r["error_norm_sq"] is not None}
+    keys = ("update_error", "error_norm_sq", "update_norm_sq")  # None: not measured (JSON has no NaN/Inf)
+    measured = {n: r for n, r in per_tensor.items() if all(r.get(k) is not None for k in keys)}
     error = sum(r["error_norm_sq"] for r in measured.values())
     update = sum(r["update_norm_sq"] for r in measured.values())
     worst = max(measured, key=lambda n: measured[n]["update_error"], default=None)
     return {
-        "update_error": (error / update) ** 0.5 if update else 0.0,
+        "update_error": ((error / update) ** 0.5 if update else 0.0) if measured else None,
         "worst_tensor": worst,
-        "worst_update_error": measured[worst]["update_error"] if worst else 0.0,
+        "worst_update_error": measured[worst]["update_error"] if worst else None,
+        "unmeasured_tensors": len(per_tensor) - len(measured),
         "rescaled_blocks": sum(r["rescaled_blocks"] for r in per_tensor.values()),
         "blocks": sum(r["blocks"] for r in per_tensor.values()),
         "tensors": {n: {k: r[k] for k in ("update_error", "rescaled_blocks", "blocks")} for n, r in per_tensor.items()},
@@ -92,15 +95,23 @@ def fp8_summary(per_tensor: dict[str, dict]) -> dict:
 
 def fp8_line(fp8: dict) -> str:
     """The summary's line on an FP8 output (and its warning when much of the update was rounded away)."""
+    blocks = f"{fp8['rescaled_blocks']} of {fp8['blocks']} blocks took a new scale"
+    unmeasured = fp8.get("unmeasured_tensors", 0)
+    if fp8["update_error"] is None:
+        return f"FP8 output: what requantizing kept of the update was not measured (NaN/Inf kept); {blocks}"
     line = (
         f"FP8 output: the requantized update is off by {fp8['update_error']:.1%} of its norm (relative error of "
         f"deq(out) - deq(Instruct) against the float32 update; worst tensor {fp8['worst_tensor']}: "
-        f"{fp8['worst_update_error']:.1%}); {fp8['rescaled_blocks']} of {fp8['blocks']} blocks took a new scale"
+        f"{fp8['worst_update_error']:.1%}); {blocks}"
     )
+    if unmeasured:
+        line += f"; {unmeasured} tensor(s) not measured (NaN/Inf kept)"
     if fp8["update_error"] > FP8_WARN:
         line += (
-            "\nwarning: FP8's 3 mantissa bits rounded away much of the update; --dtype bfloat16 writes a "
-            "dequantized model that keeps all of it"
+            f"\nnote: FP8's 3 mantissa bits add rounding noise of {fp8['update_error']:.0%} of the update's size "
+            "(0% keeps it exactly, 100% is noise as large as the update); where the fine-tune's effect matters more "
+            "than the output's size, --dtype bfloat16 writes a dequantized model (2x the FP8 bytes, 5 more mantissa "
+            "bits)"
         )
     return line
 

@@ -101,12 +101,28 @@ def assert_fails(cli, out, message, *extra):
     return err
 
 
-def test_flipped_byte(merged, cli):
+@pytest.mark.parametrize("where", ["last", "first", "middle", "header"])
+def test_flipped_byte(where, merged, cli):
+    """A flipped byte anywhere in a shard: exit 2 naming the shard and the tensor whose bytes hold it (found with
+    the reference library's reading of the header), or the header."""
+    from safetensors import safe_open
+
     out, *_ = merged
     shard = out / "model-00002-of-00002.safetensors"
-    flip_byte(shard, shard.stat().st_size - 10)
+    with open(shard, "rb") as f:
+        header_len = 8 + int.from_bytes(f.read(8), "little")
+        raw = f.read(header_len - 8)
+        doc = json.loads(raw)
+    spans = sorted((v["data_offsets"], k) for k, v in doc.items() if k != "__metadata__" and v["data_offsets"][1])
+    with safe_open(shard, "pt") as f:
+        assert sorted(f.keys()) == sorted(k for _, k in spans)
+    (lo, hi), name = {"last": spans[-1], "first": spans[0], "middle": spans[len(spans) // 2]}.get(where, ((0, 0), ""))
+    # in the header: "pt" of the metadata's format becomes "pu", so the header stays valid JSON
+    offset = 8 + raw.index(b'"pt"') + 2 if where == "header" else header_len + (lo + hi) // 2
+    flip_byte(shard, offset)
     err = assert_fails(cli, out, "sha256 differs from graftcore.json")
     assert "model-00002-of-00002.safetensors" in err
+    assert "its header" in err if where == "header" else f"tensor {name!r}" in err, err
 
 
 def test_truncated_and_missing_shard(merged, cli):

@@ -27,8 +27,8 @@ from graftcore import interrupts
 from graftcore.errors import GraftError, VerifyError
 from graftcore.inputs import check_call
 from graftcore.io.json_files import read_json_file
-from graftcore.io.output_folder import MANIFEST, file_sha256
-from graftcore.io.safetensors_file import INDEX_NAME, read_header
+from graftcore.io.output_folder import MANIFEST
+from graftcore.io.safetensors_file import INDEX_NAME, PrefixHasher, read_header
 from graftcore.plan import entries_digest, headers_entries
 from graftcore.report import VerifyReport
 
@@ -112,6 +112,9 @@ def check_manifest(doc, path: Path) -> None:
             or not is_sha256(rec.get("sha256"))
         ):
             bad(f"shards[{file!r}] is not {{size, sha256}}")
+        digests = rec.get("prefix_digests", [])
+        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+            bad(f"shards[{file!r}].prefix_digests is not a list of digests")
     files = doc.get("files")
     if not isinstance(files, list) or not all(inside_name(f) for f in files):
         bad("files is not a list of file names inside the folder")
@@ -177,20 +180,41 @@ def check_shards(folder: Path, manifest: dict, report: VerifyReport) -> dict:
                 raise VerifyError(
                     f"{path}: {size} bytes, graftcore.json records {rec['size']} (truncated or rewritten)"
                 )
-            if file_sha256(path) != rec["sha256"]:
-                raise VerifyError(f"{path}: sha256 differs from graftcore.json (the file changed after the merge)")
+            try:
+                header = read_header(path)
+            except GraftError as e:
+                raise VerifyError(f"{path}: bad header: {e}") from None
+            check_bytes(path, header, rec)
+            headers[file] = header
         except OSError as e:
             raise VerifyError(f"{path}: cannot read ({e.strerror or e})") from None
-        try:
-            headers[file] = read_header(path)
-        except GraftError as e:
-            raise VerifyError(f"{path}: bad header: {e}") from None
         report.shards += 1
         report.bytes_hashed += size
     for rel in manifest["files"]:
         if not (folder / rel).is_file():
             raise VerifyError(f"{folder / rel}: missing (graftcore.json lists it)")
     return headers
+
+
+def check_bytes(path: Path, header, rec: dict) -> None:
+    """The shard's sha256 is graftcore.json's; where it is not, the first tensor whose bytes differ is named, from
+    the digests recorded at the end of the header and of each tensor (ShardWriter.prefix_digests)."""
+    tensors = sorted(header.tensors.values(), key=lambda t: t.start)
+    hasher = PrefixHasher([header.data_start, *(t.end for t in tensors)])
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            hasher.update(block)
+    if hasher.hexdigest() == rec["sha256"]:
+        return
+    recorded = rec.get("prefix_digests")
+    if isinstance(recorded, list) and len(recorded) == len(hasher.digests):
+        for k, (got, want) in enumerate(zip(hasher.digests, recorded)):
+            if got != want:
+                where = "its header" if k == 0 else f"tensor {tensors[k - 1].name!r}"
+                raise VerifyError(
+                    f"{path}: {where}: its bytes changed after the merge (sha256 differs from graftcore.json)"
+                )
+    raise VerifyError(f"{path}: sha256 differs from graftcore.json (the file changed after the merge)")
 
 
 def check_index(folder: Path, manifest: dict, headers: dict) -> None:

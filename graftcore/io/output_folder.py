@@ -282,9 +282,14 @@ class OutputFolder:
         doc = {"fingerprint": self.fingerprint, "shards": self.finished}
         atomic_write(self.path / self.progress, json.dumps(doc, indent=1).encode())
 
-    def shard_done(self, file: str, size: int, sha256: str, fp8: dict | None = None) -> None:
-        """Record a finished shard (`fp8`: its FP8 tensors' records, kept for graftcore.json across a resume)."""
+    def shard_done(
+        self, file: str, size: int, sha256: str, fp8: dict | None = None, digests: list[str] | None = None
+    ) -> None:
+        """Record a finished shard (`fp8`: its FP8 tensors' records, kept for graftcore.json across a resume;
+        `digests`: ShardWriter.prefix_digests, with which verify names the first tensor that changed)."""
         rec = {"size": size, "sha256": sha256, "key": self.keys.get(file)}
+        if digests is not None:
+            rec["prefix_digests"] = digests
         self.finished[file] = {**rec, "fp8": fp8} if fp8 else rec
         self._save_progress()
 

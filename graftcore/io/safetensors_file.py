@@ -354,6 +354,49 @@ def shape_numel(shape) -> int | None:
     return n
 
 
+PREFIX_DIGEST_HEX = 16  # 64 bits of each prefix digest: enough to tell which tensor changed, small per tensor
+
+
+class PrefixHasher:
+    """The sha256 of a file fed in order, and at each offset of `ends` the digest of the file up to there (the
+    first PREFIX_DIGEST_HEX hex digits of a copy of the running hash, finalised: nothing is hashed twice).
+
+    Example:
+        >>> h = PrefixHasher([2, 3]); h.update(b"abcd")
+        >>> h.digests == [hashlib.sha256(b"ab").hexdigest()[:16], hashlib.sha256(b"abc").hexdigest()[:16]]
+        True
+    """
+
+    def __init__(self, ends: list[int]):
+        self.sha = hashlib.sha256()
+        self.ends = ends
+        self.at = 0  # bytes hashed
+        self.digests: list[str] = []
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        k = len(self.digests)
+        while k < len(self.ends) and self.ends[k] <= self.at + len(view):
+            cut = self.ends[k] - self.at
+            self.sha.update(view[:cut])
+            self.digests.append(self.sha.copy().hexdigest()[:PREFIX_DIGEST_HEX])
+            view, self.at, k = view[cut:], self.at + cut, k + 1
+        self.sha.update(view)
+        self.at += len(view)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def tensor_ends(header_size: int, entries) -> list[int]:
+    """The file offset where each of `entries`' tensors ends, laid out back to back after the header."""
+    ends, cursor = [], header_size
+    for _, dtype, shape in entries:
+        cursor += numel(shape) * itemsize(dtype)
+        ends.append(cursor)
+    return ends
+
+
 def plan_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
     """The header bytes (length prefix included) for tensors laid out back to back in `entries` order.
 
@@ -377,7 +420,9 @@ class ShardWriter:
     """Writes one safetensors file by appending tensor bytes in header order.
 
     The file is `NAME.partial` until `finish()` has checked the byte count, fsynced and renamed it, so a
-    file under its final name is always complete. The sha256 of the whole file is computed on the way.
+    file under its final name is always complete. The sha256 of the whole file is computed on the way, and at
+    the end of the header and of each tensor the digest of the file so far (`prefix_digests`: a copy of the
+    running hash finalised, nothing hashed twice), so that verify can name the first tensor whose bytes changed.
 
     Example:
         >>> w = ShardWriter(out / "model.safetensors", [("w", "BF16", (2, 3))], {"format": "pt"})  # doctest: +SKIP
@@ -398,7 +443,8 @@ class ShardWriter:
         self.partial = self.path.with_name(self.path.name + ".partial")
         header = plan_header(entries, metadata)
         self.size = planned_file_size(entries, metadata)
-        self._sha = hashlib.sha256(header)
+        self._hasher = PrefixHasher([len(header), *tensor_ends(len(header), entries)])
+        self._hasher.update(header)
         try:
             self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
@@ -432,13 +478,19 @@ class ShardWriter:
             data = tensor_bytes(data)
         if self._written + memoryview(data).nbytes > self.size:
             raise OutputError(f"{self.partial}: more data than the planned {self.size} bytes")
-        self._sha.update(data)
+        self._hasher.update(data)
         self._write(data)
+
+    @property
+    def prefix_digests(self) -> list[str]:
+        """The digests of the file up to the end of its header, then of each tensor (PrefixHasher)."""
+        return self._hasher.digests
 
     def finish(self) -> str:
         """Check the size, fsync, rename to the final name; returns the file's sha256."""
         if self._written != self.size:
             raise OutputError(f"{self.partial}: {self._written} bytes written, {self.size} planned")
+        self._hasher.update(b"")  # the digests of empty tensors at the end
         try:
             os.fsync(self._fd)  # delayed allocation reports ENOSPC here at the latest
             if self.drop_behind:
@@ -449,7 +501,7 @@ class ShardWriter:
             fsync_dir(self.path.parent)
         except OSError as e:
             raise OutputError(f"{e.filename or self.partial}: cannot finish the shard ({e.strerror or e})") from None
-        return self._sha.hexdigest()
+        return self._hasher.hexdigest()
 
     def abort(self, close: bool = True) -> None:
         """Delete the partial file (after an error or an interrupt), and close it unless another thread may

@@ -53,6 +53,10 @@ class Checkpoint:
         """The local path of shard `file` (a hub checkpoint downloads it here)."""
         return self.local_files[file]
 
+    def present(self, file: str) -> Path | None:
+        """The local path of shard `file` if it can be read now without a download, else None."""
+        return self.local_files.get(file)
+
     def ready(self, file: str) -> bool:
         """Whether shard `file` can be opened without waiting (a hub shard may still be downloading)."""
         return True
@@ -169,10 +173,19 @@ def read_index(index: Path | str, text: str | None = None) -> dict[str, str]:
 
 
 def check_index(index, weight_map: dict[str, str], files: list[str], headers: list[ShardHeader]) -> None:
-    """Every tensor the index maps to a file is in that file's header (`headers[k]` is `files[k]`'s)."""
+    """The index and the headers agree (`headers[k]` is `files[k]`'s): every tensor it maps to a file is in that
+    file's header, and every tensor a shard holds is mapped (transformers loads only what the index maps, so a
+    tensor left out of it, an FP8 weight's scale say, is not part of the model it describes)."""
     for name, f in weight_map.items():
         if name not in headers[files.index(f)].tensors:
             raise CheckpointError(f"{index}: tensor {name!r} is mapped to {f}, but that file does not hold it")
+    for f, h in zip(files, headers):
+        for name in h.tensors:
+            if name not in weight_map:
+                raise CheckpointError(
+                    f"{index}: tensor {name!r} is in {f}, but the index does not map it (loaders read only what the "
+                    f"index maps); add it to the weight_map or remove it from the shard"
+                )
 
 
 def collect_tensors(headers: list[ShardHeader]) -> dict[str, TensorInfo]:

@@ -315,6 +315,10 @@ class HubCheckpoint(Checkpoint):
             self.downloads = Downloads(self, [], None, None)
         return self.downloads.path(file)
 
+    def present(self, file: str) -> Path | None:
+        """The cached copy of shard `file` when it is already in the hub cache (else None: not downloaded yet)."""
+        return self.hub.cached(file) if self.hub is not None else None
+
     def verify_unchanged(self, file: str) -> None:
         """Nothing to do: hub shards are content-addressed downloads, checked against the planned header when
         fetched (and a --low-disk shard may already be deleted after its last use)."""

@@ -31,6 +31,8 @@ from graftcore.sources.checkpoint import Checkpoint
 CONFIG = "config.json"
 SCALE_SUFFIX = {"fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config.weight_block_size
+# scale_fmt values transformers' FineGrainedFP8Config accepts ("float" its default; DeepSeek-V3 writes none)
+SCALE_FORMATS = (None, "float", "ue8m0")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,38 @@ def quant_format(config: dict, where: str) -> QuantFormat:
         raise CheckpointError(
             f"{where}: compressed-tensors format {config.get('format')!r}; graftcore reads 'float-quantized' (FP8)"
         )
-    return QuantFormat(method, SCALE_SUFFIX[method], config.get("scale_fmt") == "ue8m0", config)
+    scale_fmt = config.get("scale_fmt")
+    if scale_fmt not in SCALE_FORMATS:
+        raise CheckpointError(
+            f"{where}: quantization_config.scale_fmt is {scale_fmt!r}; expected 'float' or 'ue8m0' (transformers' "
+            f"FineGrainedFP8Config), or none"
+        )
+    if method == "compressed-tensors":
+        for key, weights in group_weights(config):
+            kind, bits = weights.get("type", "float"), weights.get("num_bits", 8)
+            if kind != "float" or bits != 8:
+                raise CheckpointError(
+                    f"{where}: quantization_config {key}.weights says type {kind!r}, num_bits {bits!r}; the "
+                    f"'float-quantized' format stores 8-bit float (F8_E4M3) weights"
+                )
+    return QuantFormat(method, SCALE_SUFFIX[method], scale_fmt == "ue8m0", config)
+
+
+def group_weights(config: dict) -> list[tuple[str, dict]]:
+    """('config_groups.NAME', its `weights` scheme) for each compressed-tensors group that quantizes weights."""
+    groups = config.get("config_groups")
+    out = []
+    for name, group in groups.items() if isinstance(groups, dict) else ():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict):
+            out.append((f"config_groups.{name}", weights))
+    return out
+
+
+def declared_strategies(config: dict) -> set[str]:
+    """The compressed-tensors weight strategies the config declares ("tensor", "channel", "group", "block");
+    empty for block FP8 and for a config that states none (the scales' shapes then say which)."""
+    return {w["strategy"] for _, w in group_weights(config) if isinstance(w.get("strategy"), str)}
 
 
 def positive_pair(value) -> tuple[int, int] | None:
@@ -99,11 +132,7 @@ def config_block(config: dict, where: str) -> tuple[int, int] | None:
             raise CheckpointError(f"{where}: quantization_config.weight_block_size is {block!r}, not two positive ints")
         return positive_pair(block)
     found = set()
-    groups = config.get("config_groups")
-    for group in groups.values() if isinstance(groups, dict) else ():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(weights, dict):
-            continue
+    for _, weights in group_weights(config):
         strategy = weights.get("strategy")
         if strategy == "block":
             block = positive_pair(weights.get("block_structure"))
@@ -123,14 +152,35 @@ def config_block(config: dict, where: str) -> tuple[int, int] | None:
     return next(iter(found), None)
 
 
-def scale_block(weight: TensorInfo, scale: TensorInfo, block: tuple[int, int] | None, method: str, where: str):
+def scale_block(
+    weight: TensorInfo,
+    scale: TensorInfo,
+    block: tuple[int, int] | None,
+    method: str,
+    where: str,
+    strategies: set[str] = frozenset(),
+):
     """The (rows, cols) of weight elements each scale covers, from the scale's shape; CheckpointError when the
-    shape fits neither the config's block nor a per-channel or per-tensor scale."""
+    shape fits neither the config's block nor a per-channel or per-tensor scale, or none of the compressed-tensors
+    `strategies` the config declares (empty: any)."""
     rows, cols = weight.shape
     shape = tuple(scale.shape)
-    if method == "compressed-tensors" and shape in ((), (1,), (1, 1)):
+    per_tensor = shape in ((), (1,), (1, 1))
+    per_channel = shape in ((rows, 1), (rows,)) and (block is None or block[0] == 1)
+    fits = {  # the strategies that write a scale of this shape
+        "tensor": per_tensor,
+        "channel": shape in ((rows, 1), (rows,)),
+        "group": block is not None and shape == (ceil_div(rows, block[0]), ceil_div(cols, block[1])),
+    }
+    fits["block"] = fits["group"]
+    if strategies and not any(fits.get(s, False) for s in strategies):
+        raise CheckpointError(
+            f"{where}: tensor {scale.name!r} is {list(shape)}, which is not the scale of {weight.name!r} "
+            f"{list(weight.shape)} that quantization_config's strategy {' or '.join(sorted(strategies))} writes"
+        )
+    if method == "compressed-tensors" and per_tensor:
         return (rows, cols)  # one scale for the tensor
-    if method == "compressed-tensors" and shape in ((rows, 1), (rows,)) and (block is None or block[0] == 1):
+    if method == "compressed-tensors" and per_channel:
         return (1, cols)  # one per output channel
     if block is not None:
         want = (ceil_div(rows, block[0]), ceil_div(cols, block[1]))
@@ -173,6 +223,7 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
         return ck
     fmt = quant_format(config, str(where))
     block = config_block(config, str(where))
+    strategies = declared_strategies(config)
     if not fp8:
         raise CheckpointError(
             f"{where}: quantization_config says {fmt.method}, but no tensor of {ck.ref} is F8_E4M3 (a dequantized "
@@ -198,7 +249,7 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
                 f"{ck.locate(scale.file)}: tensor {scale_name!r} is {scale.dtype}; graftcore reads F32, BF16 or F16 "
                 f"scales"
             )
-        b = scale_block(info, scale, block, fmt.method, ck.locate(scale.file))
+        b = scale_block(info, scale, block, fmt.method, ck.locate(scale.file), strategies)
         folded[name] = Quantized(name, info.dtype, info.shape, info.file, info.start, info.end, scale, b)
     scales = {q.scale.name for q in folded.values()}
     stray = [n for n in ck.tensors if n.endswith("." + fmt.scale_suffix) and n not in scales]
@@ -207,4 +258,47 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
         raise CheckpointError(f"{ck.locate(info.file)}: tensor {stray[0]!r} is a scale with no FP8 weight beside it")
     ck.tensors = {n: folded.get(n, info) for n, info in ck.tensors.items() if n not in scales}
     ck.quant = fmt
+    check_scale_values(ck, list(folded.values()), fmt.power_of_two)
     return ck
+
+
+def scale_values(data: bytes, dtype: str):
+    """numpy float32 values of a scale tensor's bytes (little-endian F32, F16 or BF16)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(data, "<f4" if dtype == "F32" else "<f2").astype(np.float32)
+
+
+def check_scale_values(ck: Checkpoint, weights: list[Quantized], power_of_two: bool) -> None:
+    """CheckpointError naming the file and tensor for a scale that is NaN, Inf, zero or negative, or (scale_fmt
+    "ue8m0") not a power of two: checked from the files at plan time, before any output byte is written and in
+    a dry run too (scales are ~1/16000 of the weights' bytes). Shards of a hub input that are not downloaded yet
+    are checked as they are read (fp8_steps.check_scales)."""
+    import numpy as np
+
+    by_file: dict[str, list[TensorInfo]] = {}
+    for q in weights:
+        by_file.setdefault(q.scale.file, []).append(q.scale)
+    for file, scales in by_file.items():
+        path = ck.present(file)
+        if path is None:
+            continue
+        with open(path, "rb") as f:
+            for scale in sorted(scales, key=lambda t: t.start):
+                f.seek(scale.start)
+                data = f.read(scale.nbytes)
+                if len(data) != scale.nbytes:
+                    raise CheckpointError(f"{ck.locate(file)}: tensor {scale.name!r}: the file ends inside it")
+                v = scale_values(data, scale.dtype)
+                if not (v > 0).all() or not np.isfinite(v).all():  # NaN fails the first
+                    raise CheckpointError(
+                        f"{ck.locate(file)}: tensor {scale.name!r} holds a NaN, Inf, zero or negative scale; an FP8 "
+                        f"weight's scales are positive and finite"
+                    )
+                if power_of_two and not (np.frexp(v)[0] == 0.5).all():
+                    raise CheckpointError(
+                        f"{ck.locate(file)}: tensor {scale.name!r} holds scales that are not powers of two, but "
+                        f"quantization_config.scale_fmt is 'ue8m0'"
+                    )

@@ -113,9 +113,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, row0: int, cols: int, block
     return decode_into(torch.empty(rows, cols), q, scale, row0, block)
 
 
+def sq_norm64(t: torch.Tensor, scratch: Scratch | None = None) -> float:
+    """sum(t ** 2) in float64 of the float32 `t` (flat): each square exact, the sum in float64, so it neither
+    overflows (an element of 2e19 squares past float32's range) nor depends on a float32 summation order."""
+    flat = t.reshape(-1)
+    wide = flat.double() if scratch is None else scratch.get("f64", flat.numel(), torch.float64).copy_(flat)
+    return float(torch.dot(wide, wide))
+
+
 class Encoded(NamedTuple):
     """What `quantize_into` did: the block scales it wrote (float32 values of the scale dtype), how many blocks
-    took a new scale, and the squared norms (float64) of the encoding error deq(out) - x and of the update
+    took a new scale, and the squared norms (sq_norm64) of the encoding error deq(out) - x and of the update
     x - Instruct, over the rows given."""
 
     scale: torch.Tensor
@@ -218,13 +226,13 @@ def quantize_into(
     back.sub_(x)
     if not finite:  # measured over the finite elements
         back.masked_fill_(~torch.isfinite(x), 0.0)
-    error = float(torch.dot(back.view(-1), back.view(-1)))
+    error = sq_norm64(back, sc)
     update = 0.0
     if instruct is not None:
         torch.sub(x, instruct, out=back)
         if not finite or not bool(torch.isfinite(instruct).all()):
             back.masked_fill_(~torch.isfinite(back), 0.0)
-        update = float(torch.dot(back.view(-1), back.view(-1)))
+        update = sq_norm64(back, sc)
     return Encoded(scale, int(rescale.sum()), error, update, finite)
 
 
@@ -395,7 +403,7 @@ def graft_encode(
         if one:
             if not enc.finite:
                 delta.masked_fill_(~torch.isfinite(delta), 0.0)
-            enc = enc._replace(update_sq=float(torch.dot(delta, delta)))
+            enc = enc._replace(update_sq=sq_norm64(delta, sc))
         return enc, counts
 
     done = workers.map(tile, spans)

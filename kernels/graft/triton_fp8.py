@@ -12,7 +12,7 @@ masked). The same bits as the CPU twin (fp8.py decode / graft / quantize_into), 
 
 No float8 or bf16 cast of Triton's is used: the interpreter (3.9) emulates them with numpy and does not match
 the GPU on every value; integer paths give the same bits in both. The kernel also returns, per block, the
-squared norms of the encoding error and of the update (float32 sums: the report's measure, not bits).
+squared norms of the encoding error and of the update (float64 sums of squares: the report's measure, not bits).
 
 Example:
     >>> q, s = torch.empty_like(iq), torch.empty(grid, dtype=torch.float32)          # doctest: +SKIP
@@ -122,7 +122,7 @@ def _new_scale(amax, SCALE_KIND: tl.constexpr, POWER_OF_TWO: tl.constexpr):
 def fp8_graft_kernel(
     q_ptr,  # [rows * cols] uint8: the encoded output
     s_out_ptr,  # [grid] float32: each block's scale (a value of the scale's dtype)
-    norms_ptr,  # [grid, 2] float32: per block, sum (deq(out) - x)^2 and sum (x - I)^2
+    norms_ptr,  # [grid, 2] float64: per block, sum (deq(out) - x)^2 and sum (x - I)^2 (float32 differences)
     counts_ptr,  # [3] int64: NonFinite counts (deltas, overflow, instruct), added to
     i_ptr,  # Instruct: uint8 FP8
     i_s_ptr,  # its scales, float32 [grid]
@@ -175,9 +175,11 @@ def fp8_graft_kernel(
     tl.store(s_out_ptr + s_index, s)
 
     back = _e4m3_to_f32(code) * s
-    err = tl.where(finite, (back - x) * (back - x), 0.0)
+    e = (back - x).to(tl.float64)  # squared in float64, as fp8.sq_norm64: a 2e19 element does not overflow
+    err = tl.where(finite, e * e, 0.0)
     u = x - x_i
-    upd = tl.where(mask & (u == u) & (tl.abs(u) <= FLT_MAX), u * u, 0.0)
+    u64 = u.to(tl.float64)
+    upd = tl.where(mask & (u == u) & (tl.abs(u) <= FLT_MAX), u64 * u64, 0.0)
     tl.store(norms_ptr + 2 * s_index, tl.reduce(tl.reshape(err, (TILE_H * TILE_W,)), 0, tl.standard._sum_combine))
     tl.store(norms_ptr + 2 * s_index + 1, tl.reduce(tl.reshape(upd, (TILE_H * TILE_W,)), 0, tl.standard._sum_combine))
 
@@ -237,7 +239,7 @@ def graft_fp8_triton(
     """Launch the kernel over whole block rows: `instruct` = (FP8 elements, float32 scale grid rows), `base` and
     `tuned` = (elements, float32 scale grid rows or None for a float tensor); writes the FP8 bytes into `q_out`,
     the block scales (float32 values of `scale_dtype`) into `scale_out`, per-block squared norms into `norms`
-    ([grid, 2] float32) and adds the NonFinite counts to `counts` ([3] int64)."""
+    ([grid, 2] float64) and adds the NonFinite counts to `counts` ([3] int64)."""
     i, i_s = instruct
     n = i.numel()
     rows = n // cols
