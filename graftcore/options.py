@@ -9,16 +9,24 @@ from dataclasses import dataclass, field, fields
 from graftcore.errors import GraftError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # --targets reference
-# --targets projections: the linear layers of attention and MLP/MoE blocks on every architecture, by the name of
-# the module holding the weight (or, for experts stored fused, of the parameter). Names as transformers saves them:
+# --targets projections is what PEFT's "all-linear" adapts on Instruct's architecture (projections.py); where
+# transformers and PEFT cannot tell, these name rules stand in, by the name of the module holding the weight (or,
+# for experts stored fused, of the parameter), as transformers saves them:
 #   *_proj: q/k/v/o, Phi-3's qkv_proj and gate_up_proj, DeepSeek-V3's MLA q_a/q_b/kv_a_proj_with_mqa/kv_b_proj,
-#           vision towers' out_proj, and the fused experts' gate_up_proj / down_proj (GPT-OSS: their _bias too)
-#   w1/w2/w3: Mixtral's block_sparse_moe.experts.N.w*      fc1/fc2, qkv, proj: vision towers' MLPs and attention
-#   linear_1/linear_2: a VL model's multimodal projector
-# Not projections: embeddings, norms, lm_head, and routers (mlp.gate, block_sparse_moe.gate, mlp.router), whose
-# outputs pick experts rather than compute features: they stay Instruct's, as in the paper's reference selection.
+#           vision towers' out_proj, Qwen3-Next's in_proj_qkvz / in_proj_ba, the fused experts' gate_up_proj /
+#           down_proj (GPT-OSS: their _bias too)
+#   w1/w2/w3, v1: Mixtral's block_sparse_moe.experts.N.w*, DBRX's experts      fc1/fc2, qkv, proj: vision towers
+#   c_attn/c_fc/c_proj: GPT-2, GPT-BigCode, StarCoder2      fc_in/fc_out: GPT-J, CodeGen      Wqkv: MPT, DBRX
+#   query_key_value, dense, dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Falcon, BLOOM, Phi
+#   input_linear/output_linear: GraniteMoE's experts      output_gate: MiniMax      linear_1/linear_2: projectors
+#   merger.mlp.N: Qwen2-VL's patch merger (a Sequential of Linear layers)
+# Not projections: embeddings, norms, lm_head, routers (mlp.gate, block_sparse_moe.gate, mlp.router), and
+# convolutions (a weight of more than 2 dimensions outside the experts: projections.name_rule_tensors).
 PROJECTION = re.compile(
-    r"(^|\.)([a-z0-9_]*_proj(_with_mqa)?|w[123]|fc[12]|qkv|proj|linear_[12])(_bias)?(\.(weight|bias))?$"
+    r"(^|\.)([a-z0-9_]*_proj(_with_mqa)?|in_proj_[a-z]+|w[123]|v1|fc[12]|fc_(in|out)|qkv|[Ww]qkv|proj|linear_[12]"
+    r"|c_(attn|fc|proj)|query_key_value|dense|dense_h_to_4h|dense_4h_to_h|input_linear|output_linear|output_gate"
+    r"|merger\.mlp\.[0-9]+)"
+    r"(_bias)?(\.(weight|bias))?$"
 )
 MAX_CHUNK = 1 << 28  # elements: 1 GiB of float32 per compute buffer
 SIZE_UNITS = {
@@ -65,9 +73,9 @@ class MergeOptions:
     targets: str = field(
         default="all",
         metadata={
-            "help": "all: every tensor the inputs share; projections: the linear layers of attention and MLP/MoE "
-            "blocks (any architecture; not embeddings, norms, lm_head or routers); reference: only "
-            "q/k/v/o/gate/up/down_proj, the paper's code",
+            "help": "all: every tensor the inputs share; projections: the modules PEFT's target_modules="
+            "'all-linear' adapts on Instruct's architecture (its linear layers and MoE experts, not the head; "
+            "name rules without transformers and peft); reference: only q/k/v/o/gate/up/down_proj, the paper's code",
             "choices": ("all", "projections", "reference"),
         },
     )
@@ -194,9 +202,13 @@ class MergeOptions:
             )
         return list(self.alpha)
 
-    def selects(self, name: str) -> bool:
-        """Whether tensor `name` is to be grafted (as opposed to copied from Instruct)."""
-        if self.targets == "projections" and not PROJECTION.search(name):
+    def selects(self, name: str, projections: frozenset[str] | None = None) -> bool:
+        """Whether tensor `name` is to be grafted (as opposed to copied from Instruct). `projections`: the
+        tensors `--targets projections` selects on Instruct's architecture (projections.py); None: the name
+        rules of PROJECTION decide."""
+        if self.targets == "projections" and projections is not None and name not in projections:
+            return False
+        if self.targets == "projections" and projections is None and not PROJECTION.search(name):
             return False
         if self.targets == "reference" and not re.search(rf"(^|\.)({'|'.join(PROJECTIONS)})(\.|$)", name):
             return False

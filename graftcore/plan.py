@@ -191,6 +191,11 @@ class MatchedInputs:
     sources: list[tuple[DeltaInput, dict[str, TensorInfo], dict]]  # (delta, full tensors, low-rank updates)
     notes: list[str]
     renamed: list[dict] = field(default_factory=list)  # prefix rewrites applied: role, from, to, tensors, inferred
+    projections: frozenset[str] | None = None  # what --targets projections selects (projections.py), if resolved
+
+    def selects(self, name: str, opts: MergeOptions) -> bool:
+        """Whether Instruct's tensor `name` is to be grafted under `opts`' selection."""
+        return opts.selects(name, self.projections)
 
     def locate(self, role: str, info: TensorInfo | None) -> str:
         """Where `info` of input `role` is (its shard file); the input's ref for None."""
@@ -209,11 +214,17 @@ class MatchedInputs:
 
 
 def match_inputs(
-    instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, renames: list[str] = ()
+    instruct: Checkpoint,
+    deltas: list[DeltaInput],
+    base: Checkpoint | None,
+    renames: list[str] = (),
+    targets: str = "all",
 ) -> MatchedInputs:
     """Every input's tensors under Instruct's names (wrapper prefixes stripped), adapters turned into low-rank
-    updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit."""
+    updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit. With `targets`
+    "projections", what that selects on Instruct's architecture is resolved too (projections.py)."""
     from graftcore.lora import adapter_terms
+    from graftcore.projections import projection_tensors
 
     notes: list[str] = []
     renamed: list[dict] = []
@@ -227,7 +238,8 @@ def match_inputs(
         else:
             sources.append((d, *adapter_terms(d.adapter, instruct, base, notes, rules)))
     base_t = aligned(base, instruct.tensors, "base", notes, rules, renamed) if base is not None else {}
-    return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed)
+    projections = projection_tensors(instruct, notes) if targets == "projections" else None
+    return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed, projections)
 
 
 def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, opts: MergeOptions) -> Plan:
@@ -239,9 +251,9 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
         >>> plan = build_plan(open_checkpoint(i), tuned, open_checkpoint(b), MergeOptions())          # doctest: +SKIP
         >>> print(plan.describe())                                                                    # doctest: +SKIP
     """
-    matched = match_inputs(instruct, deltas, base, opts.rename)
+    matched = match_inputs(instruct, deltas, base, opts.rename, opts.targets)
     ops = {
-        name: plan_tensor(name, i, matched.base.get(name), matched.sources, opts, matched.locate)
+        name: plan_tensor(name, i, matched.base.get(name), matched.sources, opts, matched.locate, matched.projections)
         for name, i in instruct.tensors.items()
     }
     ignored, notes = matched.ignored(), matched.notes
@@ -302,11 +314,20 @@ def check_nothing_dropped(ops: dict[str, TensorOp], ignored: list[Ignored], matc
         )
 
 
-def plan_tensor(name: str, i: TensorInfo, b: TensorInfo | None, sources: list, opts: MergeOptions, locate) -> TensorOp:
-    """The TensorOp of Instruct's tensor `name`: `sources` lists (DeltaInput, full tensors, low-rank updates)."""
+def plan_tensor(
+    name: str,
+    i: TensorInfo,
+    b: TensorInfo | None,
+    sources: list,
+    opts: MergeOptions,
+    locate,
+    projections: frozenset[str] | None = None,
+) -> TensorOp:
+    """The TensorOp of Instruct's tensor `name`: `sources` lists (DeltaInput, full tensors, low-rank updates);
+    `projections`: what --targets projections selects (MergeOptions.selects)."""
     out_dtype = output_dtype(i, opts)
     found = [(d, full.get(name), updates.get(name)) for d, full, updates in sources]
-    if not opts.selects(name):
+    if not opts.selects(name, projections):
         skipped = LORA_SKIPPED if any(u is not None for _, _, u in found) else ""
         return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected" + skipped)
     if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not i.dtype.startswith("F8"):

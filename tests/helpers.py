@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -367,3 +368,35 @@ def e4m3_round(y: torch.Tensor) -> torch.Tensor:
     out = codes[pick]
     out[(values[pick] == 0) & torch.signbit(flat)] = 0x80  # a negative value that rounds to zero is -0
     return out.view(torch.float8_e4m3fn).view(y.shape)
+
+
+def module_of(name: str) -> str:
+    """The module a parameter belongs to: its name less `.weight`, `.bias` or an expert parameter's `_bias`."""
+    return re.sub(r"(\.weight|\.bias|_bias)$", "", name)
+
+
+def projection_modules(cls, tmp_path) -> set[str]:
+    """What --targets projections must select, as modules in the files' names (tmp_path/base, saved from a model of
+    `cls`): those whose tensors PEFT's all-linear LoRA changes (Base with random LoRA factors on every module
+    "all-linear" resolves to, merged by merge_and_unload and saved by save_pretrained), and the MoE experts'
+    tensors, which all-linear leaves out on some families."""
+    import peft
+
+    base = cls.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    config = peft.LoraConfig(target_modules="all-linear", r=2, lora_alpha=2, init_lora_weights=False)
+    merged = peft.get_peft_model(base, config).merge_and_unload()
+    merged.save_pretrained(tmp_path / "peft")
+    before = {n: t.float() for n, t in load_folder(tmp_path / "base").items()}
+    after = load_folder(tmp_path / "peft")
+    assert set(after) == set(before)
+    changed = {module_of(n) for n, t in after.items() if not torch.equal(t.float(), before[n])}
+    # the experts: every parameter the model holds under an `experts` module, changed in memory and saved by
+    # save_pretrained, so that the files' names of them (per expert, fused or renamed) come from transformers
+    experts = cls.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in experts.named_parameters():
+            if ".experts." in f".{name}":
+                p.add_(1.0)
+    experts.save_pretrained(tmp_path / "experts")
+    after = load_folder(tmp_path / "experts")
+    return changed | {module_of(n) for n, t in after.items() if not torch.equal(t.float(), before[n])}

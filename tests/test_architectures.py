@@ -1,8 +1,9 @@
 """`--targets projections` on the architectures users bring, built by transformers from tiny configs and saved
 with save_pretrained (Instruct and tuned: perturbed copies of Base, so the three share names and layout): the
-selected tensors are the linear layers of attention and MLP/MoE blocks, decided here independently (every
-tensor of a layer but norms, routers and the like), grafted bit-exact to the float32 formula; the rest are
-Instruct's bytes; and the output loads with the model's Auto class."""
+selected tensors are what PEFT's all-linear LoRA changes plus the MoE experts (helpers.projection_modules), which
+hold every linear layer of attention and MLP/MoE blocks decided here by name (every tensor of a layer but norms,
+routers and the like), grafted bit-exact to the float32 formula; the rest are Instruct's bytes; and the output
+loads with the model's Auto class."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import load_folder, perturbed, reference, same_bits
+from helpers import load_folder, module_of, perturbed, projection_modules, reference, same_bits
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
@@ -85,7 +86,9 @@ def test_projections_on_every_architecture(arch, tmp_path, cli):
     assert code == 0, err
     base, tuned, instruct = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct"))
     got = load_folder(tmp_path / "out")
-    chosen = expected_projections(instruct)
+    modules = projection_modules(type(model), tmp_path)  # PEFT's all-linear and the experts
+    chosen = {n for n in instruct if module_of(n) in modules}
+    assert chosen >= expected_projections(instruct)  # every linear layer of the blocks, and maybe routers
     assert len(chosen) > 6, sorted(instruct)  # the check below is about something
     changed, formula = set(), {}
     for n, i in instruct.items():

@@ -30,7 +30,10 @@ LAYERS = [
     ),
     ("io", {"io", "io.json_files", "io.safetensors_file", "io.input_file", "io.output_folder"}),
     ("sources", {"sources", "sources.checkpoint", "sources.hub", "sources.local", "sources.quantized"}),
-    ("plan", {"names", "layouts", "lora_update", "lora_params", "lora", "plan", "steps", "inputs", "report"}),
+    (
+        "plan",
+        {"names", "projections", "layouts", "lora_update", "lora_params", "lora", "plan", "steps", "inputs", "report"},
+    ),
     ("compute", {"compute", "compute.cpu", "compute.cuda", "compute.devices"}),
     ("pass", {"readers", "stream", "fp8_steps", "engine"}),
     (

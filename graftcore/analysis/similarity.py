@@ -349,7 +349,7 @@ class MeasurePlan:
 def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput], opts: MergeOptions) -> MeasurePlan:
     """Which tensors to measure and how each input is read; MismatchError / AdapterError before anything is read."""
     instruct = checkpoints["instruct"]
-    matched = match_inputs(instruct, deltas, checkpoints["base"], opts.rename)
+    matched = match_inputs(instruct, deltas, checkpoints["base"], opts.rename, opts.targets)
     for _, _, updates in matched.sources:
         dora = next((u for u in updates.values() if u.magnitude is not None), None)
         if dora is not None:
@@ -362,7 +362,7 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
     measured = []
     for name, i in instruct.tensors.items():
         b = base_t.get(name)
-        if not opts.selects(name):
+        if not matched.selects(name, opts):
             skipped.append((name, "not selected"))
             continue
         if not readable(i):
