@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -258,10 +259,29 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
     }
     ignored, notes = matched.ignored(), matched.notes
     check_nothing_dropped(ops, ignored, matched, opts)
+    if opts.targets != "all":
+        notes.extend(unselected_kinds(ops, opts.targets))
     adapters = [d.role for d in deltas if d.adapter is not None]
     return Plan(
         *layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters, renamed=matched.renamed
     )
+
+
+def unselected_kinds(ops: dict[str, TensorOp], targets: str) -> list[str]:
+    """A note naming the kinds of modules (names with layer and expert numbers as N) whose tensors --targets
+    leaves to Instruct, so a selection that misses a kind of linear layer shows in every run."""
+    kinds: dict[str, int] = {}
+    for op in ops.values():
+        if op.action is Action.COPY and op.reason.startswith("not selected") and op.instruct.dtype != "BOOL":
+            kind = re.sub(r"\.\d+(?=\.|$)", ".N", re.sub(r"\.(weight|bias)$", "", op.name))
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        return []
+    shown = ", ".join(sorted(kinds)[:12]) + (f" and {len(kinds) - 12} more" if len(kinds) > 12 else "")
+    return [
+        f"--targets {targets}: {sum(kinds.values())} tensor(s) of {len(kinds)} kind(s) copied from Instruct as not "
+        f"selected: {shown}"
+    ]
 
 
 LORA_SKIPPED = " (its LoRA update is skipped)"

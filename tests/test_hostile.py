@@ -19,7 +19,7 @@ from helpers import llama_tensors, load_folder, reference, same_bits, write_chec
 from safetensors import safe_open
 
 import graftcore
-from graftcore.errors import CheckpointError, GraftError
+from graftcore.errors import CheckpointError, GraftError, MismatchError
 from graftcore.io import input_file
 from graftcore.io.safetensors_file import read_header
 
@@ -66,7 +66,7 @@ def assert_one_line_exit_2(run, *needles):
 
 def assert_nothing_finished(out):
     assert not (out / "graftcore.json").exists()
-    assert not list(out.glob("*.partial")) if out.exists() else True
+    assert not out.exists() or not list(out.glob("*.partial")), sorted(out.iterdir())
 
 
 def assert_merged(out, sds):
@@ -115,8 +115,11 @@ def test_signals_at_random_moments_always_exit_130_quickly(tmp_path):
                 assert proc.returncode == 0, proc.stderr.read()  # it finished before the signal
             if out.exists():
                 assert not list(out.glob("*.partial")), list(out.iterdir())
-                if proc.returncode == 130 and not finished:
-                    assert not list(out.glob("*.partial"))
+                if proc.returncode == 130 and not finished:  # what is kept is what a rerun resumes from
+                    progress = out / "graftcore.progress.json"
+                    kept = json.loads(progress.read_text())["shards"] if progress.exists() else {}
+                    for shard in out.glob("*.safetensors"):
+                        assert kept.get(shard.name, {}).get("size") == shard.stat().st_size, (shard, kept)
                 for shard in out.glob("*.safetensors"):  # under its final name only when complete
                     with safe_open(shard, "pt") as f:
                         for name in f.keys():
@@ -404,6 +407,28 @@ def test_two_merges_started_together_into_one_folder(tmp_path):
         assert_merged(out, sds)
 
 
+def test_a_merge_into_a_folder_another_merge_holds_is_refused(tmp_path):
+    """A second merge started while the first holds the folder's lock: exit 2 naming the other pid, one line; the
+    first finishes undisturbed."""
+    sds, paths = trio(tmp_path, shards=(2, 3, 4))
+    out = tmp_path / "out"
+    first = subprocess.Popen(cli_args(paths, out, "--chunk-size", 16), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / ".graftcore.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    running = first.poll() is None
+    if running:
+        first.send_signal(signal.SIGSTOP)  # held where it is, lock and all, while the second one runs
+    try:
+        second = subprocess.run(cli_args(paths, out), capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert running, "the first merge ended before the second one ran: the lock was never contended"
+    assert_one_line_exit_2(second, out, f"another graftcore merge (pid {first.pid}")
+    assert_merged(out, sds)
+
+
 # ---- the fuzz corpus ----------------------------------------------------------------------------------------
 
 
@@ -454,12 +479,24 @@ def test_header_mutation_is_refused_or_loads_in_safetensors(fuzz_trio, k, tmp_pa
     text += b" " * (-(len(text) + 8) % 8)
     (folder / f.name).write_bytes(struct.pack("<Q", len(text)) + text + data)
     out = tmp_path / "out"
+    try:  # the reference library's verdict on the mutated file: every tensor loads, or it refuses
+        with safe_open(folder / f.name, "pt") as h:
+            for name in h.keys():
+                h.get_tensor(name)
+        valid = True
+    except Exception:  # noqa: BLE001 - safetensors raises several types for a bad file
+        valid = False
     try:
         graftcore.graft(base=paths[0], tuned=paths[1], instruct=folder, output=out, device="cpu", quiet=True)
     except GraftError as e:
         assert str(folder / f.name) in str(e) or str(folder) in str(e), (label, e)
         assert not (out / "graftcore.json").exists()
+        # a file the reference library reads is never refused as a bad file: only as one that does not fit the
+        # merge (a dtype or shape that Base lacks) or the folder's index (a tensor renamed)
+        fits_not = isinstance(e, MismatchError) or "model.safetensors.index.json" in str(e)
+        assert not valid or fits_not, (label, type(e).__name__, e)
         return
+    assert valid, f"{label}: the reference library refuses this file, graftcore merged it"
     assert (out / "graftcore.json").exists(), label
     for shard in out.glob("*.safetensors"):  # accepted: the reference library must load every output tensor
         with safe_open(shard, "pt") as h:

@@ -192,6 +192,7 @@ def test_projections_are_what_peft_all_linear_adapts(arch, tmp_path, cli):
     code, _, err = merge(cli, tmp_path)
     assert code == 0, err
     assert_grafted_exactly(tmp_path, modules)
+    assert "copied from Instruct as not selected" in err, err  # the summary names what stayed Instruct's
 
 
 BLOCK_PEFT = """
