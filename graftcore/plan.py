@@ -239,8 +239,39 @@ def match_inputs(
         else:
             sources.append((d, *adapter_terms(d.adapter, instruct, base, notes, rules)))
     base_t = aligned(base, instruct.tensors, "base", notes, rules, renamed) if base is not None else {}
+    untie_heads(instruct, base_t, [(d.role, full) for d, full, _ in sources if d.adapter is None], notes)
     projections = projection_tensors(instruct, notes) if targets == "projections" else None
     return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed, projections)
+
+
+HEAD_SUFFIX = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def untie_heads(instruct: Checkpoint, base: dict, fulls: list[tuple[str, dict]], notes: list[str]) -> None:
+    """Where Instruct has an output head of its own but Base (and a full tuned input) tie theirs to the input
+    embedding (no head in their files), read their head as that embedding: in the tied model the head *is* the
+    embedding, so the update it received is the embedding's, and Instruct's head gets it (copying Instruct's head
+    would drop it). In place on `base` and each full input's tensors; a note says so."""
+    heads = [n for n in instruct.tensors if n.endswith(HEAD_SUFFIX)]
+    if len(heads) != 1 or heads[0] in base:
+        return
+    head = heads[0]
+    shape = instruct.tensors[head].shape
+    embeddings = [n for n in instruct.tensors if n.endswith(EMBEDDING_SUFFIXES) and instruct.tensors[n].shape == shape]
+    if len(embeddings) != 1 or embeddings[0] not in base:
+        return
+    embedding = embeddings[0]
+    untied = ["base"]
+    base[head] = base[embedding]
+    for role, full in fulls:
+        if head not in full and embedding in full:
+            full[head] = full[embedding]
+            untied.append(role)
+    notes.append(
+        f"{' and '.join(untied)} tie {head!r} to {embedding!r} (no head in their files) while Instruct has its own: "
+        f"Instruct's head gets the embedding's update (in a tied model the head's update is the embedding's)"
+    )
 
 
 def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint | None, opts: MergeOptions) -> Plan:

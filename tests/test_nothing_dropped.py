@@ -106,3 +106,31 @@ def test_similarity_says_what_it_did_not_measure(tmp_path, cli):
     assert model_row.split()[0] == "model" and model_row.split()[-1] == f"{100 * covered:.1f}%"
     doc = json.loads((tmp_path / "sim" / "similarity.json").read_text())
     assert doc["coverage"] == pytest.approx(covered, rel=1e-12)
+
+
+def test_a_tied_base_and_tuned_over_an_untied_instruct(tmp_path, cli):
+    """Base and tuned tie lm_head to the embedding (no head in their files), Instruct has its own: the head's
+    update in the tied model is the embedding's, so Instruct's head gets it, and the run says so."""
+    import transformers
+    from helpers import load_folder, reference, same_bits
+
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, tie_word_embeddings=True)).bfloat16()
+    tied.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in tied.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tied.save_pretrained(tmp_path / "tuned")
+    untied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, tie_word_embeddings=False)).bfloat16()
+    untied.save_pretrained(tmp_path / "instruct")
+    roles = [x for r in ("base", "tuned", "instruct") for x in (f"--{r}", tmp_path / r)]
+    code, _, err = cli("merge", *roles, "--output", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert "Instruct's head gets the embedding's update" in err, err
+    base, tuned, instruct, got = (load_folder(tmp_path / r) for r in ("base", "tuned", "instruct", "out"))
+    assert "lm_head.weight" not in base and "lm_head.weight" not in tuned
+    embed = "model.embed_tokens.weight"
+    for n, i in instruct.items():
+        source = embed if n == "lm_head.weight" else n
+        assert same_bits(got[n], reference(i, tuned[source], base[source])), n
