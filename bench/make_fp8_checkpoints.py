@@ -2,6 +2,7 @@
 deepseek-ai/DeepSeek-V3 ships them), tuned in bf16 (a fine-tune of the dequantized Base, as users make it).
 
     python bench/make_fp8_checkpoints.py --preset dsv3-26gb
+    python bench/make_fp8_checkpoints.py --preset tiny --out fp8-demo     # ~60 MB in seconds: to try FP8 merges
 
 Shapes (DeepSeek-V3's config.json: hidden 7168, q_lora_rank 1536, kv_lora_rank 512, 128 heads of
 qk_nope 128 + qk_rope 64 and v 128, moe_intermediate 2048, intermediate 18432, vocab 129280); layers and routed
@@ -48,7 +49,20 @@ class Spec:
 PRESETS = {
     # 26.5 GB of inputs (Base 7.6, Instruct 7.6, tuned 11.3): more than the 23.5 GiB of the bench machine
     "dsv3-26gb": Spec(layers=3, dense_layers=1, experts=32),
-    "dsv3-small": Spec(layers=2, dense_layers=1, experts=2, vocab=8192),  # ~2.6 GB: profiling
+    "dsv3-small": Spec(layers=2, dense_layers=1, experts=2, vocab=8192),  # 4.3 GB of inputs: profiling
+    # DeepSeek-V3's layout and 128x128 blocks at small widths (kv_a_proj_with_mqa [192, 1024]: a partial block row)
+    "tiny": Spec(
+        layers=2,
+        dense_layers=1,
+        experts=2,
+        vocab=1024,
+        hidden=1024,
+        q_lora=256,
+        kv_lora=128,
+        heads=4,
+        intermediate=2048,
+        moe_intermediate=512,
+    ),
 }
 
 
@@ -116,6 +130,8 @@ def config(spec: Spec, quantized: bool) -> dict:
         "n_routed_experts": spec.experts,
         "n_shared_experts": 1,
         "num_experts_per_tok": min(8, spec.experts),
+        "n_group": 1,  # DeepseekV3Config's default of 8 groups needs at least 8 routed experts to run
+        "topk_group": 1,
         "num_attention_heads": spec.heads,
         "num_key_value_heads": spec.heads,
         "q_lora_rank": spec.q_lora,
@@ -202,8 +218,9 @@ def make_trio(folder: Path, preset: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="dsv3-small", choices=PRESETS)
+    ap.add_argument("--out", type=Path, help="folder for base/, tuned/ and instruct/ (default: bench/data/PRESET)")
     args = ap.parse_args()
-    make_trio(DATA / args.preset, args.preset)
+    make_trio(args.out or DATA / args.preset, args.preset)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def graft(
         >>> report = graftcore.graft(base="Llama-3.1-8B", tuned=["math-sft", "code-sft"], alpha=[0.7, 0.5],
         ...                          instruct="Llama-3.1-8B-Instruct", output="shadow")      # doctest: +SKIP
     """
+    started = time.perf_counter()
     allowed = [f.name for f in option_fields()]
     check_call("graft", options, allowed, {"instruct": instruct, "output": output, "base": base}, optional={"base"})
     opts = MergeOptions(alpha=alpha, device=device, **options)
@@ -94,8 +96,11 @@ def graft(
     workers = min(opts.workers, len(plan.shards))  # a worker per output shard at most
     if group is None and workers > 1:  # the inputs are valid: start the processes
         args = dict(instruct=instruct, tuned=refs, output=output, base=base, alpha=opts.alpha, device=device, **options)
-        return spawn_workers(graft, workers, {**args, "workers": 1}, log, progress)
-    return run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
+        report = spawn_workers(graft, workers, {**args, "workers": 1}, log, progress)
+    else:
+        report = run_plan(plan, checkpoints, Path(output), opts, log, progress=progress, group=group)
+    report.wall_seconds = time.perf_counter() - started
+    return report
 
 
 def load_engine() -> None:

@@ -182,7 +182,7 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
     from graftcore.inputs import job_fingerprint
     from graftcore.io.output_folder import OutputFolder
     from graftcore.io.safetensors_file import planned_file_size
-    from graftcore.job import finish_output, shard_keys
+    from graftcore.job import finish_output, resume_line, shard_keys
 
     fingerprint = job_fingerprint(checkpoints, opts)
     keys = shard_keys(plan, checkpoints, fingerprint)
@@ -201,10 +201,7 @@ def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts
             folder.join(keys)
         owner = assign(sizes, set(kept_records), group.world)
         if group.rank == 0 and kept_records:
-            log(
-                f"{output}: {len(kept_records)} of {len(sizes)} shard(s) already finished by an earlier run of this "
-                "merge (verified); resuming"
-            )
+            log(resume_line(output, len(kept_records), len(sizes)))
         skip = {f for f in sizes if owner.get(f) != group.rank}
         scratch = output / ".graftcore-downloads" / f"rank{group.rank}"  # --low-disk hub shards of this rank
         total = sum(op.out_nbytes for s in plan.shards if s.file in owner for op in s.ops)  # tensor bytes, as counted

@@ -39,10 +39,7 @@ def write_output(
     sizes = {s.file: planned_file_size(s.entries, s.metadata) for s in plan.shards}
     kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
     if kept:
-        log(
-            f"{output}: {len(kept)} of {len(sizes)} shard(s) already finished by an earlier run of this merge "
-            "(verified); resuming"
-        )
+        log(resume_line(output, len(kept), len(sizes)))
     from graftcore.engine import execute
 
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
@@ -157,3 +154,12 @@ def local_path(ck: Checkpoint) -> dict:
         return {}
     path = Path(ck.ref).expanduser()
     return {"path": str(path.resolve())} if path.exists() else {}
+
+
+def resume_line(output, kept: int, total: int) -> str:
+    """What a rerun says of the shards an earlier run of the same merge finished."""
+    if kept == total:
+        return (
+            f"{output}: all {total} shard(s) were finished by an earlier run of this merge (verified); nothing to write"
+        )
+    return f"{output}: {kept} of {total} shard(s) already finished by an earlier run of this merge (verified); resuming"

@@ -161,12 +161,12 @@ class Plan:
     def describe(self) -> str:
         """The plan as `--dry-run` prints it: counts per action, bytes, every non-graft decision."""
         ops = self.ops
-        lines = [f"plan: {len(ops)} tensors in {len(self.shards)} output shard(s), {human(self.out_nbytes)} to write"]
+        lines = [f"plan: {tensors(len(ops))} in {len(self.shards)} output shard(s), {human(self.out_nbytes)} to write"]
         for action in Action:
             chosen = [op for op in ops if op.action is action]
             if chosen:
                 lines.append(
-                    f"  {action.value:<11} {len(chosen):>6} tensors  {human(sum(o.out_nbytes for o in chosen)):>10}"
+                    f"  {action.value:<11} {tensors(len(chosen)):>13}  {human(sum(o.out_nbytes for o in chosen)):>10}"
                 )
         lines += [f"  note: {n}" for n in self.notes]
         decisions = [op for op in ops if op.action not in (Action.GRAFT, Action.LORA)]
@@ -177,7 +177,7 @@ class Plan:
             lines.append("ignored (not in Instruct):")
             lines += [f"  {n}  ({reason})" for n, reason in self.ignored]
         lines.append("output shards:")
-        lines += [f"  {s.file}  {len(s.ops)} tensors  {human(sum(o.out_nbytes for o in s.ops))}" for s in self.shards]
+        lines += [f"  {s.file}  {tensors(len(s.ops))}  {human(sum(o.out_nbytes for o in s.ops))}" for s in self.shards]
         return "\n".join(lines)
 
 
@@ -244,6 +244,11 @@ def match_inputs(
     return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed, projections)
 
 
+def tensors(n: int) -> str:
+    """'1 tensor', '2 tensors'."""
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
 HEAD_SUFFIX = "lm_head.weight"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
@@ -292,6 +297,13 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
     check_nothing_dropped(ops, ignored, matched, opts)
     if opts.targets != "all":
         notes.extend(unselected_kinds(ops, opts.targets))
+    if (
+        base is not None
+        and deltas
+        and all(d.adapter is not None for d in deltas)
+        and not any(op.base for op in ops.values())
+    ):
+        notes.append(f"--base {base.ref} was not read: the adapters' LoRA updates need no Base (W = I + s * B @ A)")
     adapters = [d.role for d in deltas if d.adapter is not None]
     return Plan(
         *layout_shards(instruct, ops, opts), ignored=ignored, notes=notes, adapters=adapters, renamed=matched.renamed

@@ -28,6 +28,7 @@ class Report:
     shards_kept: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    wall_seconds: float = 0.0  # from the call to its return: start-up, planning and --workers' processes too
     ignored: list[Ignored] = field(default_factory=list)  # (name, reason) of tensors Instruct does not have
     notes: list[str] = field(default_factory=list)
     plan: object = None  # the Plan that was executed (or only described, for a dry run)
@@ -51,7 +52,8 @@ class Report:
         """One line of counts, bytes and speed; for a dry run, the plan (what would be written)."""
         if self.dry_run:
             return f"{self.output}: dry run, nothing written\n" + self.plan.describe()
-        rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        seconds = self.wall_seconds or self.seconds  # what the user waited
+        rate = self.bytes_written / seconds / 1e9 if seconds > 0 else 0.0
         parts = [f"{self.grafted} grafted"]
         if self.grafted_rows:
             parts.append(f"{self.grafted_rows} grafted on shared rows")
@@ -61,7 +63,7 @@ class Report:
         kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
         line = (
             f"{self.output}: {', '.join(parts)} tensors; {self.shards_written + self.shards_kept} shard(s){kept}, "
-            f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
+            f"{self.bytes_written / 1e9:.2f} GB written in {seconds:.1f} s ({rate:.2f} GB/s, {self.device})"
         )
         if self.fp8:
             line += "\n" + fp8_line(self.fp8)
@@ -133,6 +135,7 @@ class VerifyReport:
     output: Path
     shards: int = 0
     tensors: int = 0
+    scales: int = 0  # of them, FP8 scale tensors (the merge counts a weight and its scale as one tensor)
     bytes_hashed: int = 0
     chunks_recomputed: int = 0
     within_ulp: int = 0  # of them, LoRA blocks merged on a GPU compared within one ulp
@@ -140,7 +143,8 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        what = f"{self.shards} shard(s), {self.tensors} tensors, {self.bytes_hashed / 1e9:.2f} GB"
+        scales = f" ({self.tensors - self.scales} weights and tensors, {self.scales} FP8 scales)" if self.scales else ""
+        what = f"{self.shards} shard(s), {self.tensors} stored tensors{scales}, {self.bytes_hashed / 1e9:.2f} GB"
         what += ": sha256, headers, index and plan hold"
         if self.chunks_recomputed:
             exact = self.chunks_recomputed - self.within_ulp

@@ -31,6 +31,9 @@ from graftcore.io.output_folder import MANIFEST
 from graftcore.io.safetensors_file import INDEX_NAME, PrefixHasher, read_header
 from graftcore.plan import entries_digest, headers_entries
 from graftcore.report import VerifyReport
+from graftcore.sources.quantized import SCALE_SUFFIX
+
+SCALE_SUFFIXES = tuple("." + s for s in SCALE_SUFFIX.values())  # an FP8 weight's scale
 
 
 def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = None, **hub_options) -> VerifyReport:
@@ -63,6 +66,8 @@ def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = Non
     if manifest["plan"]["sha256"] != entries_digest(headers_entries(headers)):
         raise VerifyError(f"{folder / MANIFEST}: the shards' tensors (names, dtypes, shapes) are not the planned ones")
     report.tensors = sum(len(h.tensors) for h in headers.values())
+    stored = {n for h in headers.values() for n in h.tensors}
+    report.scales = sum(1 for n in stored if n.endswith(SCALE_SUFFIXES) and n.rsplit(".", 1)[0] + ".weight" in stored)
     if manifest["plan"]["tensors"] != report.tensors:
         raise VerifyError(
             f"{folder / MANIFEST}: plan.tensors is {manifest['plan']['tensors']}, the shards hold {report.tensors}"
