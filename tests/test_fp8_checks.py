@@ -210,6 +210,16 @@ def test_configs_that_disagree_with_the_tensors(dry_run, tmp_path, cli):
         assert_refused(code, err, tmp_path, "instruct", named)
 
 
+def two_shard_trio(tmp_path):
+    """Base and Instruct block FP8 in two shards (every scale in the second), tuned bf16."""
+    model = tiny_qwen3(0)
+    config = model.config.to_dict()
+    sd = state(model)
+    for r in ("base", "instruct"):
+        write_fp8_checkpoint(tmp_path / r, sd, config, BLOCK, torch.float32, shards=2)
+    write_checkpoint(tmp_path / "tuned", sd, 1, config)
+
+
 BAD_SCALES = {"NaN": float("nan"), "Inf": float("inf"), "zero": 0.0, "negative": -1e-3}
 
 
@@ -218,12 +228,7 @@ BAD_SCALES = {"NaN": float("nan"), "Inf": float("inf"), "zero": 0.0, "negative":
 def test_bad_scales_are_found_at_plan_time(value, role, tmp_path, cli):
     """A NaN, Inf, zero or negative scale in the second of two shards: refused by the dry run too, and by the merge
     before any shard is written (it used to be found after shard 1 was finished)."""
-    model = tiny_qwen3(0)
-    config = model.config.to_dict()
-    sd = state(model)
-    for r in ("base", "instruct"):
-        write_fp8_checkpoint(tmp_path / r, sd, config, BLOCK, torch.float32, shards=2)
-    write_checkpoint(tmp_path / "tuned", sd, 1, config)
+    two_shard_trio(tmp_path)
     from safetensors.torch import load_file, save_file
 
     path = tmp_path / role / "model-00002-of-00002.safetensors"  # the scales' shard
@@ -240,12 +245,7 @@ def test_bad_scales_are_found_at_plan_time(value, role, tmp_path, cli):
 def test_an_index_that_omits_a_scale_is_refused(tmp_path, cli):
     """Instruct's index leaves out a scale its shard holds (transformers would not load it): exit 2 naming the
     index and the tensor."""
-    model = tiny_qwen3(0)
-    config = model.config.to_dict()
-    sd = state(model)
-    for r in ("base", "instruct"):
-        write_fp8_checkpoint(tmp_path / r, sd, config, BLOCK, torch.float32, shards=2)
-    write_checkpoint(tmp_path / "tuned", sd, 1, config)
+    two_shard_trio(tmp_path)
     index = tmp_path / "instruct" / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
     scale = NAME[: -len("weight")] + "weight_scale_inv"

@@ -186,3 +186,44 @@ def test_the_merge_through_the_kernel_equals_the_cpu_merge(tmp_path, cli):
     assert records[0]["rescaled_blocks"] == records[1]["rescaled_blocks"] > 0
     assert records[1]["update_error"] == pytest.approx(records[0]["update_error"], rel=1e-3)
     assert load_folder(tmp_path / "kernel").keys() == load_folder(tmp_path / "cpu").keys()
+
+
+def test_a_scale_the_dtype_cannot_hold_is_refused_on_both_paths(kernel):
+    """An F16 scale that one grafted value of 3e7 would need (67k > 65504): the twin and the kernel both give a
+    non-finite scale for that block, and fp8_steps.Encoded refuses it, naming the tensor (the merge's one check,
+    whichever path encoded the step)."""
+    from graftcore.errors import NonFiniteError
+    from graftcore.fp8_steps import Encoded
+    from graftcore.io.safetensors_file import Quantized, TensorInfo
+    from graftcore.plan import Action, TensorOp
+
+    g = torch.Generator().manual_seed(0)
+    w_i = torch.randn(ROWS, COLS, generator=g) * 0.02
+    iq, i_s = quantize_fp8(w_i, BLOCK, torch.float16)
+    w_t = w_i.clone()
+    w_t[3, 5] = 3e7
+    xi = dequantize(iq.view(-1), i_s, 0, COLS, BLOCK)
+    x = xi + (w_t - w_i)
+    twin = quantize_into(torch.empty(ROWS * COLS, dtype=torch.uint8), x, i_s, 0, BLOCK, torch.float16, False, xi)
+    scale = torch.empty(i_s.numel())
+    kernel.graft_fp8_triton(
+        torch.empty(ROWS * COLS, dtype=torch.uint8),
+        scale,
+        torch.empty(i_s.numel(), 2, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.int64),
+        (iq.view(-1), i_s.float().view(-1)),
+        (w_i.view(-1), None),
+        (w_t.view(-1), None),
+        COLS,
+        BLOCK,
+        1.0,
+        torch.float16,
+        False,
+    )
+    for grid in (twin.scale.view(-1), scale):
+        assert int((~torch.isfinite(grid)).sum()) == 1 and not torch.isfinite(grid[0])
+        sc = TensorInfo("w.weight_scale_inv", "F16", tuple(i_s.shape), "m.safetensors", 0, 2 * i_s.numel())
+        info = Quantized("w.weight", "F8_E4M3", (ROWS, COLS), "m.safetensors", 0, ROWS * COLS, sc, BLOCK)
+        encoded = Encoded(TensorOp("w.weight", Action.GRAFT, "F8_E4M3", info), where="inst/m.safetensors")
+        with pytest.raises(NonFiniteError, match=r"inst/m.safetensors: tensor 'w.weight'.*'w.weight_scale_inv'"):
+            encoded.add(0, grid, 1, 0.0, 1.0)
