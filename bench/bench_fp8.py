@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-user-flow", action="store_true", help="skip the users' way (it moves ~4x the bytes)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--before", metavar="VENV", help="a venv holding an earlier graftcore: adds its row")
     args = ap.parse_args()
     data = DATA / args.preset
     trio = make_trio(data, args.preset)
@@ -213,6 +214,14 @@ def main() -> None:
         *floor_rows(trio, work),
         Row("graftcore", "graftcore (--device cpu)", merge, out, lambda o: check_fp8(o, trio)),
     ]
+    if args.before:  # an earlier graftcore (VENV/bin/graftcore), the same merge: before/after in one run
+        exe = str(Path(args.before).resolve() / "bin" / "graftcore")
+        before = work / "graftcore-before"
+        cmd = [exe, *merge[len(graftcore_cmd()) :]]
+        cmd[cmd.index(str(out))] = str(before)
+        rows.append(
+            Row("before", f"graftcore before (--device cpu, {args.before})", cmd, before, lambda o: check_fp8(o, trio))
+        )
     inputs = [p for r in ROLES for p in files_of(trio[r]["dir"])]
     checks: dict[str, str] = {}
     log(
