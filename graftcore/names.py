@@ -72,8 +72,9 @@ def fits(shape: tuple, target: tuple) -> bool:
 
 def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], index=None) -> tuple[str, str] | None:
     """The prefix rewrite that maps the most of `shapes`' names that `reference` lacks onto names it has, every one
-    of them fitting (fits) and none onto a name the input already has; None when none does, or when two different
-    rewrites map equally many. Candidates come from a few of the missing names (CANDIDATES_FROM); each is then
+    of them fitting (fits) and none onto a name the input already has; None when none does, or when another
+    rewrite maps equally many of the same names elsewhere (rewrites of disjoint names, equally many, are not
+    rivals: the first is returned, and infer_rewrites finds the other). Candidates come from a few of the missing names (CANDIDATES_FROM); each is then
     counted over all the missing names under its prefix (a bisect into them, sorted)."""
     missing = sorted(n for n in shapes if n not in reference)
     if not missing:
@@ -105,9 +106,11 @@ def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], i
     if not best:
         return None
     ranked = sorted(best.items(), key=lambda kv: -len(kv[0]))
-    if len(ranked) > 1 and len(ranked[1][0]) == len(ranked[0][0]):
-        return None  # two different rewrites do equally well: say nothing rather than guess
-    return ranked[0][1]
+    first = {n for n, _ in ranked[0][0]}
+    tied = [hits for hits, _ in ranked[1:] if len(hits) == len(ranked[0][0])]
+    if any(n in first for hits in tied for n, _ in hits):
+        return None  # two rewrites read the same names two ways, equally well: say nothing rather than guess
+    return ranked[0][1]  # rewrites of other names (a VL model's vision tower) are found by the next round
 
 
 def infer_rewrites(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], most: int = 4) -> list[tuple[str, str]]:

@@ -161,6 +161,14 @@ def vl_pair(kind: str):
             )
         )
         text = T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON))
+    elif kind == "internvl":  # 2 vision layers: the language and vision rewrites map equally many modules
+        vision = T.InternVLVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4
+        )
+        vl = T.InternVLForConditionalGeneration(
+            T.InternVLConfig(text_config=T.Qwen2Config(**COMMON), vision_config=vision, downsample_ratio=0.5)
+        )
+        text = T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON))
     else:
         text_config = T.Gemma3TextConfig(**COMMON, head_dim=8)
         vision = T.SiglipVisionConfig(
@@ -345,7 +353,7 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((order(x) - order(y)).abs().max()) if x.numel() else 0
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["gemma3", "qwen2_5_vl", "internvl"])
 def test_a_peft_lora_on_a_vl_model(kind, tmp_path, cli):
     """PEFT names the adapter's modules as the VL model holds them in memory (model.language_model.layers.N...,
     model.vision_tower...), the files hold language_model.model.* and vision_tower.*: both rewrites are inferred
