@@ -74,8 +74,9 @@ def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], i
     """The prefix rewrite that maps the most of `shapes`' names that `reference` lacks onto names it has, every one
     of them fitting (fits) and none onto a name the input already has; None when none does, or when another
     rewrite maps equally many of the same names elsewhere (rewrites of disjoint names, equally many, are not
-    rivals: the first is returned, and infer_rewrites finds the other). Candidates come from a few of the missing names (CANDIDATES_FROM); each is then
-    counted over all the missing names under its prefix (a bisect into them, sorted)."""
+    rivals: the first is returned, and infer_rewrites finds the other). Candidates come from a few of the missing
+    names (CANDIDATES_FROM); each is then counted over all the missing names under its prefix (a bisect into them,
+    sorted)."""
     missing = sorted(n for n in shapes if n not in reference)
     if not missing:
         return None
