@@ -112,7 +112,8 @@ class Encoded:
             raise NonFiniteError(
                 f"{self.where or info.file}: tensor {self.op.name!r}: {bad} block(s) of the grafted values need a "
                 f"scale above the largest {info.scale.dtype} value (tensor {info.scale.name!r}), so they cannot be "
-                f"written in Instruct's FP8 format; --dtype bfloat16 (or float32) writes the tensor dequantized"
+                f"written in Instruct's FP8 format; --dtype bfloat16 (or float32) writes the merge dequantized "
+                f"(into a new --output, or with --overwrite)"
             )
         first, _ = self.op.instruct.scale_range(row0, row0)
         self.scale[first : first + scale.numel()] = scale.reshape(-1)

@@ -250,6 +250,7 @@ def tensors(n: int) -> str:
 
 
 HEAD_SUFFIX = "lm_head.weight"
+UNTIED_NOTE = "Instruct's head gets the embedding's update (in a tied model the head's update is the embedding's)"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
@@ -275,7 +276,7 @@ def untie_heads(instruct: Checkpoint, base: dict, fulls: list[tuple[str, dict]],
             untied.append(role)
     notes.append(
         f"{' and '.join(untied)} tie {head!r} to {embedding!r} (no head in their files) while Instruct has its own: "
-        f"Instruct's head gets the embedding's update (in a tied model the head's update is the embedding's)"
+        f"{UNTIED_NOTE}"
     )
 
 
@@ -295,6 +296,9 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
     }
     ignored, notes = matched.ignored(), matched.notes
     check_nothing_dropped(ops, ignored, matched, opts)
+    heads = [op for n, op in ops.items() if n.endswith(HEAD_SUFFIX)]
+    if heads and heads[0].action is Action.COPY:  # the head stays Instruct's (--exclude, --targets): say only that
+        notes[:] = [n for n in notes if not n.endswith(UNTIED_NOTE)]
     if opts.targets != "all":
         notes.extend(unselected_kinds(ops, opts.targets))
     if (

@@ -68,7 +68,7 @@ def peft_all_linear(instruct: Checkpoint, notes: list[str]) -> frozenset[str] | 
         )
         return None
     except Exception as e:  # noqa: BLE001 - any failure to build the architecture falls back to the name rules
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         notes.append(
             f"{instruct.extra_file_path(CONFIG)}: transformers could not build the architecture on the meta device "
             f"({first}), so --targets projections selects by the name rules"
@@ -88,7 +88,7 @@ def adapted_parameters(folder: str):
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never a folder's code
     cls = model_class(transformers, config)
     with torch.device("meta"):
         model = cls._from_config(config)

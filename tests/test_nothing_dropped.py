@@ -134,3 +134,6 @@ def test_a_tied_base_and_tuned_over_an_untied_instruct(tmp_path, cli):
     for n, i in instruct.items():
         source = embed if n == "lm_head.weight" else n
         assert same_bits(got[n], reference(i, tuned[source], base[source])), n
+    code, _, err = cli("merge", *roles, "--output", tmp_path / "kept", "--quiet", "--exclude", "lm_head")
+    assert code == 0 and "Instruct's head gets" not in err, err  # the head stays Instruct's: no such note
+    assert same_bits(load_folder(tmp_path / "kept")["lm_head.weight"], instruct["lm_head.weight"])
