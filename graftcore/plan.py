@@ -193,6 +193,7 @@ class MatchedInputs:
     notes: list[str]
     renamed: list[dict] = field(default_factory=list)  # prefix rewrites applied: role, from, to, tensors, inferred
     projections: frozenset[str] | None = None  # what --targets projections selects (projections.py), if resolved
+    untied: str | None = None  # the note untie_heads gives, where Base's tied head is read as its embedding
 
     def selects(self, name: str, opts: MergeOptions) -> bool:
         """Whether Instruct's tensor `name` is to be grafted under `opts`' selection."""
@@ -239,9 +240,9 @@ def match_inputs(
         else:
             sources.append((d, *adapter_terms(d.adapter, instruct, base, notes, rules)))
     base_t = aligned(base, instruct.tensors, "base", notes, rules, renamed) if base is not None else {}
-    untie_heads(instruct, base_t, [(d.role, full) for d, full, _ in sources if d.adapter is None], notes)
+    untied = untie_heads(instruct, base_t, [(d.role, full) for d, full, _ in sources if d.adapter is None])
     projections = projection_tensors(instruct, notes) if targets == "projections" else None
-    return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed, projections)
+    return MatchedInputs(instruct, checkpoints, base_t, sources, notes, renamed, projections, untied)
 
 
 def tensors(n: int) -> str:
@@ -250,23 +251,23 @@ def tensors(n: int) -> str:
 
 
 HEAD_SUFFIX = "lm_head.weight"
-UNTIED_NOTE = "Instruct's head gets the embedding's update (in a tied model the head's update is the embedding's)"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
-def untie_heads(instruct: Checkpoint, base: dict, fulls: list[tuple[str, dict]], notes: list[str]) -> None:
+def untie_heads(instruct: Checkpoint, base: dict, fulls: list[tuple[str, dict]]) -> str | None:
     """Where Instruct has an output head of its own but Base (and a full tuned input) tie theirs to the input
     embedding (no head in their files), read their head as that embedding: in the tied model the head *is* the
     embedding, so the update it received is the embedding's, and Instruct's head gets it (copying Instruct's head
-    would drop it). In place on `base` and each full input's tensors; a note says so."""
+    would drop it). In place on `base` and each full input's tensors; returns the note to give where the head is
+    grafted (None: nothing read so)."""
     heads = [n for n in instruct.tensors if n.endswith(HEAD_SUFFIX)]
     if len(heads) != 1 or heads[0] in base:
-        return
+        return None
     head = heads[0]
     shape = instruct.tensors[head].shape
     embeddings = [n for n in instruct.tensors if n.endswith(EMBEDDING_SUFFIXES) and instruct.tensors[n].shape == shape]
     if len(embeddings) != 1 or embeddings[0] not in base:
-        return
+        return None
     embedding = embeddings[0]
     untied = ["base"]
     base[head] = base[embedding]
@@ -274,9 +275,9 @@ def untie_heads(instruct: Checkpoint, base: dict, fulls: list[tuple[str, dict]],
         if head not in full and embedding in full:
             full[head] = full[embedding]
             untied.append(role)
-    notes.append(
+    return (
         f"{' and '.join(untied)} tie {head!r} to {embedding!r} (no head in their files) while Instruct has its own: "
-        f"{UNTIED_NOTE}"
+        "Instruct's head gets the embedding's update (in a tied model the head's update is the embedding's)"
     )
 
 
@@ -296,9 +297,9 @@ def build_plan(instruct: Checkpoint, deltas: list[DeltaInput], base: Checkpoint 
     }
     ignored, notes = matched.ignored(), matched.notes
     check_nothing_dropped(ops, ignored, matched, opts)
-    heads = [op for n, op in ops.items() if n.endswith(HEAD_SUFFIX)]
-    if heads and heads[0].action is Action.COPY:  # the head stays Instruct's (--exclude, --targets): say only that
-        notes[:] = [n for n in notes if not n.endswith(UNTIED_NOTE)]
+    head = next((op for n, op in ops.items() if n.endswith(HEAD_SUFFIX)), None)
+    if matched.untied and head is not None and head.action is not Action.COPY:  # not when --exclude / --targets
+        notes.append(matched.untied)  # keep Instruct's head
     if opts.targets != "all":
         notes.extend(unselected_kinds(ops, opts.targets))
     if (

@@ -358,6 +358,8 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
                 f"DoRA updates yet; merge the adapter into Base (PEFT merge_and_unload) and pass that model as --tuned"
             )
     base_t, sources, notes, locate = matched.base, matched.sources, matched.notes, matched.locate
+    if matched.untied:
+        notes.append(matched.untied)
     skipped: list[tuple[str, str]] = []
     measured = []
     for name, i in instruct.tensors.items():
