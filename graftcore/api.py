@@ -15,14 +15,15 @@ from pathlib import Path
 
 from graftcore import interrupts
 from graftcore.compute.devices import local_cuda_device, out_of_memory_is_an_error, select_compute
-from graftcore.distributed import joined_group, spawn_workers, write_output_distributed
 from graftcore.errors import GraftError
-from graftcore.inputs import Ref, check_call, check_output_outside_inputs, job_fingerprint, open_inputs, tuned_refs
 from graftcore.io.output_folder import OutputFolder
-from graftcore.job import write_output
+from graftcore.merge.distributed import joined_group, spawn_workers, write_output_distributed
+from graftcore.merge.job import write_output
 from graftcore.options import MergeOptions, option_fields
-from graftcore.plan import Plan, build_plan
-from graftcore.report import Progress, Report
+from graftcore.plan.build import build_plan
+from graftcore.plan.inputs import Ref, check_call, check_output_outside_inputs, job_fingerprint, open_inputs, tuned_refs
+from graftcore.plan.ops import Plan, tuned_role  # tuned_role: documented as graftcore.api.tuned_role
+from graftcore.plan.report import Progress, Report
 from graftcore.sources.checkpoint import Checkpoint
 
 
@@ -106,7 +107,7 @@ def graft(
 def load_engine() -> None:
     """Import the engine (and torch), once the inputs are resolved and planned: a bad input is refused in the
     time it takes to read headers. A signal while torch loads only sets the flag (raised after the import)."""
-    interrupts.import_deferred(".engine")
+    interrupts.import_deferred(".merge.engine")
 
 
 def run_plan(

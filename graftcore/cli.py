@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.check()  # a signal that came while the arguments were parsed
         code = run(args)
         if args.command == "merge":
-            from graftcore.distributed import shutdown
+            from graftcore.merge.distributed import shutdown
 
             shutdown()
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ import torch
 from graftcore.errors import GraftError, MismatchError, NonFiniteError
 from graftcore.io.safetensors_file import TORCH_TO_CODE, TensorInfo
 from graftcore.options import MergeOptions, alphas_from
-from graftcore.plan import Action, DeltaInput, plan_tensor, tuned_role
+from graftcore.plan.build import plan_tensor
+from graftcore.plan.ops import Action, DeltaInput, tuned_role
 
 GRAFTABLE = (torch.bfloat16, torch.float16, torch.float32)
 

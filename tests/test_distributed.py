@@ -144,7 +144,7 @@ def test_rerun_with_another_world_size_keeps_finished_shards(trio, tmp_path):
 
 
 def test_shards_are_dealt_by_bytes_largest_first():
-    from graftcore.distributed import assign
+    from graftcore.merge.distributed import assign
 
     sizes = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "kept": 99}
     owner = assign(sizes, {"kept"}, 2)

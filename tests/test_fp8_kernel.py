@@ -121,11 +121,11 @@ import graftcore.api as api
 from graftcore.compute.cpu import CpuCompute
 
 class KernelOnCpu(CpuCompute):
-    # the merge's GPU route for FP8 ops (fp8_steps.encode_on_device), with the interpreted kernel on CPU tensors
+    # the merge's GPU route for FP8 ops (stream/codec_steps.encode_on_device), with the interpreted kernel on CPU tensors
     name = "interpreted"
     device = "cpu"
 
-import graftcore.engine as engine
+import graftcore.merge.engine as engine
 
 calls = []
 through_kernel = engine.encode_on_device
@@ -190,12 +190,11 @@ def test_the_merge_through_the_kernel_equals_the_cpu_merge(tmp_path, cli):
 
 def test_a_scale_the_dtype_cannot_hold_is_refused_on_both_paths(kernel):
     """An F16 scale that one grafted value of 3e7 would need (67k > 65504): the twin and the kernel both give a
-    non-finite scale for that block, and fp8_steps.Encoded refuses it, naming the tensor (the merge's one check,
-    whichever path encoded the step)."""
+    non-finite scale for that block, and the FP8 codec's encoder refuses it, naming the tensor (the merge's one
+    check, whichever path encoded the step)."""
+    from graftcore.codecs.fp8 import ScaleGridEncoder
     from graftcore.errors import NonFiniteError
-    from graftcore.fp8_steps import Encoded
     from graftcore.io.safetensors_file import Quantized, TensorInfo
-    from graftcore.plan import Action, TensorOp
 
     g = torch.Generator().manual_seed(0)
     w_i = torch.randn(ROWS, COLS, generator=g) * 0.02
@@ -224,6 +223,6 @@ def test_a_scale_the_dtype_cannot_hold_is_refused_on_both_paths(kernel):
         assert int((~torch.isfinite(grid)).sum()) == 1 and not torch.isfinite(grid[0])
         sc = TensorInfo("w.weight_scale_inv", "F16", tuple(i_s.shape), "m.safetensors", 0, 2 * i_s.numel())
         info = Quantized("w.weight", "F8_E4M3", (ROWS, COLS), "m.safetensors", 0, ROWS * COLS, sc, BLOCK)
-        encoded = Encoded(TensorOp("w.weight", Action.GRAFT, "F8_E4M3", info), where="inst/m.safetensors")
+        encoded = ScaleGridEncoder(info, where="inst/m.safetensors")
         with pytest.raises(NonFiniteError, match=r"inst/m.safetensors: tensor 'w.weight'.*'w.weight_scale_inv'"):
             encoded.add(0, grid, 1, 0.0, 1.0)

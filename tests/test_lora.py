@@ -492,7 +492,7 @@ def test_lora_through_the_gpu_stream_compute(llama, tmp_path, dora):
     """The GPU path's lora() (here on a CPU device, null streams: the same code a CUDA device runs)."""
     from graftcore.api import run_plan
     from graftcore.compute.cuda import StreamCompute
-    from graftcore.lora import open_adapter
+    from graftcore.lora.adapter import open_adapter
     from graftcore.options import MergeOptions
     from graftcore.plan import DeltaInput, build_plan
     from graftcore.sources.local import open_checkpoint

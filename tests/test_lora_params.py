@@ -12,7 +12,7 @@ from helpers import perturbed
 
 from graftcore.analysis.similarity_sums import lowrank_into
 from graftcore.io.safetensors_file import TensorInfo
-from graftcore.lora_update import LowRankUpdate
+from graftcore.lora.update import LowRankUpdate
 
 E, R, OUT, IN = 3, 2, 5, 7
 

@@ -8,7 +8,7 @@ from helpers import write_checkpoint
 
 PROBE = r"""
 import sys, threading, time
-import graftcore, graftcore.api, graftcore.engine  # torch and the engine loaded before the baseline
+import graftcore, graftcore.api, graftcore.merge.engine  # torch and the engine loaded before the baseline
 
 def rss_anon():
     with open("/proc/self/status") as f:

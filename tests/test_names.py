@@ -1,7 +1,7 @@
 """names.infer_rewrite on header-like name -> shape maps: the one consistent prefix rewrite, or nothing when
 shapes disagree, two rewrites do equally well, or a rewrite would put two names on one."""
 
-from graftcore.names import align, infer_rewrite
+from graftcore.plan.names import align, infer_rewrite
 
 TEXT = {
     "model.embed_tokens.weight": (96, 32),

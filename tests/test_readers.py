@@ -14,7 +14,7 @@ import torch
 from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
 
 import graftcore
-from graftcore import readers
+from graftcore.stream import readers
 from graftcore.errors import CheckpointError
 from graftcore.io import input_file
 from graftcore.io.input_file import PageMap
@@ -311,7 +311,7 @@ def test_reader_and_engine_agree_on_every_read(tmp_path):
     from graftcore.options import MergeOptions
     from graftcore.plan import DeltaInput, build_plan
     from graftcore.sources.local import open_checkpoint
-    from graftcore.steps import op_steps
+    from graftcore.stream.steps import op_steps
 
     trio = odd_trio(tmp_path)
     cks = {r: open_checkpoint(tmp_path / r) for r in trio}

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from graftcore.errors import CheckpointError, OutputError
 from graftcore.io.safetensors_file import ShardWriter, read_header
-from graftcore.readers import read_elements
+from graftcore.stream.readers import read_elements
 
 
 def test_writer_output_loads_with_safetensors_and_is_aligned(tmp_path):

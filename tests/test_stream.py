@@ -13,11 +13,11 @@ from helpers import llama_tensors, write_checkpoint
 from safetensors import safe_open
 
 from graftcore.errors import CheckpointError
-from graftcore.inputs import open_inputs
 from graftcore.options import MergeOptions
 from graftcore.plan import build_plan
-from graftcore.steps import op_steps
-from graftcore.stream import StepConsumer, run_pass
+from graftcore.plan.inputs import open_inputs
+from graftcore.stream.driver import StepConsumer, run_pass
+from graftcore.stream.steps import op_steps
 
 
 class Recorder(StepConsumer):

@@ -6,7 +6,7 @@ each file the identity the merge saw. The plan is rebuilt from them and the reco
 tensors, dtypes, shapes, shard for shard), and K random chunks plus the first and last chunk of every shard
 are read through the streaming pass (stream.run_pass, only those steps) and computed again on the CPU, compared
 bit for bit (LoRA blocks merged on a GPU: within one ulp, the GEMM's order being the device's). This module
-imports torch; verification.py loads it only for --recompute.
+imports torch; analysis/verify.py loads it only for --recompute.
 
 Example:
     >>> recompute_chunks(folder, manifest, headers, 8, None, report, {})   # doctest: +SKIP
@@ -21,15 +21,18 @@ from pathlib import Path
 
 import torch
 
+from graftcore.codecs import codec_of
 from graftcore.errors import GraftError, VerifyError
-from graftcore.inputs import job_fingerprint, open_inputs
 from graftcore.io.safetensors_file import torch_dtype
 from graftcore.options import MergeOptions
-from graftcore.plan import Plan, build_plan, headers_entries, plan_entries
-from graftcore.readers import raw_step_bytes, read_elements
-from graftcore.report import VerifyReport
-from graftcore.steps import Step, op_steps
-from graftcore.stream import StepConsumer, read_buffer_bytes, run_pass
+from graftcore.plan.build import build_plan
+from graftcore.plan.inputs import job_fingerprint, open_inputs
+from graftcore.plan.ops import Plan, headers_entries, plan_entries
+from graftcore.plan.report import VerifyReport
+from graftcore.stream.compute_step import compute_step, load_lora
+from graftcore.stream.driver import StepConsumer, read_buffer_bytes, run_pass
+from graftcore.stream.readers import raw_step_bytes, read_elements
+from graftcore.stream.steps import Step, op_steps
 from graftcore.version import __version__
 
 
@@ -115,36 +118,30 @@ class RecomputeConsumer(StepConsumer):
             opts,
         )
         self.merged_on_gpu, self.report = merged_on_gpu, report
-        self.loaded = self.encoded = None
+        self.loaded = self.encoder = None
 
     def begin_group(self, name: str, ops: list) -> None:
         self.header, self.file = self.headers[name], name
 
     def begin_op(self, op) -> None:
-        from graftcore.engine import load_lora
-        from graftcore.fp8_steps import Encoded
-
         self.loaded = load_lora(op, self.compute, self.checkpoints, self.opts) if op.low_rank else None
-        quant = self.checkpoints["instruct"].quant
-        self.encoded = Encoded(op, bool(getattr(quant, "power_of_two", False))) if op.quantized_out else None
+        self.encoder = codec_of(op.instruct).encoder(op.instruct, op.instruct.file) if op.quantized_out else None
 
     def step(self, op, step: Step, held: list) -> int:
-        from graftcore.engine import compute_step
-
-        name = step.reads[0].info.name if step.raw else op.name  # a raw step may copy an FP8 weight's scales
+        name = step.reads[0].info.name if step.raw else op.name  # a raw step may copy a quantized weight's scales
         try:
             if step.raw:
                 want = held[0].tensor(step.reads[0].info)
             else:
                 want = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
-                compute_step(op, step, held, want, self.compute, self.loaded, self.encoded)
+                compute_step(op, step, held, want, self.compute, self.loaded, self.encoder)
                 self.compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
             ulp = op.low_rank and self.merged_on_gpu
             self.compare(name, step.lo, step.hi, want, ulp)
-            if self.encoded is not None and not step.raw:  # the new scales of the block rows just encoded
-                first, stop = op.instruct.scale_range(step.lo // op.instruct.cols, step.hi // op.instruct.cols)
-                scale = self.encoded.scale[first:stop].to(torch_dtype(op.instruct.scale.dtype))
-                self.compare(op.instruct.scale.name, first, stop, scale, False)
+            if self.encoder is not None and not step.raw:  # the new scales of the block rows just encoded
+                cols = op.instruct.cols
+                for entry, first, stop, values in self.encoder.entries_for_rows(step.lo // cols, step.hi // cols):
+                    self.compare(entry, first, stop, values, False)
         finally:
             for h in held:
                 h.release()
@@ -233,8 +230,8 @@ def choose_steps(plan: Plan, chunk: int, raw: int, k: int, rng: random.Random) -
         if lo < len(wanted) and wanted[lo] < end:
             picks = set(wanted[lo : bisect.bisect_left(wanted, end)])
             steps = [step for j, step in enumerate(op_steps(op, chunk, raw)) if start + j in picks]
-            if any(step.scales for step in steps):  # the new FP8 scales: checked with each block row's step
-                steps = [step for step in steps if not step.scales] or [next(op_steps(op, chunk, raw))]
+            if any(step.entry for step in steps):  # the new scales: checked with each block row's step
+                steps = [step for step in steps if not step.entry] or [next(op_steps(op, chunk, raw))]
             chosen.setdefault(shard.file, (shard, []))[1].append((op, steps))
     return list(chosen.values())
 

@@ -34,12 +34,14 @@ from pathlib import Path
 
 from graftcore import interrupts
 from graftcore.errors import AdapterError, GraftError, MismatchError, OutputError
-from graftcore.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
 from graftcore.io.output_folder import atomic_write, output_errors
 from graftcore.io.safetensors_file import FLOAT_DTYPES, Quantized, TensorInfo, itemsize
-from graftcore.lora_update import matrix_shape
+from graftcore.lora.update import matrix_shape
 from graftcore.options import PROJECTIONS, SIMILARITY_OPTIONS, MergeOptions
-from graftcore.plan import Action, DeltaInput, TensorOp, Term, match_inputs, swapped_hint
+from graftcore.plan.build import match_inputs, swapped_hint
+from graftcore.plan.inputs import Ref, check_call, check_output_outside_inputs, open_inputs, tuned_refs
+from graftcore.plan.ops import Action, DeltaInput, TensorOp, Term
+from graftcore.shapes import only_rows_grew
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.version import __version__
 
@@ -423,7 +425,7 @@ def shared_rows(name: str, i: TensorInfo, b: TensorInfo, locate) -> int | None:
     vocabulary); MismatchError for any other difference."""
     if i.shape == b.shape:
         return None
-    if len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:] and i.shape[0] > b.shape[0]:
+    if only_rows_grew(b.shape, i.shape):
         return b.shape[0]
     raise MismatchError(
         f"{locate('instruct', i)}: tensor {name!r} is {list(i.shape)} in Instruct but {list(b.shape)} "

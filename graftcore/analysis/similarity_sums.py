@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from graftcore import interrupts
-from graftcore.fp8_steps import decode
 from graftcore.interrupts import POLL
 from graftcore.io.safetensors_file import itemsize
 from graftcore.kernels import CHUNK
-from graftcore.lora_update import matrix_shape
+from graftcore.lora.update import matrix_shape
 from graftcore.options import MergeOptions
-from graftcore.readers import DEPTH, WORKERS, read_elements
 from graftcore.sources.checkpoint import Checkpoint
-from graftcore.steps import op_inputs
-from graftcore.stream import StepConsumer, input_bytes, run_pass
+from graftcore.stream.codec_steps import decode
+from graftcore.stream.driver import StepConsumer, input_bytes, run_pass
+from graftcore.stream.readers import DEPTH, IO_THREADS, read_elements
+from graftcore.stream.steps import op_inputs
 
 if TYPE_CHECKING:
     from graftcore.analysis.similarity import MeasurePlan
@@ -184,7 +184,7 @@ class SimilarityConsumer(StepConsumer):
         # The steps taken but not yet handed over pin their read buffers: they must span fewer buffers than a
         # reader's ring holds, or the next take() would wait for one only the pool can free.
         opts, chunk = self.opts, self.chunk
-        depth = max(opts.read_depth or DEPTH + 1, (opts.read_workers or WORKERS) + 1)
+        depth = max(opts.read_depth or DEPTH + 1, (opts.read_workers or IO_THREADS) + 1)
         largest = max(min(info.numel, chunk) * itemsize(info.dtype) for op in self.ops for _, info in op_inputs(op))
         self.per_task = next(
             s
@@ -219,7 +219,7 @@ class SimilarityConsumer(StepConsumer):
             self._submit()
 
     def _submit(self) -> None:
-        self.pool.submit(self.acc, compute_steps, self.m.sources, self.batch, self.loaded, self.cols, self.diffs)
+        self.pool.submit(self.acc, measure_steps, self.m.sources, self.batch, self.loaded, self.cols, self.diffs)
         self.batch = []
 
     def drain_group(self) -> None:
@@ -283,13 +283,13 @@ class ComputePool:
 STEPS_PER_TASK = 4  # steps handed to a compute thread at once (at most): fewer thread hand-offs per byte
 
 
-def compute_steps(math_: ChunkMath, sources, batch: list, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
+def measure_steps(math_: ChunkMath, sources, batch: list, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
     """The float64 sums of a few consecutive steps of one tensor (on a compute thread), added in step order;
     each step's read buffers are released once it is computed."""
     total = None
     for k, (step, held) in enumerate(batch):
         try:
-            sums = compute_step(math_, sources, step, held, loaded, cols, diffs)
+            sums = measure_step(math_, sources, step, held, loaded, cols, diffs)
         except BaseException:
             for _, later in batch[k + 1 :]:
                 for h in later:
@@ -299,10 +299,10 @@ def compute_steps(math_: ChunkMath, sources, batch: list, loaded: dict, cols: in
     return total
 
 
-def compute_step(math_: ChunkMath, sources, step, held, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
+def measure_step(math_: ChunkMath, sources, step, held, loaded: dict, cols: int, diffs: list[int]) -> torch.Tensor:
     """The float64 sums of one step; releases the step's read buffers."""
     try:
-        views, _ = decode(step, held)  # FP8 inputs decoded with their scales
+        views, _ = decode(step, held)  # quantized inputs decoded by their codecs
         n = step.hi - step.lo
         b, xs, ds = math_.rows(n)
         b.copy_(views["base"])

@@ -24,16 +24,16 @@ import time
 from pathlib import Path
 
 from graftcore import interrupts
+from graftcore.codecs import companion_suffixes
 from graftcore.errors import GraftError, VerifyError
-from graftcore.inputs import check_call
 from graftcore.io.json_files import read_json_file
 from graftcore.io.output_folder import MANIFEST
 from graftcore.io.safetensors_file import INDEX_NAME, PrefixHasher, read_header
-from graftcore.plan import entries_digest, headers_entries
-from graftcore.report import VerifyReport
-from graftcore.sources.quantized import SCALE_SUFFIX
+from graftcore.plan.inputs import check_call
+from graftcore.plan.ops import entries_digest, headers_entries
+from graftcore.plan.report import VerifyReport
 
-SCALE_SUFFIXES = tuple("." + s for s in SCALE_SUFFIX.values())  # an FP8 weight's scale
+SCALE_SUFFIXES = companion_suffixes()  # a quantized weight's companions (scales)
 
 
 def verify(output: str | os.PathLike, recompute: int = 0, seed: int | None = None, **hub_options) -> VerifyReport:

@@ -37,5 +37,8 @@ class Compute(Protocol):
     def convert(self, out: torch.Tensor, src: torch.Tensor):
         """A copied tensor in another dtype."""
 
+    def count(self, name: str, found) -> None:
+        """Add NonFinite counts that a step computed elsewhere (a codec's fused encode or device kernel) found."""
+
     def nonfinite(self) -> dict:
         """NonFinite counts per tensor since the last call."""

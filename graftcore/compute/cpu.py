@@ -36,7 +36,7 @@ class CpuCompute:
         """`out = I + a1 * (T1 - B) + ...` now; returns None (nothing to wait for)."""
         from graftcore.kernels import graft_cpu
 
-        self._count(name, graft_cpu(out, i, tuned, b, alphas, self.scratch))
+        self.count(name, graft_cpu(out, i, tuned, b, alphas, self.scratch))
         return None
 
     def block(self, out: torch.Tensor, i: torch.Tensor, b, terms: list, name: str):
@@ -44,16 +44,17 @@ class CpuCompute:
         from graftcore.kernels import CpuScratch
         from graftcore.kernels.lora import block_cpu
 
-        if self.scratch.chunk < out.numel():  # a block of FP8 rows: whole block rows, beyond the chunk
+        if self.scratch.chunk < out.numel():  # a block of quantized rows: whole block rows, beyond the chunk
             self.scratch = CpuScratch(out.numel())
-        self._count(name, block_cpu(out, i, b, terms, self.scratch))
+        self.count(name, block_cpu(out, i, b, terms, self.scratch))
         return None
 
     def place(self, loaded):
         """A LoRA term's factors where the math runs: here, as they are."""
         return loaded
 
-    def _count(self, name: str, found) -> None:
+    def count(self, name: str, found) -> None:
+        """Add NonFinite counts found for tensor `name` outside graft/block (a codec's fused encode)."""
         if found:
             self.counts[name] = found.plus(self.counts[name]) if name in self.counts else found
 

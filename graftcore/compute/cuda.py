@@ -187,6 +187,11 @@ class StreamCompute:
             counter = self.counters[name] = torch.zeros(3, dtype=torch.int64, device=self.device)
         return counter
 
+    def count(self, name: str, found) -> None:
+        """Add NonFinite counts found outside this compute's kernels (taken with the device's at nonfinite())."""
+        if found:
+            self._counter(name).add_(torch.tensor(list(found), dtype=torch.int64, device=self.device))
+
     def convert(self, out: torch.Tensor, src: torch.Tensor):
         out.copy_(src)  # a copy (maybe a dtype change) needs no GPU
         return None

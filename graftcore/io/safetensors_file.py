@@ -18,13 +18,13 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from graftcore.errors import CheckpointError, OutputError
 from graftcore.io.json_files import parse_json
+from graftcore.shapes import numel
 
 INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> shard map
 SINGLE_NAME = "model.safetensors"  # an unsharded checkpoint's one file
@@ -69,8 +69,6 @@ _TORCH_NAMES = {
     "F64": "float64",
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
-FP8_DTYPES = ("F8_E4M3",)  # quantized weights graftcore decodes (with their scales) and encodes
-SCALE_DTYPES = ("F32", "BF16", "F16")  # the dtypes of those scales
 DTYPE_NAMES = {code: code for code in DTYPE_SIZES}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -107,13 +105,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class TensorInfo(NamedTuple):
     """Where one tensor's bytes lie: `file` is the shard's name inside its checkpoint. (A NamedTuple: a
     checkpoint of 100k tensors makes 100k of them, and a frozen dataclass costs several times more to build.)"""
@@ -135,11 +126,11 @@ class TensorInfo(NamedTuple):
 
 
 class Quantized(NamedTuple):
-    """A quantized weight and its scales as one logical tensor (sources/quantized.py folds them): the weight's
-    bytes lie at [start, end) of `file` like a TensorInfo's; `scale` is the scale tensor (possibly in another
-    file), one multiplier per `block` = (rows, cols) of weight elements: (128, 128) for block FP8, (1, cols) per
-    channel, the whole matrix per tensor. The value is float32(q) * scale (DeepSeek-V3 inference/kernel.py,
-    weight_dequant: scale [ceil(M / 128), ceil(N / 128)], row-major, edge blocks partial)."""
+    """A quantized weight and its companions (scales) as one logical tensor of `shape`, folded by its codec
+    (graftcore/codecs/, named by `codec`): the stored weight's bytes lie at [start, end) of `file` in `dtype`, like
+    a TensorInfo's; `scale` is its scale tensor (possibly in another file), one multiplier per `block` = (rows,
+    cols) of weight elements; `power_of_two`: the format wants new scales that are powers of two. What the bytes
+    mean is the codec's alone."""
 
     name: str
     dtype: str
@@ -149,30 +140,16 @@ class Quantized(NamedTuple):
     end: int
     scale: TensorInfo
     block: tuple[int, int]
+    codec: str = "fp8"
+    power_of_two: bool = False
 
-    @property
-    def numel(self) -> int:
-        return numel(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
+    numel = TensorInfo.numel
+    nbytes = TensorInfo.nbytes
 
     @property
     def cols(self) -> int:
         """Elements per row of the [rows, cols] matrix the blocks tile."""
         return self.shape[-1] if self.shape else 1
-
-    def scale_range(self, first_row: int, stop_row: int) -> tuple[int, int]:
-        """Elements [first, stop) of the scale grid (row-major, ceil(cols / bw) per grid row) whose blocks cover
-        the weight's rows [first_row, stop_row)."""
-        bh, bw = self.block
-        grid_cols = -(-self.cols // bw)
-        return first_row // bh * grid_cols, -(-stop_row // bh) * grid_cols
-
-    def weight(self) -> TensorInfo:
-        """The stored weight alone."""
-        return TensorInfo(self.name, self.dtype, self.shape, self.file, self.start, self.end)
 
 
 class Pieces(NamedTuple):
@@ -185,9 +162,7 @@ class Pieces(NamedTuple):
     parts: tuple[tuple[int, int, TensorInfo], ...]
     starts: tuple[int, ...] = ()  # each part's first element, for a bisect (a fused tensor of 256 experts: 512 parts)
 
-    @property
-    def numel(self) -> int:
-        return numel(self.shape)
+    numel = TensorInfo.numel
 
     @property
     def nbytes(self) -> int:

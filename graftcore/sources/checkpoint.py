@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graftcore.codecs.registry import QuantFormat
 from graftcore.errors import CheckpointError
 from graftcore.io.json_files import parse_json, read_file_bytes
 from graftcore.io.safetensors_file import SURROGATE_ESCAPE, ShardHeader, TensorInfo, file_identity, utf8
@@ -34,7 +35,7 @@ class Checkpoint:
         revision: the resolved commit of a hub input (None for local ones).
         fingerprint: changes whenever a file's path or header changes (file_state() covers its contents).
         identities: shard -> file_identity() when its header was read (or when first opened, for a download).
-        quant: how its weights are quantized (sources/quantized.py), None for none.
+        quant: how its weights are quantized (sources/quantized.py, by a codec of graftcore/codecs/), None for none.
     """
 
     ref: str
@@ -47,7 +48,7 @@ class Checkpoint:
     revision: str | None = None
     local_files: dict[str, Path] = field(default_factory=dict)
     identities: dict[str, tuple] = field(default_factory=dict)
-    quant: object = None  # a quantized.QuantFormat when its weights are FP8 (their scales folded into them)
+    quant: QuantFormat | None = None  # the codec's format when its weights are quantized (companions folded in)
 
     def shard_path(self, file: str) -> Path:
         """The local path of shard `file` (a hub checkpoint downloads it here)."""

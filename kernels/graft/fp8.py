@@ -121,7 +121,7 @@ def sq_norm64(t: torch.Tensor, scratch: Scratch | None = None) -> float:
     return float(torch.dot(wide, wide))
 
 
-class Encoded(NamedTuple):
+class EncodedRows(NamedTuple):
     """What `quantize_into` did: the block scales it wrote (float32 values of the scale dtype), how many blocks
     took a new scale, and the squared norms (sq_norm64) of the encoding error deq(out) - x and of the update
     x - Instruct, over the rows given."""
@@ -183,7 +183,7 @@ def quantize_into(
     power_of_two: bool = False,
     instruct: torch.Tensor | None = None,
     scratch: Scratch | None = None,
-) -> Encoded:
+) -> EncodedRows:
     """Encode float32 rows `x` [rows, cols] (whole block rows from `row0`) into `out` (float8_e4m3fn or uint8:
     rows * cols elements, or a [rows, cols] view, strided or not) by the module's rule; `kept`: Instruct's scales
     for these block rows (any float dtype); `instruct`: Instruct's decoded rows, for the update's norm (None: not
@@ -233,7 +233,7 @@ def quantize_into(
         if not finite or not bool(torch.isfinite(instruct).all()):
             back.masked_fill_(~torch.isfinite(back), 0.0)
         update = sq_norm64(back, sc)
-    return Encoded(scale, int(rescale.sum()), error, update, finite)
+    return EncodedRows(scale, int(rescale.sum()), error, update, finite)
 
 
 def graft_into(
@@ -283,14 +283,14 @@ def graft_into(
 TILE_ELEMENTS = 1 << 18  # a column tile of a step: 256K elements, so each float32 buffer is 1 MiB
 
 
-class Workers:
+class EncodeThreads:
     """Threads that encode a step's column tiles at once, each thread with its own Scratch (torch releases the
     GIL inside each op; the pass keeps torch's own threads at one, so these are the parallelism). Tiles are
     taken in turn by whichever thread is free.
 
     Example:
-        >>> with Workers(2) as workers:                                  # doctest: +SKIP
-        ...     graft_encode(out, instruct, base, [tuned], [1.0], 0, cols, (128, 128), torch.float32, workers)
+        >>> with EncodeThreads(2) as threads:                                  # doctest: +SKIP
+        ...     graft_encode(out, instruct, base, [tuned], [1.0], 0, cols, (128, 128), torch.float32, threads)
     """
 
     def __init__(self, n: int = 1):
@@ -335,21 +335,21 @@ def graft_encode(
     block: tuple[int, int],
     scale_dtype: torch.dtype,
     power_of_two: bool = False,
-    workers: Workers | None = None,
+    threads: EncodeThreads | None = None,
 ):
     """One step of an FP8 output grafted from full deltas, in column tiles of whole blocks: decode, the CPU
     twin's float32 sum, encode (quantize_into). Inputs are (flat elements of rows [row0, ..), scale grid rows or
-    None for a float tensor); `out` the step's FP8 bytes (flat). Returns (Encoded of the step's block rows,
+    None for a float tensor); `out` the step's FP8 bytes (flat). Returns (EncodedRows of the step's block rows,
     NonFinite). The bits do not depend on the tiling: every value is computed element by element, and each
     block's scale from its own elements."""
     from .cpu import NonFinite
 
-    workers = workers or Workers(1)
+    threads = threads or EncodeThreads(1)
     rows = instruct[0].numel() // cols
     bh, bw = block
     grid_cols = cdiv(cols, bw)
     blocks = cdiv(cols, bw)
-    per = max(1, min(TILE_ELEMENTS // max(1, rows * bw), cdiv(blocks, 2 * workers.n)))  # several tiles per thread
+    per = max(1, min(TILE_ELEMENTS // max(1, rows * bw), cdiv(blocks, 2 * threads.n)))  # several tiles per thread
     width = per * bw
     spans = [(c0, min(cols, c0 + width)) for c0 in range(0, cols, width)]
     grids = {}
@@ -406,12 +406,12 @@ def graft_encode(
             enc = enc._replace(update_sq=sq_norm64(delta, sc))
         return enc, counts
 
-    done = workers.map(tile, spans)
+    done = threads.map(tile, spans)
     scale = torch.cat([enc.scale for enc, _ in done], dim=1)
     counts = NonFinite()
     for _, c in done:
         counts = counts.plus(c)
-    encoded = Encoded(
+    encoded = EncodedRows(
         scale,
         sum(e.rescaled for e, _ in done),
         sum(e.error_sq for e, _ in done),

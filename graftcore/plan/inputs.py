@@ -18,9 +18,9 @@ from collections.abc import Collection
 from pathlib import Path
 
 from graftcore.errors import GraftError, OutputError
-from graftcore.lora import is_adapter, open_adapter
+from graftcore.lora.adapter import is_adapter, open_adapter
 from graftcore.options import MergeOptions
-from graftcore.plan import DeltaInput, tuned_role
+from graftcore.plan.ops import DeltaInput, tuned_role
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.sources.local import open_checkpoint
 

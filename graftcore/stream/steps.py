@@ -11,9 +11,10 @@ bookkeeping stays a few objects whatever the model size.
     LORA          blocks of whole output rows (or one row cut into column ranges); I, and B and the full
                   tuned inputs where a term needs them (a LoRA term's factors are read whole)
 
-A quantized (FP8) input is read as its weight's elements followed by the rows of its scale grid that cover them
-(a Read with `scale`), so an op with one is cut into whole rows; when the output is FP8 too, into whole block
-rows of Instruct's grid (a block's new scale needs the whole block), and a last step writes the new scales.
+A quantized input is read as its codec lists the stored parts that rows read (graftcore/codecs/: for FP8, the
+weight's elements, then the rows of its scale grid that cover them, a Read with `part` 1), so an op with one is
+cut into whole rows; when the output is quantized too, into whole bands of the codec's rows (a block's new scale
+needs the whole block), and a last step per entry the encoder adds (the new scales) writes it.
 """
 
 from __future__ import annotations
@@ -21,21 +22,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from graftcore.codecs import codec_of
 from graftcore.io.safetensors_file import Pieces, Quantized, TensorInfo, itemsize
-from graftcore.lora_update import matrix_shape
-from graftcore.plan import Action, TensorOp
+from graftcore.lora.update import matrix_shape
+from graftcore.plan.ops import Action, TensorOp
+from graftcore.shapes import cdiv, numel
 
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """Elements [first, stop) of input tensor `info` of the checkpoint `role`; `scale`: the scale grid's elements
-    for the quantized weight read just before it."""
+    """Elements [first, stop) of input tensor `info` of the checkpoint `role`; `part` k > 0: the k-th companion
+    (the scale grid) of the quantized weight read just before it, as its codec lists them."""
 
     role: str
     info: TensorInfo
     first: int
     stop: int
-    scale: bool = False
+    part: int = 0
 
     @property
     def start_byte(self) -> int:
@@ -52,8 +55,8 @@ class Step:
 
     `reads` holds Instruct's range first, then Base's and each full tuned input's where the step grafts; elements
     [lo, grafted) are computed from the update, [grafted, hi) copied from Instruct. `raw`: copied byte for
-    byte. `block` (LoRA): output rows [r0, r1) and columns [c0, c1). `scales`: the op's new FP8 scales, elements
-    [lo, hi) of its scale grid, written after its weight.
+    byte. `block` (LoRA): output rows [r0, r1) and columns [c0, c1). `entry` k > 0: elements [lo, hi) of the
+    op's k-th output entry (op.entries[k], added by the codec's encoder: the new scales), written after the weight.
     """
 
     lo: int
@@ -62,16 +65,16 @@ class Step:
     grafted: int = 0
     raw: bool = False
     block: tuple[int, int, int, int] | None = None
-    scales: bool = False
+    entry: int = 0
 
 
 def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
     """The steps of `op` in execution order (`chunk` elements per computed step, `raw_bytes` per copied one)."""
     i = op.instruct
     if op.action is Action.COPY and op.out_dtype == i.dtype:
-        yield from raw_steps(i, raw_bytes)
-        if isinstance(i, Quantized):
-            yield from raw_steps(i.scale, raw_bytes, scale=True)
+        parts = codec_of(i).parts(i) if isinstance(i, Quantized) else (i,)
+        for k, part in enumerate(parts):
+            yield from raw_steps(part, raw_bytes, k)
         return
     if op.low_rank:
         yield from block_steps(op, chunk)
@@ -86,23 +89,24 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
                 reads += delta_reads(op, lo, g)
             yield Step(lo, hi, reads, grafted=g)
     if op.quantized_out:
-        yield Step(0, i.scale.numel, (), scales=True)
+        for k, (_, _, shape) in enumerate(op.entries[1:], 1):
+            yield Step(0, numel(shape), (), entry=k)
 
 
-def raw_steps(info: TensorInfo, raw_bytes: int, scale: bool = False) -> Iterator[Step]:
-    """Instruct's tensor `info` copied as it is, `raw_bytes` at a time (`scale`: an FP8 weight's scales, which
-    the merge checks on the way)."""
+def raw_steps(info: TensorInfo, raw_bytes: int, part: int = 0) -> Iterator[Step]:
+    """Instruct's tensor `info` copied as it is, `raw_bytes` at a time (`part` k > 0: a quantized weight's k-th
+    companion, which the merge checks on the way)."""
     per = max(1, raw_bytes // itemsize(info.dtype))
     for lo in range(0, info.numel, per):
         hi = min(info.numel, lo + per)
-        yield Step(lo, hi, (Read("instruct", info, lo, hi, scale=scale),), raw=True)
+        yield Step(lo, hi, (Read("instruct", info, lo, hi, part),), raw=True)
 
 
 def rows_per_step(op: TensorOp, chunk: int) -> int:
     """Whole rows per step of an op with a quantized input or output: about `chunk` elements, at least one row, a
-    multiple of Instruct's block rows when the output is encoded."""
+    multiple of the codec's band of rows (a scale block's) when the output is encoded."""
     cols = op.numel // op.shape[0]
-    band = op.instruct.block[0] if op.quantized_out else 1
+    band = codec_of(op.instruct).row_band(op.instruct) if op.quantized_out else 1
     per = max(1, chunk // max(1, cols))
     return max(band, per // band * band)
 
@@ -138,12 +142,12 @@ def delta_reads(op: TensorOp, lo: int, hi: int) -> tuple[Read, ...]:
 
 
 def reads_of(role: str, info, lo: int, hi: int) -> tuple[Read, ...]:
-    """The reads of elements [lo, hi) of an input tensor: one, or for a quantized one (whole rows), its weight's
-    and then its scale grid's rows that cover them."""
+    """The reads of elements [lo, hi) of an input tensor: one, or for a quantized one (whole rows) those its codec
+    lists for the rows (its weight's, then its companions': the scale grid's rows that cover them)."""
     if not isinstance(info, Quantized):
         return (read(role, info, lo, hi),)
-    first, stop = info.scale_range(lo // info.cols, cdiv(hi, info.cols))
-    return (Read(role, info, lo, hi), Read(role, info.scale, first, stop, scale=True))
+    ranges = codec_of(info).row_reads(info, lo // info.cols, cdiv(hi, info.cols))
+    return tuple(Read(role, part, first, stop, k) for k, (part, first, stop) in enumerate(ranges))
 
 
 def read(role: str, info: TensorInfo | Pieces, lo: int, hi: int) -> Read:
@@ -164,10 +168,6 @@ def piece_bounds(op: TensorOp) -> list[int]:
         for first, _, _ in info.parts
     }
     return sorted(bounds - {0})
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def ranges(numel: int, chunk: int, bounds: list[int]) -> Iterator[tuple[int, int]]:
@@ -219,7 +219,7 @@ def plan_reads(ops: list[TensorOp], role: str, steps, raw_bytes: int) -> Iterato
 
 def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
     """(role, input tensor) of every tensor the steps of `op` read from (each part of one stored in pieces, the
-    scales of a quantized one)."""
+    companions of a quantized one)."""
     inputs = [("instruct", op.instruct)]
     if op.grafted_numel:
         inputs += [("base", op.base)] if op.reads_base else []
@@ -230,7 +230,7 @@ def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
         else:
             yield role, info
             if isinstance(info, Quantized):
-                yield role, info.scale
+                yield from ((role, part) for part in codec_of(info).parts(info)[1:])
 
 
 def files_read(op: TensorOp) -> Iterator[tuple[str, str]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from graftcore.plan import Action, Ignored, Plan
+from graftcore.plan.ops import Action, Ignored, Plan
 
 
 @dataclass

@@ -29,8 +29,8 @@ from __future__ import annotations
 from graftcore.errors import AdapterError
 from graftcore.io.json_files import read_json_file
 from graftcore.io.safetensors_file import TensorInfo
-from graftcore.layouts import NAMINGS, expert_parts, segment_variants
-from graftcore.lora_update import LowRankUpdate
+from graftcore.lora.update import LowRankUpdate
+from graftcore.plan.layouts import NAMINGS, expert_parts, segment_variants
 from graftcore.sources.checkpoint import Checkpoint
 
 # the parameters of transformers 5's expert modules, in the order they register them (Qwen3MoeExperts,

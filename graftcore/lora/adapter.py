@@ -37,10 +37,10 @@ from pathlib import Path
 from graftcore.errors import AdapterError, CheckpointError
 from graftcore.io.json_files import read_json_file
 from graftcore.io.safetensors_file import FLOAT_DTYPES, Quantized, TensorInfo
-from graftcore.layouts import segment_variants
-from graftcore.lora_params import parameter_updates, wrapper_depth
-from graftcore.lora_update import LowRankUpdate
-from graftcore.names import infer_rewrites, rewrite_names
+from graftcore.lora.params import parameter_updates, wrapper_depth
+from graftcore.lora.update import LowRankUpdate
+from graftcore.plan.layouts import segment_variants
+from graftcore.plan.names import infer_rewrites, rewrite_names
 from graftcore.sources.checkpoint import NEVER_UNPICKLES, Checkpoint
 from graftcore.sources.local import open_local
 

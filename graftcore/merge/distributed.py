@@ -9,7 +9,7 @@ the non-weight files and graftcore.json with every shard's size and sha256.
 
 Only small objects travel between ranks, over gloo collectives and the process group's key-value store, so
 CPU-only nodes work and no NCCL is needed. A rank that fails posts its error in the store; the others see it
-within POLL seconds, stop at their next step (deleting their partial shard) and fail with the same line. A
+within STORE_POLL seconds, stop at their next step (deleting their partial shard) and fail with the same line. A
 rank killed outright is the launcher's to handle: torchrun and --workers stop the others.
 
 Example:
@@ -32,7 +32,7 @@ from pathlib import Path
 from graftcore import interrupts
 from graftcore.errors import GraftError
 
-POLL = 0.5  # seconds between looks at the store (another rank's failure, progress, the end)
+STORE_POLL = 0.5  # seconds between looks at the store (another rank's failure, progress, the end)
 _initialised_here: list[bool] = []  # whether joined_group() initialised the process group (torchrun's env)
 
 
@@ -111,7 +111,7 @@ class Group:
         stop = threading.Event()
 
         def watch():
-            while not stop.wait(POLL):
+            while not stop.wait(STORE_POLL):
                 failed = self.get("failed")
                 if failed is not None:
                     interrupts.fail(GraftError(f"stopped: {failed}"))
@@ -132,7 +132,7 @@ class Group:
             interrupts.check()
             if tick is not None:
                 tick()
-            time.sleep(POLL)
+            time.sleep(STORE_POLL)
         self.raise_if_failed()
 
 
@@ -178,11 +178,11 @@ def assign(sizes: dict[str, int], kept: set[str], world: int) -> dict[str, int]:
 
 def write_output_distributed(group: Group, plan, checkpoints, output: Path, opts, log, compute, progress=None):
     """This rank's share of the merge of `plan` into `output` (see the module docstring); returns its Report."""
-    from graftcore.engine import execute
-    from graftcore.inputs import job_fingerprint
     from graftcore.io.output_folder import OutputFolder
     from graftcore.io.safetensors_file import planned_file_size
-    from graftcore.job import finish_output, resume_line, shard_keys
+    from graftcore.merge.engine import execute
+    from graftcore.merge.job import finish_output, resume_line, shard_keys
+    from graftcore.plan.inputs import job_fingerprint
 
     fingerprint = job_fingerprint(checkpoints, opts)
     keys = shard_keys(plan, checkpoints, fingerprint)
@@ -252,8 +252,8 @@ def add_share(report, folder, share: dict) -> None:
 
 
 class GroupProgress:
-    """One progress bar for all ranks (on rank 0): every rank adds its bytes to the store about every POLL seconds;
-    rank 0 shows their sum, and calls the caller's `progress` callback with it (other ranks call none)."""
+    """One progress bar for all ranks (on rank 0): every rank adds its bytes to the store about every STORE_POLL
+    seconds; rank 0 shows their sum, and calls the caller's `progress` callback with it (other ranks call none)."""
 
     def __init__(self, group: Group, total: int, quiet: bool, callback=None):
         from tqdm.auto import tqdm
@@ -273,7 +273,7 @@ class GroupProgress:
         self.pending += p.done - self.seen
         self.seen = p.done
         self.where = (p.shard, p.tensor)
-        if time.monotonic() - self.last > POLL:
+        if time.monotonic() - self.last > STORE_POLL:
             self.flush()
             self.show()
 
@@ -291,7 +291,7 @@ class GroupProgress:
             self.bar.n = done
             self.bar.refresh()
         if self.callback is not None:
-            from graftcore.report import Progress
+            from graftcore.plan.report import Progress
 
             self.callback(Progress(done, self.total, *self.where))
 
@@ -339,7 +339,7 @@ def spawn_workers(graft, workers: int, kwargs: dict, log=None, progress=None):
                     outcomes[rank] = (error, report)
 
         try:
-            while not context.join(timeout=POLL):
+            while not context.join(timeout=STORE_POLL):
                 drain()
                 interrupts.check()
         except KeyboardInterrupt:

@@ -3,10 +3,10 @@
 One thread per input (Base, tuned, Instruct) walks the plan's reads of that input (steps.plan_reads) in the
 order the engine will take them, packs them into a small ring of buffers allocated once (pinned when the
 compute is on CUDA, so host-to-device copies start straight from them), and hands each buffer to one of
-WORKERS I/O threads:
+IO_THREADS I/O threads:
 
     reader thread (per input):  the next reads that fit one buffer; adjacent ranges become one run
-    I/O workers (per input):    each run read with O_DIRECT, or copied from the page cache where it is
+    I/O threads (per input):    each run read with O_DIRECT, or copied from the page cache where it is
                                 already there (input_file.py); DONTNEED behind when the pass is out of core
     compute thread:             take(read) -> a view of those bytes in a buffer; release() when done with it
 
@@ -35,11 +35,11 @@ from graftcore import interrupts
 from graftcore.interrupts import POLL
 from graftcore.io.input_file import BLOCK, InputFile, read_exactly
 from graftcore.io.safetensors_file import TensorInfo, itemsize, torch_dtype_or_none
-from graftcore.steps import Read
+from graftcore.stream.steps import Read
 
 BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
-DEPTH = 3  # buffers per input: WORKERS being read, one being consumed (4 bought no time we could measure)
-WORKERS = 2  # concurrent preadv calls per input: O_DIRECT has no kernel read-ahead, so the depth is ours
+DEPTH = 3  # buffers per input: IO_THREADS being read, one being consumed (4 bought no time we could measure)
+IO_THREADS = 2  # concurrent preadv calls per input: O_DIRECT has no kernel read-ahead, so the depth is ours
 READ_AHEAD = 64 << 20  # bytes advised ahead (WILLNEED) where reads are buffered (no O_DIRECT on that filesystem)
 
 
@@ -113,7 +113,7 @@ class RoleReader:
         depth: int,
         pin: bool,
         drop_behind: bool,
-        workers: int = WORKERS,
+        io_threads: int = IO_THREADS,
     ):
         self.role, self.checkpoint, self.reads = role, checkpoint, reads
         self.last_use = last_use  # shard file -> index of the last op reading it
@@ -124,7 +124,7 @@ class RoleReader:
         for b in self.buffers:
             self.free.put(b)
         self.stop = threading.Event()
-        self.disk_seconds = 0.0  # in preadv (all workers together): waiting on the disk, or copying from the cache
+        self.disk_seconds = 0.0  # in preadv (all I/O threads together): waiting on the disk, or copying from the cache
         self.bytes_direct = self.bytes_cached = 0  # read with O_DIRECT / copied from the page cache
         self._stats = threading.Lock()
         self.waited = 0.0  # seconds the engine waited in take() for this input
@@ -133,7 +133,7 @@ class RoleReader:
         self._ahead: deque[tuple[int, Read]] = deque()  # reads looked at for read-ahead, not yet read
         self._current: tuple[_Buffer, list[tuple[Read, int]]] | None = None
         self._in_flight: list[futures.Future] = []
-        self.io = futures.ThreadPoolExecutor(workers, thread_name_prefix=f"graftcore-read-{role}")
+        self.io = futures.ThreadPoolExecutor(io_threads, thread_name_prefix=f"graftcore-read-{role}")
         self._taken = 0
         self.thread = threading.Thread(target=self._run, name=f"graftcore-read-{role}", daemon=True)
         self.thread.start()
@@ -170,7 +170,7 @@ class RoleReader:
                 buffer.pending = len(batch)
                 for read, _ in batch:
                     self._file(read.info.file)  # opened here, in order (a hub input may wait for its download)
-                done = self.io.submit(self._fill, buffer, batch)  # up to `workers` batches in flight at once
+                done = self.io.submit(self._fill, buffer, batch)  # up to `io_threads` batches in flight at once
                 self._in_flight.append(done)
                 self.ready.put((buffer, batch, done))
                 self._close_finished(last_op, pending[0] if pending is not None else None)
@@ -223,7 +223,7 @@ class RoleReader:
             direct = self._files[read.info.file].read_run(
                 buffer.view, offset, start, end, batch[last][0].info.name, self.drop_behind
             )
-            with self._stats:  # the I/O workers run this concurrently
+            with self._stats:  # the I/O threads run this concurrently
                 self.disk_seconds += time.perf_counter() - t0
                 if direct:
                     self.bytes_direct += end - start
@@ -321,13 +321,13 @@ class InputStreamer:
         drop_behind: bool,
         buffer_bytes: int = BUFFER_BYTES,
         depth: int = DEPTH,
-        workers: int = WORKERS,
+        io_threads: int = IO_THREADS,
         steps=None,
     ):
         """Start reading the inputs of `ops` (in execution order) for steps of `chunk` elements; `pin` the
         buffers for CUDA copies; `drop_behind` consumed pages from the page cache. `steps(k, op, raw_bytes)`:
         the steps of the k-th op that are taken (default: all, steps.op_steps)."""
-        from graftcore.steps import op_inputs, op_steps, plan_reads
+        from graftcore.stream.steps import op_inputs, op_steps, plan_reads
 
         last_use: dict[str, dict[str, int]] = {}
         for k, op in enumerate(ops):
@@ -345,10 +345,10 @@ class InputStreamer:
                     plan_reads(ops, role, steps, buffer_bytes),
                     files,
                     buffer_bytes,
-                    max(depth, workers + 1),
+                    max(depth, io_threads + 1),
                     pin,
                     drop_behind,
-                    workers,
+                    io_threads,
                 )
         except BaseException:  # e.g. no memory for the next reader's buffers: stop the ones already reading
             self.close()
@@ -380,7 +380,7 @@ class InputStreamer:
 def raw_step_bytes(ops: list, chunk: int, buffer_bytes: int) -> int:
     """The bytes of a read buffer, and of a step that copies a tensor as it is: `buffer_bytes`, or more if a
     computed step (at most `chunk` elements of one input tensor) needs more."""
-    from graftcore.steps import op_inputs, step_elements
+    from graftcore.stream.steps import op_inputs, step_elements
 
     largest = max(
         (min(info.numel, step_elements(op, chunk)) * itemsize(info.dtype) for op in ops for _, info in op_inputs(op)),

@@ -28,7 +28,8 @@ import bisect
 from collections.abc import Mapping
 
 from graftcore.errors import GraftError
-from graftcore.layouts import segment_variants
+from graftcore.plan.layouts import segment_variants
+from graftcore.shapes import only_rows_grew
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 CANDIDATES_FROM = 4  # names Instruct lacks that candidate rewrites are drawn from
@@ -67,7 +68,7 @@ def fits(shape: tuple, target: tuple) -> bool:
     """Whether a tensor of `shape` grafts onto one of `target`: equal, or only dim 0 larger in the target (a
     vocabulary grown in Instruct: its shared rows are grafted, as the planner does)."""
     shape, target = tuple(shape), tuple(target)
-    return shape == target or (len(shape) == len(target) >= 1 and shape[1:] == target[1:] and target[0] > shape[0])
+    return shape == target or only_rows_grew(shape, target)
 
 
 def infer_rewrite(shapes: Mapping[str, tuple], reference: Mapping[str, tuple], index=None) -> tuple[str, str] | None:

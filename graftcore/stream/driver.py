@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from graftcore import interrupts
 from graftcore.options import MergeOptions, parse_size
-from graftcore.plan import TensorOp
-from graftcore.readers import BUFFER_BYTES, DEPTH, WORKERS, Held, InputStreamer
-from graftcore.report import Progress
+from graftcore.plan.ops import TensorOp
+from graftcore.plan.report import Progress
 from graftcore.sources.checkpoint import Checkpoint
-from graftcore.steps import Step, files_depended_on, files_read, op_inputs, op_steps
+from graftcore.stream.readers import BUFFER_BYTES, DEPTH, IO_THREADS, Held, InputStreamer
+from graftcore.stream.steps import Step, files_depended_on, files_read, op_inputs, op_steps
 
 DROP_BEHIND_FRACTION = 0.5  # drop consumed pages from the page cache when a pass moves more than this of RAM
 
@@ -188,7 +188,7 @@ def run_pass(
             drop,
             buffer_bytes or read_buffer_bytes(opts),
             (opts.read_depth or DEPTH + extra_depth),
-            opts.read_workers or WORKERS,
+            opts.read_workers or IO_THREADS,
             steps,
         )
         consumer.begin_pass(streamer)

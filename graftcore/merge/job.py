@@ -18,10 +18,10 @@ from graftcore import interrupts
 from graftcore.io.output_folder import OutputFolder, config_takes_dtype
 from graftcore.io.safetensors_file import planned_file_size
 from graftcore.options import MergeOptions
-from graftcore.plan import Plan, entries_digest, plan_entries
-from graftcore.report import Report, fp8_summary
+from graftcore.plan.ops import Plan, entries_digest, plan_entries
+from graftcore.plan.report import Report, fp8_summary
 from graftcore.sources.checkpoint import Checkpoint
-from graftcore.steps import files_depended_on
+from graftcore.stream.steps import files_depended_on
 from graftcore.version import __version__
 
 
@@ -40,7 +40,7 @@ def write_output(
     kept = folder.prepare(sizes, opts.overwrite, shard_keys(plan, checkpoints, folder.fingerprint))
     if kept:
         log(resume_line(output, len(kept), len(sizes)))
-    from graftcore.engine import execute
+    from graftcore.merge.engine import execute
 
     with interrupts.deferred():  # Ctrl-C stops the engine at its next step, never inside a queue
         report = execute(plan, checkpoints, output, folder, opts, compute, kept, progress)
