@@ -17,6 +17,7 @@ from graftcore.errors import (  # noqa: E402
     OutputError,
     VerifyError,
 )
+from graftcore.lazy import lazy_attributes  # noqa: E402
 from graftcore.options import MergeOptions  # noqa: E402
 from graftcore.version import __version__  # noqa: E402
 
@@ -37,12 +38,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'graftcore' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -22,7 +22,7 @@ from graftcore.merge.job import write_output
 from graftcore.options import MergeOptions, option_fields
 from graftcore.plan.build import build_plan
 from graftcore.plan.inputs import Ref, check_call, check_output_outside_inputs, job_fingerprint, open_inputs, tuned_refs
-from graftcore.plan.ops import Plan, tuned_role  # tuned_role: documented as graftcore.api.tuned_role
+from graftcore.plan.ops import Plan  # tuned_role: documented as graftcore.api.tuned_role
 from graftcore.plan.report import Progress, Report
 from graftcore.sources.checkpoint import Checkpoint
 

@@ -63,16 +63,38 @@ class OneLineParser(argparse.ArgumentParser):
 NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")  # a negative value (--alpha -0.5), not an option
 
 
+COMMANDS = {  # name: (help, description)
+    "merge": (
+        "write instruct + alpha * (tuned - base) (several --tuned: one term each)",
+        "W_out = W_instruct + a1 * (W_tuned1 - W_base) + a2 * (W_tuned2 - W_base) + ..., tensor by tensor, "
+        "float32 math, one rounding. REF is a folder, a .safetensors file, or a hub repo id org/name[@revision].",
+    ),
+    "similarity": (
+        "how close Instruct is to Base, and each tuned model's update beside that gap",
+        "Per tensor, layer, module kind and for the whole model: sigma = sum|I - B| / (sum|I| + sum|B|), "
+        "||I - B|| / ||B||, cosine(I, B); with --tuned, the same for each T against B and ||T - B|| / ||I - B||. "
+        "Reads the inputs as merge does; writes nothing but the report.",
+    ),
+    "verify": (
+        "check that an output folder is what graftcore wrote",
+        "Re-hash every shard against graftcore.json, check headers, the index and the planned tensors; "
+        "with --recompute K, re-open the recorded inputs and compute K random chunks (and the first and last chunk "
+        "of every shard) again, comparing bits. Exit 0 when all hold, 2 at the first discrepancy.",
+    ),
+}
+
+
+def add_command(sub, name: str) -> argparse.ArgumentParser:
+    """The subcommand `name`'s parser, with its help and description (COMMANDS)."""
+    help_text, description = COMMANDS[name]
+    return sub.add_parser(name, help=help_text, description=description)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="graftcore", description="Graft a fine-tune of a Base model onto its Instruct model.")
     parser.add_argument("--version", action="version", version=f"graftcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    merge = sub.add_parser(
-        "merge",
-        help="write instruct + alpha * (tuned - base) (several --tuned: one term each)",
-        description="W_out = W_instruct + a1 * (W_tuned1 - W_base) + a2 * (W_tuned2 - W_base) + ..., tensor by tensor, "
-        "float32 math, one rounding. REF is a folder, a .safetensors file, or a hub repo id org/name[@revision].",
-    )
+    merge = add_command(sub, "merge")
     merge.add_argument(
         "--base",
         metavar="REF",
@@ -98,13 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_similarity_parser(sub) -> None:
     from graftcore.options import SIMILARITY_OPTIONS
 
-    similarity = sub.add_parser(
-        "similarity",
-        help="how close Instruct is to Base, and each tuned model's update beside that gap",
-        description="Per tensor, layer, module kind and for the whole model: sigma = sum|I - B| / (sum|I| + sum|B|), "
-        "||I - B|| / ||B||, cosine(I, B); with --tuned, the same for each T against B and ||T - B|| / ||I - B||. "
-        "Reads the inputs as merge does; writes nothing but the report.",
-    )
+    similarity = add_command(sub, "similarity")
     similarity.add_argument("--base", metavar="REF", required=True, help="the Base model")
     similarity.add_argument("--instruct", metavar="REF", required=True, help="the Instruct model")
     similarity.add_argument(
@@ -155,13 +171,7 @@ def add_option_flags(parser: argparse.ArgumentParser, names, reworded: dict[str,
 
 
 def add_verify_parser(sub) -> None:
-    verify = sub.add_parser(
-        "verify",
-        help="check that an output folder is what graftcore wrote",
-        description="Re-hash every shard against graftcore.json, check headers, the index and the planned tensors; "
-        "with --recompute K, re-open the recorded inputs and compute K random chunks (and the first and last chunk "
-        "of every shard) again, comparing bits. Exit 0 when all hold, 2 at the first discrepancy.",
-    )
+    verify = add_command(sub, "verify")
     verify.add_argument("output", metavar="OUT", help="a folder written by graftcore merge")
     verify.add_argument(
         "--recompute", type=int, default=0, metavar="K", help="chunks to recompute from the inputs (default 0)"

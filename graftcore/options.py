@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from graftcore.errors import GraftError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # --targets reference
-# --targets projections is what PEFT's "all-linear" adapts on Instruct's architecture (projections.py); where
+# --targets projections is what PEFT's "all-linear" adapts on Instruct's architecture (plan/projections.py); where
 # transformers and PEFT cannot tell, these name rules stand in, by the name of the module holding the weight (or,
 # for experts stored fused, of the parameter), as transformers saves them:
 #   *_proj: q/k/v/o, Phi-3's qkv_proj and gate_up_proj, DeepSeek-V3's MLA q_a/q_b/kv_a_proj_with_mqa/kv_b_proj,
@@ -204,7 +204,7 @@ class MergeOptions:
 
     def selects(self, name: str, projections: frozenset[str] | None = None) -> bool:
         """Whether tensor `name` is to be grafted (as opposed to copied from Instruct). `projections`: the
-        tensors `--targets projections` selects on Instruct's architecture (projections.py); None: the name
+        tensors `--targets projections` selects on Instruct's architecture (plan/projections.py); None: the name
         rules of PROJECTION decide."""
         if self.targets == "projections" and projections is not None and name not in projections:
             return False

@@ -121,7 +121,7 @@ import graftcore.api as api
 from graftcore.compute.cpu import CpuCompute
 
 class KernelOnCpu(CpuCompute):
-    # the merge's GPU route for FP8 ops (stream/codec_steps.encode_on_device), with the interpreted kernel on CPU tensors
+    # the merge's GPU route for FP8 ops (stream/codec_steps.encode_on_device), the interpreted kernel on CPU tensors
     name = "interpreted"
     device = "cpu"
 

@@ -15,7 +15,7 @@ KERNELS = ROOT / "kernels" / "graft"  # installed as graftcore.kernels
 
 # lowest first; a module may import its own layer and those below
 LAYERS = [
-    ("base", {"errors", "options", "interrupts", "version", "shapes"}),
+    ("base", {"errors", "options", "interrupts", "version", "shapes", "lazy"}),
     (
         "kernels",
         {

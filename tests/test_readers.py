@@ -14,11 +14,11 @@ import torch
 from helpers import llama_tensors, load_folder, reference, same_bits, write_checkpoint
 
 import graftcore
-from graftcore.stream import readers
 from graftcore.errors import CheckpointError
 from graftcore.io import input_file
 from graftcore.io.input_file import PageMap
 from graftcore.io.safetensors_file import TORCH_TO_CODE, ShardWriter, read_header, tensor_bytes
+from graftcore.stream import readers
 
 
 def write_in_order(path, tensors: dict):

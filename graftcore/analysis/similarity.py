@@ -11,7 +11,7 @@ Instruct model or a tuned input and B the Base model:
 This module resolves and plans without torch: every tensor Instruct and Base share (floating point, selected
 by include / exclude / targets) becomes a TensorOp whose steps read Instruct, Base and each full tuned input
 over the same element ranges; Instruct's extra vocabulary rows are left out (measured over the shared rows).
-Torch loads only then (a bad input fails in a fraction of a second); measure_stream.py streams the inputs as a
+Torch loads only then (a bad input fails in a fraction of a second); analysis/similarity_sums.py streams the inputs as a
 merge streams them (nothing is written but the report) into float64 sums per tensor. sum X*B = (sum X^2 + sum B^2 -
 sum D^2) / 2. The raw sums are kept per tensor, so an aggregate (a layer, a module kind, the whole model)
 recomputes each metric from the summed accumulators, never from averaged metrics.
@@ -386,38 +386,45 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
                 f"{name}: Instruct has {i.shape[0] - rows} more rows than base (a grown vocabulary); "
                 f"measured over the {rows} shared rows"
             )
-        terms, how = [], []
-        for d, full, updates in sources:
-            t, u = full.get(name), updates.get(name)
-            if t is None and d.adapter is None:
-                raise MismatchError(
-                    f"{locate('base', b)}: tensor {name!r} is in base but not in {d.role} "
-                    f"({locate(d.role, None)}); --exclude it to skip it"
-                )
-            if t is not None:
-                if t.shape != b.shape or not readable(t):
-                    raise MismatchError(
-                        f"{locate(d.role, t)}: tensor {name!r} is {t.dtype}{list(t.shape)} in {d.role} "
-                        f"but {b.dtype}{list(b.shape)} in base ({locate('base', b)})"
-                    )
-                term = Term(d.role, 1.0, t)
-                terms.append(term)
-                how.append((d.role, "full", term))
-            elif u is not None:
-                if (u.rows, u.cols) != matrix_shape(b.shape):
-                    raise MismatchError(
-                        f"{u.where}: the update of {name!r} covers {u.rows} x {u.cols}, but base "
-                        f"({locate('base', b)}) has {list(b.shape)}"
-                    )
-                how.append((d.role, "lowrank", u))
-            else:
-                how.append((d.role, "zero", None))
+        terms, how = measured_terms(name, b, sources, locate)
         info = i if rows is None else i._replace(shape=b.shape, end=i.start + b.numel * itemsize(i.dtype))
-        out_dtype = "F32" if isinstance(info, Quantized) else info.dtype  # nothing is written: no FP8 encoding
+        out_dtype = "F32" if isinstance(info, Quantized) else info.dtype  # nothing is written: nothing encoded
         op = MeasureOp(name, Action.GRAFT, out_dtype, info, b, tuple(terms))
         measured.append(Measured(op, tuple(i.shape), rows, how))
     skipped += [(name, reason) for name, reason in matched.ignored()]
     return MeasurePlan(measured, skipped, notes)
+
+
+def measured_terms(name: str, b: TensorInfo, sources, locate) -> tuple[list[Term], list[tuple]]:
+    """(the full tuned tensors' Terms, (role, "full" | "lowrank" | "zero", term or update) per tuned input) of
+    tensor `name` with Base's `b`; MismatchError for a tuned tensor that is missing or does not fit Base's."""
+    terms, how = [], []
+    for d, full, updates in sources:
+        t, u = full.get(name), updates.get(name)
+        if t is None and d.adapter is None:
+            raise MismatchError(
+                f"{locate('base', b)}: tensor {name!r} is in base but not in {d.role} "
+                f"({locate(d.role, None)}); --exclude it to skip it"
+            )
+        if t is not None:
+            if t.shape != b.shape or not readable(t):
+                raise MismatchError(
+                    f"{locate(d.role, t)}: tensor {name!r} is {t.dtype}{list(t.shape)} in {d.role} "
+                    f"but {b.dtype}{list(b.shape)} in base ({locate('base', b)})"
+                )
+            term = Term(d.role, 1.0, t)
+            terms.append(term)
+            how.append((d.role, "full", term))
+        elif u is not None:
+            if (u.rows, u.cols) != matrix_shape(b.shape):
+                raise MismatchError(
+                    f"{u.where}: the update of {name!r} covers {u.rows} x {u.cols}, but base "
+                    f"({locate('base', b)}) has {list(b.shape)}"
+                )
+            how.append((d.role, "lowrank", u))
+        else:
+            how.append((d.role, "zero", None))
+    return terms, how
 
 
 def shared_rows(name: str, i: TensorInfo, b: TensorInfo, locate) -> int | None:
@@ -523,7 +530,7 @@ def similarity(
 
 
 def pairs_from_sums(sums: list[float], roles: list[str]) -> dict[str, Sums]:
-    """The Sums of each pair (X_k, B) from a tensor's accumulators, in measure_stream.ChunkMath.sums's order:
+    """The Sums of each pair (X_k, B) from a tensor's accumulators, in similarity_sums.ChunkMath.sums's order:
     [sum|X_k|.., sum|B|, sum|D_k|.., sum X_k^2.., sum B^2, sum D_k^2..] with X_0 = Instruct, D_k = X_k - B."""
     m = len(roles)
     width = 1 + 2 * m

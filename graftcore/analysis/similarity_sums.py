@@ -36,6 +36,7 @@ from graftcore.io.safetensors_file import itemsize
 from graftcore.kernels import CHUNK
 from graftcore.lora.update import matrix_shape
 from graftcore.options import MergeOptions
+from graftcore.shapes import cdiv
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.stream.codec_steps import decode
 from graftcore.stream.driver import StepConsumer, input_bytes, run_pass
@@ -62,7 +63,7 @@ class ChunkMath:
 
     def __init__(self, chunk: int, m: int):
         self.m = m
-        cap = -(-chunk // BLOCK) * BLOCK
+        cap = cdiv(chunk, BLOCK) * BLOCK
         width = 1 + 2 * m
         self.x = torch.empty(width, cap)
         self.blocks = torch.empty(2 * width, cap // BLOCK)
@@ -76,7 +77,7 @@ class ChunkMath:
         """The float64 sums of the first `n` elements, once B and the X rows are filled; `diffs`: the k whose
         X_k - B is computed here (the others were filled by the caller)."""
         m, width = self.m, 1 + 2 * self.m
-        pad = -(-n // BLOCK) * BLOCK
+        pad = cdiv(n, BLOCK) * BLOCK
         if pad > n:  # zeros add nothing to any sum
             self.x[:, n:pad].zero_()
         x = self.x[:, :pad]
@@ -189,7 +190,7 @@ class SimilarityConsumer(StepConsumer):
         self.per_task = next(
             s
             for s in range(STEPS_PER_TASK, 0, -1)
-            if s == 1 or min(s, -(-s * largest // streamer.raw_bytes) + 1) <= depth - 1
+            if s == 1 or min(s, cdiv(s * largest, streamer.raw_bytes) + 1) <= depth - 1
         )
 
     def begin_op(self, op) -> None:

@@ -56,8 +56,14 @@ class ScaledFp8:
 
     kind = "FP8"
     methods: tuple[str, ...] = ()
+    format: str | None = None  # the compressed-tensors `format` it reads (None: the method alone says it)
     suffix = ""  # the scale tensor's name ending, after the weight's name without "weight"
     config_keys = ("quantization_config",)
+
+    def claims(self, config: dict) -> bool:
+        if config.get("quant_method") not in self.methods:
+            return False
+        return self.format is None or config.get("format", self.format) == self.format
 
     @property
     def companion_suffixes(self) -> tuple[str, ...]:
@@ -180,9 +186,6 @@ class BlockFp8(ScaledFp8):
     methods = ("fp8",)
     suffix = "weight_scale_inv"
 
-    def claims(self, config: dict) -> bool:
-        return config.get("quant_method") == "fp8"
-
     def read_config(self, config: dict, where: str) -> QuantFormat:
         if str(config.get("fmt", "e4m3")).lower() != "e4m3":
             raise CheckpointError(f"{where}: quantization_config.fmt is {config.get('fmt')!r}; graftcore reads e4m3")
@@ -217,10 +220,8 @@ class CompressedFp8(ScaledFp8):
     name = "float-quantized"
     label = "FP8"
     methods = ("compressed-tensors",)
+    format = "float-quantized"
     suffix = "weight_scale"
-
-    def claims(self, config: dict) -> bool:
-        return config.get("quant_method") == "compressed-tensors" and config.get("format", self.name) == self.name
 
     def read_config(self, config: dict, where: str) -> QuantFormat:
         for key, weights in group_weights(config):

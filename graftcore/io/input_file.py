@@ -9,7 +9,7 @@ the page cache (a warm rerun) is copied from it instead. Which one is decided pe
 kernel which pages are resident (PageMap: mincore on a mapping that is never touched).
 
 O_DIRECT wants the buffer address, file offset and length aligned to the device's block: every run is read
-as the BLOCK-aligned range around it into a BLOCK-aligned place of the buffer (readers.py lays runs out so).
+as the BLOCK-aligned range around it into a BLOCK-aligned place of the buffer (stream/readers.py lays runs out so).
 Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems), plain buffered reads are used.
 """
 
@@ -21,6 +21,7 @@ import mmap
 import os
 
 from graftcore.errors import CheckpointError
+from graftcore.shapes import cdiv
 
 BLOCK = 4096  # O_DIRECT alignment of addresses, offsets and lengths (the largest logical block in common use)
 PAGE = mmap.PAGESIZE
@@ -123,12 +124,12 @@ class InputFile:
     def read_run(self, view: memoryview, at: int, start: int, end: int, tensor: str, drop_behind: bool) -> bool:
         """File bytes [start, end) into view[at : at + end - start]; True if read with O_DIRECT, False if copied
         from the page cache. `at` is congruent to `start` modulo BLOCK and the view has room for the
-        BLOCK-aligned range around the run: its bytes outside the run may be overwritten (readers.py gives
+        BLOCK-aligned range around the run: its bytes outside the run may be overwritten (stream/readers.py gives
         every run blocks of its own)."""
         direct_fd = self.direct_fd if self.direct_ok else None  # two I/O workers may read one file at once
         if direct_fd is not None and not self.pages.resident(start, end - start):
             lo = start - start % BLOCK
-            hi = -(-end // BLOCK) * BLOCK
+            hi = cdiv(end, BLOCK) * BLOCK
             try:
                 read_exactly(
                     direct_fd, view[at - (start - lo) : at - (start - lo) + hi - lo], lo, end - lo, self.where, tensor

@@ -85,10 +85,11 @@ def atomic_copy(src: Path, dst: Path) -> None:
         raise
 
 
-def config_with_dtype(text: str, dtype: str, dequantized: bool = False) -> str:
+def config_with_dtype(text: str, dtype: str, dropped: tuple[str, ...] = ()) -> str:
     """config.json's `text` with its top-level "torch_dtype" (and "dtype" where present, as newer transformers
-    writes it) set to `dtype`, and for weights written `dequantized`, without "quantization_config"; other keys
-    keep their values and order. Text that is not a JSON object, or that already says so, comes back unchanged."""
+    writes it) set to `dtype`, and without the keys `dropped` (a quantized format's "quantization_config", for
+    weights written dequantized); other keys keep their values and order. Text that is not a JSON object, or that
+    already says so, comes back unchanged."""
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError):
@@ -96,8 +97,8 @@ def config_with_dtype(text: str, dtype: str, dequantized: bool = False) -> str:
     if not isinstance(doc, dict):
         return text
     new = {**doc, "torch_dtype": dtype, **({"dtype": dtype} if "dtype" in doc else {})}
-    if dequantized:
-        new.pop("quantization_config", None)
+    for key in dropped:
+        new.pop(key, None)
     if new == doc:
         return text
     return json.dumps(new, indent=2, ensure_ascii=False) + ("\n" if text.endswith("\n") else "")
@@ -111,16 +112,16 @@ def config_takes_dtype(path: Path) -> bool:
         return False
 
 
-def atomic_copy_config(src: Path, dst: Path, dtype: str, dequantized: bool = False) -> None:
-    """atomic_copy of a config.json whose dtype becomes `dtype` (and without its quantization_config for weights
-    written `dequantized`; a file that is not UTF-8 is copied as is)."""
+def atomic_copy_config(src: Path, dst: Path, dtype: str, dropped: tuple[str, ...] = ()) -> None:
+    """atomic_copy of a config.json whose dtype becomes `dtype` and without the keys `dropped` (a file that is not
+    UTF-8 is copied as is)."""
     with output_errors(src, "read it"):
         raw = src.read_bytes()
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         return atomic_copy(src, dst)
-    atomic_write(dst, config_with_dtype(text, dtype, dequantized).encode())
+    atomic_write(dst, config_with_dtype(text, dtype, dropped).encode())
 
 
 def file_sha256(path: Path) -> str:
@@ -135,7 +136,7 @@ class OutputFolder:
     """Owns the output folder for one job, identified by `fingerprint` (inputs + bit-changing options)."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, rank: int | None = None):
-        """`rank`: one process of a merge spread over several (distributed.py); each keeps its own progress file,
+        """`rank`: one process of a merge spread over several (merge/distributed.py); each keeps its own progress file,
         rank 0 alone locks, claims and finishes the folder."""
         self.path = Path(path)
         self.fingerprint = fingerprint
@@ -299,16 +300,17 @@ class OutputFolder:
         extra_files: list[tuple[Path, str]],
         manifest: dict,
         dtype: str | None = None,
-        dequantized: bool = False,
+        dropped: tuple[str, ...] = (),
     ) -> None:
         """Copy Instruct's non-weight files, write the index and graftcore.json, drop the progress file.
 
-        With `dtype` (the --dtype of the tensors, unless auto) config.json's "torch_dtype" says it too, and for
-        FP8 weights written `dequantized` it loses its quantization_config.
+        With `dtype` (the --dtype of the tensors, unless auto) config.json's "torch_dtype" says it too, and it
+        loses the keys `dropped` (a quantized Instruct's quantization_config, when its weights are written
+        dequantized).
         """
         for src, rel in extra_files:
             if dtype is not None and rel == "config.json":
-                atomic_copy_config(src, self.path / rel, dtype, dequantized)
+                atomic_copy_config(src, self.path / rel, dtype, dropped)
             else:
                 atomic_copy(src, self.path / rel)
         written = [*self.finished, *(rel for _, rel in extra_files)]

@@ -154,7 +154,7 @@ class Quantized(NamedTuple):
 
 class Pieces(NamedTuple):
     """One logical tensor stored as several: `parts` are (first, stop, TensorInfo) covering its flat elements
-    [0, numel) in order (MoE experts stored one by one, read as Instruct's fused tensor: layouts.py)."""
+    [0, numel) in order (MoE experts stored one by one, read as Instruct's fused tensor: plan/layouts.py)."""
 
     name: str
     dtype: str

@@ -17,9 +17,9 @@ A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors
                                                      (`<module>.base_layer.bias`), and the frozen copy of a
                                                      targeted embedding (`<module>.base_layer.weight`)
     base_model.model.<module>[.base_layer]*.lora_A.weight   LoRA on a parameter (target_parameters): see
-                                                     lora_params.py
+                                                     lora/params.py
 
-Every update is written as `left @ right` over the rows of the Instruct tensor as stored (lora_update.py), so
+Every update is written as `left @ right` over the rows of the Instruct tensor as stored (lora/update.py), so
 the engine computes it chunk by chunk over output rows whatever the layer type.
 
 Full tensors trained on Base (modules_to_save, biases) are grafted like a full fine-tune,
@@ -358,7 +358,7 @@ def adapter_terms(
 
 
 def on_parameter(module: str, cfg: AdapterConfig) -> bool:
-    """Whether `module`'s factors are PEFT's LoRA on a parameter (lora_params.py) rather than on a layer: the config
+    """Whether `module`'s factors are PEFT's LoRA on a parameter (lora/params.py) rather than on a layer: the config
     has target_parameters and the module is a nested wrapper or not a target_modules match."""
     owner, depth = wrapper_depth(module)
     return bool(cfg.target_parameters) and (depth > 0 or not cfg.targets(owner))
@@ -435,6 +435,30 @@ def plan_module(
 ):
     """The LowRankUpdate(s) of one adapted module, after checking names, ranks and shapes; `home`: the module's
     name in Instruct's files where it differs."""
+    target, i = adapted_tensor(module, parts, cfg, instruct, where, home)
+    a, b, m = parts["A"], parts["B"], parts.get("m")
+    if kind == "linear" and cfg.fan_in_fan_out:
+        kind = "fan_in_fan_out"
+    rows, cols, grown = update_shape(module, a, b, i, kind, cfg, target, where)
+    check_dora(module, m, cfg, kind, (rows, cols), grown, target, where)
+    scale = cfg.scale(module)
+    out = {target: LowRankUpdate(module, kind, scale, a, b, rows, cols, m, where)}
+    bias = parts.get("bias")
+    if bias is not None:
+        target_b = (home or module) + ".bias"
+        ib = instruct.tensors.get(target_b)
+        if ib is None or tuple(ib.shape) != (b.shape[0],):
+            found = "missing" if ib is None else list(ib.shape)
+            raise AdapterError(
+                f"{where}: tensor {bias.name!r} {list(bias.shape)} targets {target_b!r}, which is {found} in Instruct"
+            )
+        out[target_b] = LowRankUpdate(module, "bias", scale, bias, None, b.shape[0], 1, None, where)
+    return out
+
+
+def adapted_tensor(module: str, parts: dict, cfg: AdapterConfig, instruct: Checkpoint, where: str, home):
+    """(name, TensorInfo) of the Instruct weight that `module`'s factors adapt; AdapterError for a factor without
+    its partner, a module the config does not select, a target Instruct lacks, or dtypes graftcore cannot read."""
     first = next(iter(parts.values())).name
     if "A" not in parts or "B" not in parts:
         lacks = "A" if "A" not in parts else "B"
@@ -444,9 +468,9 @@ def plan_module(
             f"{where}: tensor {first!r} adapts module {module!r}, which {cfg.path.name}'s target_modules / "
             f"layers_to_transform / exclude_modules do not select (PEFT would ignore it)"
         )
-    a, b, m = parts["A"], parts["B"], parts.get("m")
+    a = parts["A"]
     target = (home or module) + ".weight"
-    if target not in instruct.tensors:  # a segment transformers renames on load (PhiMoE's router: layouts.py)
+    if target not in instruct.tensors:  # a segment transformers renames on load (PhiMoE's router: plan/layouts.py)
         target = next((v for v in segment_variants(target) if v in instruct.tensors), target)
     i = instruct.tensors.get(target)
     if i is None:
@@ -457,17 +481,21 @@ def plan_module(
         raise AdapterError(
             f"{where}: tensor {a.name!r} targets {target!r}, which is {i.dtype} in Instruct, not F16/BF16/F32/FP8"
         )
-    for x in (a, b, m, parts.get("bias")):
+    for x in (a, parts["B"], parts.get("m"), parts.get("bias")):
         if x is not None and x.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{where}: tensor {x.name!r} is {x.dtype}; graftcore reads F16, BF16 or F32 adapters")
+    return target, i
+
+
+def update_shape(module: str, a, b, i, kind: str, cfg: AdapterConfig, target: str, where: str):
+    """(rows, cols, grown) of the update `left @ right` the factors make over the stored Instruct weight `i`
+    (grown: Instruct's vocabulary has more rows); AdapterError for ranks or shapes that do not fit."""
     if len(a.shape) != 2 or len(b.shape) != 2 or len(i.shape) != 2:
         raise AdapterError(
             f"{where}: tensor {a.name!r} is {list(a.shape)} with lora_B {list(b.shape)} for {target!r} "
             f"{list(i.shape)}; only 2-D (Linear, Conv1D, Embedding) LoRA is supported"
         )
     r, _ = cfg.rank_and_alpha(module)
-    if kind == "linear" and cfg.fan_in_fan_out:
-        kind = "fan_in_fan_out"
     # what the stored Instruct weight must be: [rows, cols] with rows = left's rows, cols = right's columns
     rows, cols = {
         "linear": (b.shape[0], a.shape[1]),
@@ -484,33 +512,26 @@ def plan_module(
         )
     grown = module.rsplit(".", 1)[-1] in VOCAB_MODULES and cols == i.shape[1] and rows < i.shape[0]
     if (rows, cols) != tuple(i.shape) and not grown:
-        layout = {"linear": "[out, in]", "fan_in_fan_out": "[in, out] (fan_in_fan_out)", "embedding": "[vocab, dim]"}[
-            kind
-        ]
+        layout = {"linear": "[out, in]", "fan_in_fan_out": "[in, out] (fan_in_fan_out)", "embedding": "[vocab, dim]"}
         raise AdapterError(
-            f"{where}: tensor {a.name!r} ({shape_text}) makes a {layout} update of {[rows, cols]}, but {target!r} "
-            f"is {list(i.shape)} in Instruct"
+            f"{where}: tensor {a.name!r} ({shape_text}) makes a {layout[kind]} update of {[rows, cols]}, but "
+            f"{target!r} is {list(i.shape)} in Instruct"
         )
-    scale = cfg.scale(module)
-    if m is not None:
-        if not cfg.use_dora:
-            raise AdapterError(f"{where}: tensor {m.name!r} is a DoRA magnitude but {cfg.path.name} has no use_dora")
-        if grown:
-            raise AdapterError(f"{where}: DoRA on {target!r} whose vocabulary grew in Instruct is not supported")
-        want = rows if kind == "linear" else cols
-        if tuple(m.shape) != (want,):
-            raise AdapterError(f"{where}: tensor {m.name!r} is {list(m.shape)}; DoRA on {target!r} needs [{want}]")
-    elif cfg.use_dora:
-        raise AdapterError(f"{where}: {cfg.path.name} has use_dora but module {module!r} has no lora_magnitude_vector")
-    out = {target: LowRankUpdate(module, kind, scale, a, b, rows, cols, m, where)}
-    bias = parts.get("bias")
-    if bias is not None:
-        target_b = (home or module) + ".bias"
-        ib = instruct.tensors.get(target_b)
-        if ib is None or tuple(ib.shape) != (b.shape[0],):
-            found = "missing" if ib is None else list(ib.shape)
+    return rows, cols, grown
+
+
+def check_dora(module: str, m, cfg: AdapterConfig, kind: str, shape: tuple, grown: bool, target: str, where: str):
+    """AdapterError unless a DoRA magnitude `m` (or None) agrees with the config's use_dora and the update's shape."""
+    if m is None:
+        if cfg.use_dora:
             raise AdapterError(
-                f"{where}: tensor {bias.name!r} {list(bias.shape)} targets {target_b!r}, which is {found} in Instruct"
+                f"{where}: {cfg.path.name} has use_dora but module {module!r} has no lora_magnitude_vector"
             )
-        out[target_b] = LowRankUpdate(module, "bias", scale, bias, None, b.shape[0], 1, None, where)
-    return out
+        return
+    if not cfg.use_dora:
+        raise AdapterError(f"{where}: tensor {m.name!r} is a DoRA magnitude but {cfg.path.name} has no use_dora")
+    if grown:
+        raise AdapterError(f"{where}: DoRA on {target!r} whose vocabulary grew in Instruct is not supported")
+    want = shape[0] if kind == "linear" else shape[1]
+    if tuple(m.shape) != (want,):
+        raise AdapterError(f"{where}: tensor {m.name!r} is {list(m.shape)}; DoRA on {target!r} needs [{want}]")

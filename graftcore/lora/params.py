@@ -18,7 +18,7 @@ gate_up_proj is the inner PEFT ParamWrapper"). Rank and alpha come from rank_pat
 against `<module>.<parameter>`.
 
 Instruct's files hold such a parameter as it is (fused) or one tensor per expert (`experts.{e}.gate_proj.weight`,
-transformers' default save; layouts.expert_parts); lora_update.py computes both from the same factors.
+transformers' default save; layouts.expert_parts); lora/update.py computes both from the same factors.
 
 Example:
     >>> updates = parameter_updates("model.layers.0.mlp.experts", 1, parts, cfg, instruct, where)  # doctest: +SKIP

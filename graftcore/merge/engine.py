@@ -1,7 +1,7 @@
 """Execute a Plan: stream every output shard step by step from the input streamer into a ShardWriter.
 
     for each output shard:                 ShardWriter(NAME.partial), header planned up front
-        for each TensorOp, each step:       input streamer (readers.py): I, B, T1.. bytes in reusable buffers
+        for each TensorOp, each step:       input streamer (stream/readers.py): I, B, T1.. bytes in reusable buffers
                                             -> compute into a pooled output buffer
                                             -> writer thread: append (pwrite) + sha256
         finish: fsync, rename to NAME, record in graftcore.progress.json

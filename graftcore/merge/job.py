@@ -1,6 +1,6 @@
 """Run a Plan into an output folder, in one process: claim the folder (resume what an earlier run finished),
 schedule the inputs' downloads, stream the plan (engine.execute), then the index, Instruct's non-weight files and
-graftcore.json with what the run records (manifest). distributed.py runs each rank's share with the same pieces.
+graftcore.json with what the run records (manifest). merge/distributed.py runs each rank's share with the same pieces.
 
 Example:
     >>> report = write_output(plan, checkpoints, out, OutputFolder(out, fingerprint),
@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from graftcore import interrupts
+from graftcore.codecs import codec_named
 from graftcore.io.output_folder import OutputFolder, config_takes_dtype
 from graftcore.io.safetensors_file import planned_file_size
 from graftcore.options import MergeOptions
@@ -68,13 +69,16 @@ def finish_output(
             f"{config}: not a JSON object, copied as it is: it does not say torch_dtype {opts.dtype} as the weights are"
         )
     interrupts.check()
-    dequantized = instruct.quant is not None and opts.dtype != "auto"
-    if dequantized:
+    dropped: tuple[str, ...] = ()
+    if instruct.quant is not None and opts.dtype != "auto":
+        codec = codec_named(instruct.quant.codec)
+        dropped = codec.config_keys
         report.notes.append(
-            f"{instruct.ref}: FP8 weights written dequantized ({opts.dtype}); config.json's quantization_config removed"
+            f"{instruct.ref}: {codec.kind} weights written dequantized ({opts.dtype}); config.json's "
+            f"{', '.join(dropped)} removed"
         )
     dtype = opts.dtype if opts.dtype != "auto" else None
-    folder.finalize(index, extras, manifest(checkpoints, opts, report), dtype, dequantized)
+    folder.finalize(index, extras, manifest(checkpoints, opts, report), dtype, dropped)
 
 
 def shard_keys(plan: Plan, checkpoints: dict[str, Checkpoint], job: str) -> dict[str, str]:

@@ -11,6 +11,8 @@ Example:
     'graft'
 """
 
+from graftcore.lazy import lazy_attributes
+
 # loaded on first use, so that importing one module of the layer (plan.names, say) loads no other
 _LAZY = {
     "Action": "plan.ops",
@@ -31,12 +33,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f"graftcore.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'graftcore.plan' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

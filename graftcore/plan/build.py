@@ -40,7 +40,7 @@ class MatchedInputs:
     sources: list[tuple[DeltaInput, dict[str, TensorInfo], dict]]  # (delta, full tensors, low-rank updates)
     notes: list[str]
     renamed: list[dict] = field(default_factory=list)  # prefix rewrites applied: role, from, to, tensors, inferred
-    projections: frozenset[str] | None = None  # what --targets projections selects (projections.py), if resolved
+    projections: frozenset[str] | None = None  # what --targets projections selects (plan/projections.py), if resolved
     untied: str | None = None  # the note untie_heads gives, where Base's tied head is read as its embedding
 
     def selects(self, name: str, opts: MergeOptions) -> bool:
@@ -72,7 +72,7 @@ def match_inputs(
 ) -> MatchedInputs:
     """Every input's tensors under Instruct's names (wrapper prefixes stripped), adapters turned into low-rank
     updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit. With `targets`
-    "projections", what that selects on Instruct's architecture is resolved too (projections.py)."""
+    "projections", what that selects on Instruct's architecture is resolved too (plan/projections.py)."""
     from graftcore.lora.adapter import adapter_terms
     from graftcore.plan.projections import projection_tensors
 

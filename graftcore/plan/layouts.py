@@ -87,17 +87,22 @@ def expert_parts(name: str, shape: tuple, present) -> tuple[list[str], tuple[int
     return None
 
 
+def expert_groups(fused: dict, other: dict):
+    """(name, info, per-expert names, per-expert shape) of each tensor of `fused` that `other` lacks and that
+    expert_parts reads as experts stored one by one under `other`'s names."""
+    for name, info in fused.items():
+        layout = None if name in other else expert_parts(name, tuple(info.shape), other)
+        if layout is not None:
+            yield name, info, *layout
+
+
 def per_expert_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[str, TensorInfo], set[str]]:
     """(per-expert TensorInfos named as Instruct names them, the fused tensors they cover): for each fused expert
     tensor of `tensors` that Instruct stores one expert at a time, a view per expert with its shape and its byte
     range inside the fused tensor. Nothing for a fused tensor Instruct holds itself, or whose shapes do not fit."""
     views: dict[str, TensorInfo] = {}
     used: set[str] = set()
-    for name, info in tensors.items():
-        layout = None if name in instruct else expert_parts(name, tuple(info.shape), instruct)
-        if layout is None:
-            continue
-        names, shape = layout
+    for name, info, names, shape in expert_groups(tensors, instruct):
         if not all(n in instruct and tuple(instruct[n].shape) == shape for n in names):
             continue
         per = shape[0] * shape[1] * itemsize(info.dtype)  # bytes of one part
@@ -113,11 +118,7 @@ def fused_views(tensors: dict[str, TensorInfo], instruct: dict) -> tuple[dict[st
     each fused expert tensor of Instruct whose experts `tensors` holds one by one, every part with its shape."""
     views: dict[str, Pieces] = {}
     used: set[str] = set()
-    for name, info in instruct.items():
-        layout = None if name in tensors else expert_parts(name, tuple(info.shape), tensors)
-        if layout is None:
-            continue
-        names, shape = layout
+    for name, info, names, shape in expert_groups(instruct, tensors):
         found = [tensors.get(n) for n in names]
         if any(f is None or tuple(f.shape) != shape for f in found) or len({f.dtype for f in found}) != 1:
             continue

@@ -13,12 +13,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from graftcore.codecs import codec_of
 from graftcore.io.safetensors_file import Quantized, TensorInfo, itemsize
 from graftcore.shapes import numel
 from graftcore.sources.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from graftcore.lora.adapter import Adapter
+    from graftcore.lora.update import LowRankUpdate
 
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -27,7 +31,7 @@ class Action(str, Enum):
     GRAFT = "graft"  # I + a1 * (T1 - B) + ...
     GRAFT_ROWS = "graft rows"  # the leading `rows` rows grafted, Instruct's extra rows copied
     COPY = "copy"  # Instruct's tensor (converted if the output dtype differs)
-    LORA = "lora"  # at least one term is a low-rank update: I + alpha * s * (B @ A) + ..., see lora.py
+    LORA = "lora"  # at least one term is a low-rank update: I + alpha * s * (B @ A) + ..., see lora/adapter.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,7 @@ class Term:
     role: str  # the tuned input it comes from: "tuned", then "tuned2", "tuned3", ...
     alpha: float
     tuned: TensorInfo | None = None
-    update: object = None
+    update: LowRankUpdate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +125,7 @@ class DeltaInput:
     role: str
     alpha: float
     checkpoint: Checkpoint
-    adapter: object = None
+    adapter: Adapter | None = None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """REF -> Checkpoint (checkpoint.py): which safetensors files make up an input, and where each tensor lies in them.
 
 A REF is an existing local path (a folder, or one `.safetensors` file) or a hub repo id `org/name[@rev]`.
-Only headers are read here; tensor data is read later by the streaming pass (readers.py), file by file, through
+Only headers are read here; tensor data is read later by the streaming pass (stream/readers.py), file by file, through
 `Checkpoint.shard_path`, which is where a hub checkpoint downloads.
 """
 

@@ -11,7 +11,7 @@
         progress bar (and the caller's callback), the readers' timings and byte counts
 
 A consumer implements `StepConsumer`; adding a kind of pass, or a kind of read (a quantized tensor's scale
-alongside its weight), is a change here and in steps.py, not in each pass.
+alongside its weight), is a change here and in stream/steps.py, not in each pass.
 
 Example:
     >>> stats = run_pass([("model.safetensors", ops)], checkpoints, opts, consumer, chunk=1 << 18,
@@ -194,23 +194,7 @@ def run_pass(
         consumer.begin_pass(streamer)
         k = 0
         for name, group in groups:
-            bar.shard = name
-            consumer.begin_group(name, group)
-            try:
-                for op in group:
-                    bar.tensor = op.name
-                    consumer.begin_op(op)
-                    for step in steps(k, op, streamer.raw_bytes):
-                        interrupts.check()
-                        bar.update(consumer.step(op, step, [streamer.take(r) for r in step.reads]))
-                    consumer.end_op(op)
-                    k += 1
-                consumer.drain_group()
-                check_inputs_unchanged(group, checkpoints)  # before the group's output takes its final name
-                consumer.finish_group()
-            except BaseException:
-                consumer.abort_group()
-                raise
+            k = stream_group(name, group, k, streamer, steps, consumer, bar, checkpoints)
     finally:
         if streamer is not None:
             streamer.close()
@@ -220,3 +204,27 @@ def run_pass(
         bar.close()
         torch.set_num_threads(threads)
     return stats
+
+
+def stream_group(name: str, group: list[TensorOp], k: int, streamer, steps, consumer, bar, checkpoints) -> int:
+    """Every step of the ops of one group (an output shard) into `consumer`; `k`: the index of the group's first
+    op among the pass's ops (returns the next one). The group's inputs are checked unchanged before its output
+    takes its final name; any failure aborts the group."""
+    bar.shard = name
+    consumer.begin_group(name, group)
+    try:
+        for op in group:
+            bar.tensor = op.name
+            consumer.begin_op(op)
+            for step in steps(k, op, streamer.raw_bytes):
+                interrupts.check()
+                bar.update(consumer.step(op, step, [streamer.take(r) for r in step.reads]))
+            consumer.end_op(op)
+            k += 1
+        consumer.drain_group()
+        check_inputs_unchanged(group, checkpoints)  # before the group's output takes its final name
+        consumer.finish_group()
+    except BaseException:
+        consumer.abort_group()
+        raise
+    return k

@@ -35,6 +35,7 @@ from graftcore import interrupts
 from graftcore.interrupts import POLL
 from graftcore.io.input_file import BLOCK, InputFile, read_exactly
 from graftcore.io.safetensors_file import TensorInfo, itemsize, torch_dtype_or_none
+from graftcore.shapes import cdiv
 from graftcore.stream.steps import Read
 
 BUFFER_BYTES = 4 << 20  # per buffer: large sequential reads, few syscalls
@@ -158,7 +159,7 @@ class RoleReader:
                     adjacent = (
                         prev is not None and prev.info.file == read.info.file and prev.end_byte == read.start_byte
                     )
-                    at = fill if adjacent else -(-fill // BLOCK) * BLOCK + read.start_byte % BLOCK
+                    at = fill if adjacent else cdiv(fill, BLOCK) * BLOCK + read.start_byte % BLOCK
                     if batch and (at + n > self.buffer_bytes or not self._can_open(read.info.file)):
                         break  # full, or the next file is still downloading: hand over what is here first
                     if at + n > len(buffer.view) - BLOCK:

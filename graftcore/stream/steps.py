@@ -1,7 +1,7 @@
 """How each TensorOp is cut into steps, and which input bytes each step reads.
 
 A step computes output elements [lo, hi) of one tensor from a few element ranges of the inputs. The
-engine executes the steps in plan order; the input streamer (readers.py) walks the same generator, ahead
+engine executes the steps in plan order; the input streamer (stream/readers.py) walks the same generator, ahead
 of it, to read exactly those bytes in exactly that order. Both sides generate the steps lazily, so the
 bookkeeping stays a few objects whatever the model size.
 

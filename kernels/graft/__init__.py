@@ -13,21 +13,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from .cpu import CHUNK, CpuScratch, NonFinite, graft_cpu, torch_graft
+from .cpu import CHUNK, Alphas, CpuScratch, NonFinite, Tensors, graft_cpu, torch_graft
 
 
-def graft_(
-    out: torch.Tensor,
-    instruct: torch.Tensor,
-    tuned: torch.Tensor | Sequence[torch.Tensor],
-    base: torch.Tensor,
-    alpha: float | Sequence[float] = 1.0,
-    scratch: CpuScratch | None = None,
-) -> NonFinite:
+def graft_(out, instruct, tuned: Tensors, base, alpha: Alphas = 1.0, scratch: CpuScratch | None = None) -> NonFinite:
     """In place: `out = I + a1 * (T1 - B) + ...` (`tuned` one tensor or several, `alpha` one for all or one each);
     returns the NonFinite counts (NaN/Inf in a delta, produced from finite inputs, carried from Instruct).
     ValueError when `out` is not contiguous or not of Instruct's shape (it could not be written in place)."""
@@ -40,7 +29,7 @@ def graft_(
     return graft_cpu(out, instruct, tuned, base, alpha, scratch)
 
 
-def graft_triton(out, instruct, tuned, base, alpha: float | Sequence[float] = 1.0) -> NonFinite:
+def graft_triton(out, instruct, tuned: Tensors, base, alpha: Alphas = 1.0) -> NonFinite:
     """The fused Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     from .triton_graft import graft_triton as launch
 

@@ -28,6 +28,10 @@ BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: 
 OVERFLOW = {torch.bfloat16: 3.3961775292304957e38, torch.float16: 65520.0, torch.float32: math.inf}
 
 
+Tensors = torch.Tensor | Sequence[torch.Tensor]  # one tuned tensor, or one per delta
+Alphas = float | Sequence[float]  # one alpha for every delta, or one each
+
+
 class NonFinite(NamedTuple):
     """What the kernels count while grafting (per call; the engine adds them up per tensor):
 
@@ -58,7 +62,7 @@ class CpuScratch:
         self.acc = torch.empty(chunk, dtype=torch.float32)
 
 
-def as_terms(tuned: torch.Tensor | Sequence[torch.Tensor], alpha: float | Sequence[float]) -> tuple[list, list[float]]:
+def as_terms(tuned: Tensors, alpha: Alphas) -> tuple[list, list[float]]:
     """([T1, T2, ...], [a1, a2, ...]) from one tensor or a sequence, and one alpha for all or one per tensor."""
     tuned = [tuned] if isinstance(tuned, torch.Tensor) else list(tuned)
     alphas = [float(alpha)] * len(tuned) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
@@ -69,14 +73,7 @@ def as_terms(tuned: torch.Tensor | Sequence[torch.Tensor], alpha: float | Sequen
     return tuned, alphas
 
 
-def graft_cpu(
-    out: torch.Tensor,
-    instruct: torch.Tensor,
-    tuned: torch.Tensor | Sequence[torch.Tensor],
-    base: torch.Tensor,
-    alpha: float | Sequence[float] = 1.0,
-    scratch: CpuScratch | None = None,
-) -> NonFinite:
+def graft_cpu(out, instruct, tuned: Tensors, base, alpha: Alphas = 1.0, scratch: CpuScratch | None = None) -> NonFinite:
     """Write `I + a1*(T1 - B) + ...` into `out` (same number of elements); return the NonFinite counts.
 
     Example:
@@ -113,9 +110,7 @@ def graft_cpu(
         for t, a in zip(tuned, alphas):
             d.copy_(t[lo:hi])
             d.sub_(b)
-            # A sum is NaN/Inf whenever any term is, so one reduction flags the rare chunk to look at exactly.
-            if not math.isfinite(d.sum().item()):
-                bad_delta = ~torch.isfinite(d) if bad_delta is None else bad_delta | ~torch.isfinite(d)
+            bad_delta = flag_nonfinite(d, bad_delta)
             if a != 1.0:
                 d.mul_(a)
             acc.add_(d)
@@ -139,6 +134,22 @@ def round_into(
     nan = torch.isnan(flat)
     if nan.any():
         flat.view(BITS[out.dtype])[nan] = CANONICAL_NAN[out.dtype]
+    return classify(bad_out, bad_delta, instruct)
+
+
+def flag_nonfinite(delta: torch.Tensor, flagged: torch.Tensor | None) -> torch.Tensor | None:
+    """`flagged` (a bool mask, or None for none yet) with the NaN/Inf elements of `delta` added. A sum is NaN/Inf
+    whenever any element is, so one reduction clears the common chunk; only a rare one is looked at exactly."""
+    if math.isfinite(delta.sum().item()):
+        return flagged
+    bad = ~torch.isfinite(delta)
+    return bad if flagged is None else flagged | bad
+
+
+def classify(bad_out: torch.Tensor, bad_delta: torch.Tensor | None, instruct: torch.Tensor) -> NonFinite:
+    """The NonFinite counts of a chunk from its non-finite results `bad_out` (flat): elements with a NaN/Inf
+    delta (`bad_delta`, or None), then the others produced from finite inputs (overflow) or carried from
+    Instruct."""
     bad_delta = torch.zeros_like(bad_out) if bad_delta is None else bad_delta.reshape(-1)
     bad_i = ~torch.isfinite(instruct.reshape(-1))
     return NonFinite(

@@ -30,13 +30,11 @@ from typing import NamedTuple
 
 import torch
 
+from graftcore.shapes import cdiv
+
 E4M3_MAX = 448.0
 KEEP_BOUND = 464.0
 CANONICAL_NAN = 0x7F  # positive, every exponent and mantissa bit set: E4M3FN's only NaN encoding, sign cleared
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class Scratch:
@@ -249,7 +247,7 @@ def graft_into(
     inputs flat, of any float dtype; `delta` a float32 buffer of x's size. Returns the NonFinite counts, with
     "overflow" meaning a NaN/Inf sum of finite inputs (there is no rounding here); with check=False none are
     counted (a caller that finds every x finite knows there are none: a NaN/Inf delta makes x NaN/Inf)."""
-    from .cpu import NonFinite
+    from .cpu import NonFinite, classify, flag_nonfinite
 
     bad_delta = None
     for k, (t, a) in enumerate(zip(tuned, alphas)):
@@ -258,9 +256,8 @@ def graft_into(
         else:  # two 16-bit operands would be subtracted in their own dtype: widen one first
             delta.copy_(t)
             delta.sub_(base)
-        if check and not math.isfinite(delta.sum().item()):
-            bad = ~torch.isfinite(delta)
-            bad_delta = bad if bad_delta is None else bad_delta | bad
+        if check:
+            bad_delta = flag_nonfinite(delta, bad_delta)
         if a != 1.0:
             delta.mul_(a)
         if k == 0:
@@ -272,12 +269,7 @@ def graft_into(
     low, high = torch.aminmax(x)
     if bad_delta is None and math.isfinite(low.item()) and math.isfinite(high.item()):
         return NonFinite()
-    bad_out = ~torch.isfinite(x)
-    bad_delta = torch.zeros_like(bad_out) if bad_delta is None else bad_delta
-    bad_i = ~torch.isfinite(instruct)
-    return NonFinite(
-        int(bad_delta.sum()), int((bad_out & ~bad_i & ~bad_delta).sum()), int((bad_out & bad_i & ~bad_delta).sum())
-    )
+    return classify(~torch.isfinite(x), bad_delta, instruct)
 
 
 TILE_ELEMENTS = 1 << 18  # a column tile of a step: 256K elements, so each float32 buffer is 1 MiB
@@ -324,6 +316,23 @@ class EncodeThreads:
         self.close()
 
 
+class TileJob(NamedTuple):
+    """What every column tile of one graft_encode step shares: the inputs ((flat elements, scale grid rows as
+    float32 [grid rows, grid cols], or None for a float tensor), the step's rows, the encoding's parameters."""
+
+    out: torch.Tensor
+    instruct: tuple
+    base: tuple
+    tuned: list
+    alphas: list[float]
+    row0: int
+    rows: int
+    cols: int
+    block: tuple[int, int]
+    scale_dtype: torch.dtype
+    power_of_two: bool
+
+
 def graft_encode(
     out: torch.Tensor,
     instruct: tuple[torch.Tensor, torch.Tensor],
@@ -346,67 +355,21 @@ def graft_encode(
 
     threads = threads or EncodeThreads(1)
     rows = instruct[0].numel() // cols
-    bh, bw = block
-    grid_cols = cdiv(cols, bw)
+    bw = block[1]
     blocks = cdiv(cols, bw)
     per = max(1, min(TILE_ELEMENTS // max(1, rows * bw), cdiv(blocks, 2 * threads.n)))  # several tiles per thread
     width = per * bw
     spans = [(c0, min(cols, c0 + width)) for c0 in range(0, cols, width)]
-    grids = {}
 
-    def grid(s):  # a scale's grid rows for this step, [grid rows, grid cols] float32
-        key = id(s)
-        if key not in grids:
-            grids[key] = s.reshape(-1, grid_cols).to(torch.float32)
-        return grids[key]
+    def grid(x):  # (elements, a scale's grid rows for this step as [grid rows, grid cols] float32, or None)
+        t, s = x
+        return (t, None if s is None else s.reshape(-1, blocks).to(torch.float32))
 
-    for s in (instruct[1], base[1], *(t[1] for t in tuned)):
-        if s is not None:
-            grid(s)
-
-    def tile(span, sc: Scratch):
-        c0, c1 = span
-        w, g0, g1 = c1 - c0, c0 // bw, cdiv(c1, bw)
-
-        def load(name, x, s):
-            buf = sc.get(name, rows * w).view(rows, w)
-            view = x.view(rows, cols)[:, c0:c1]
-            if s is None:
-                return buf.copy_(view)
-            index = sc.get("index", rows * w, torch.int32).view(rows, w)
-            index.copy_(view.view(torch.uint8))
-            torch.index_select(TABLE, 0, index.view(-1), out=buf.view(-1))
-            apply_scale(buf, grid(s)[:, g0:g1].contiguous(), row0, block)
-            return buf
-
-        xi = load("i", *instruct)
-        b = load("b", *base)
-        ts = [load(f"t{k}", *t) for k, t in enumerate(tuned)]
-        x = sc.get("x", rows * w).view(rows, w)
-        delta = sc.get("d", rows * w)
-        counts = graft_into(x.view(-1), xi.view(-1), [t.view(-1) for t in ts], b.view(-1), alphas, delta, False)
-        one = len(ts) == 1  # the update is then the one delta: its norm needs no subtraction
-        enc = quantize_into(
-            out.view(rows, cols)[:, c0:c1],
-            x,
-            grid(instruct[1])[:, g0:g1],
-            row0,
-            block,
-            scale_dtype,
-            power_of_two,
-            None if one else xi,
-            sc,
-        )
-        if not enc.finite:  # rare: count the NaN/Inf as the CPU twin does (the same sum again, checked)
-            flat = [t.view(-1) for t in ts]
-            counts = graft_into(sc.get("x2", rows * w), xi.view(-1), flat, b.view(-1), alphas, delta)
-        if one:
-            if not enc.finite:
-                delta.masked_fill_(~torch.isfinite(delta), 0.0)
-            enc = enc._replace(update_sq=sq_norm64(delta, sc))
-        return enc, counts
-
-    done = threads.map(tile, spans)
+    job = TileJob(
+        out, grid(instruct), grid(base), [grid(t) for t in tuned], alphas, row0, rows, cols, block, scale_dtype,
+        power_of_two,
+    )  # fmt: skip
+    done = threads.map(lambda span, sc: encode_tile(job, span, sc), spans)
     scale = torch.cat([enc.scale for enc, _ in done], dim=1)
     counts = NonFinite()
     for _, c in done:
@@ -418,3 +381,53 @@ def graft_encode(
         sum(e.update_sq for e, _ in done),
     )
     return encoded, counts
+
+
+def load_tile(job: TileJob, name: str, x: tuple, c0: int, c1: int, sc: Scratch) -> torch.Tensor:
+    """Columns [c0, c1) of the step's rows of input `x` as float32 [rows, c1 - c0] in `sc`'s buffer `name`:
+    copied from a float tensor, or decoded by table and scaled from an FP8 one."""
+    t, s = x
+    rows, w = job.rows, c1 - c0
+    buf = sc.get(name, rows * w).view(rows, w)
+    view = t.view(rows, job.cols)[:, c0:c1]
+    if s is None:
+        return buf.copy_(view)
+    bw = job.block[1]
+    index = sc.get("index", rows * w, torch.int32).view(rows, w)
+    index.copy_(view.view(torch.uint8))
+    torch.index_select(TABLE, 0, index.view(-1), out=buf.view(-1))
+    apply_scale(buf, s[:, c0 // bw : cdiv(c1, bw)].contiguous(), job.row0, job.block)
+    return buf
+
+
+def encode_tile(job: TileJob, span: tuple[int, int], sc: Scratch):
+    """(EncodedRows, NonFinite) of the columns `span` of one graft_encode step: the inputs loaded, grafted in
+    float32 and encoded into `job.out`'s columns."""
+    c0, c1 = span
+    rows, w, bw = job.rows, c1 - c0, job.block[1]
+    xi = load_tile(job, "i", job.instruct, c0, c1, sc)
+    b = load_tile(job, "b", job.base, c0, c1, sc)
+    ts = [load_tile(job, f"t{k}", t, c0, c1, sc) for k, t in enumerate(job.tuned)]
+    x = sc.get("x", rows * w).view(rows, w)
+    delta = sc.get("d", rows * w)
+    flat = [t.view(-1) for t in ts]
+    counts = graft_into(x.view(-1), xi.view(-1), flat, b.view(-1), job.alphas, delta, False)
+    one = len(ts) == 1  # the update is then the one delta: its norm needs no subtraction
+    enc = quantize_into(
+        job.out.view(rows, job.cols)[:, c0:c1],
+        x,
+        job.instruct[1][:, c0 // bw : cdiv(c1, bw)],
+        job.row0,
+        job.block,
+        job.scale_dtype,
+        job.power_of_two,
+        None if one else xi,
+        sc,
+    )
+    if not enc.finite:  # rare: count the NaN/Inf as the CPU twin does (the same sum again, checked)
+        counts = graft_into(sc.get("x2", rows * w), xi.view(-1), flat, b.view(-1), job.alphas, delta)
+    if one:
+        if not enc.finite:
+            delta.masked_fill_(~torch.isfinite(delta), 0.0)
+        enc = enc._replace(update_sq=sq_norm64(delta, sc))
+    return enc, counts

@@ -20,12 +20,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .cpu import NonFinite, round_into
+from .cpu import NonFinite, flag_nonfinite, round_into
 
 
 @dataclass
@@ -82,8 +81,7 @@ def block_cpu(out: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor | No
             d.addmm_(term.left, term.right, alpha=term.scale)  # the tuned weight before normalisation
             d.mul_(term.dora_scale.view(-1, 1) if term.axis == "rows" else term.dora_scale.view(1, -1))
             d.sub_(b)
-        if not math.isfinite(d.sum().item()):
-            bad_delta = ~torch.isfinite(d) if bad_delta is None else bad_delta | ~torch.isfinite(d)
+        bad_delta = flag_nonfinite(d, bad_delta)
         if term.alpha != 1.0:
             d.mul_(term.alpha)
         acc.add_(d)

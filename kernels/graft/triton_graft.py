@@ -26,13 +26,12 @@ are both round-to-nearest-even, subnormals and overflow to inf included (the tes
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .cpu import NonFinite, as_terms
+from .cpu import Alphas, NonFinite, Tensors, as_terms
 from .cpu import torch_graft as reference_graft
 
 # Read once, at import: the interpreter swaps `@triton.jit` for a numpy emulation when the function is
@@ -248,14 +247,7 @@ def _launch(out: torch.Tensor, instruct, tuned: list, base, counts: torch.Tensor
             _autotuned_kernel[grid](*args, **meta, enable_fp_fusion=False)
 
 
-def launch_graft(
-    out: torch.Tensor,
-    instruct: torch.Tensor,
-    tuned: torch.Tensor | Sequence[torch.Tensor],
-    base: torch.Tensor,
-    counts: torch.Tensor,
-    alpha: float | Sequence[float] = 1.0,
-) -> None:
+def launch_graft(out, instruct, tuned: Tensors, base, counts: torch.Tensor, alpha: Alphas = 1.0) -> None:
     """Like `graft_triton`, but adds the NonFinite counts to `counts` (int64 [3]: deltas, overflow, instruct,
     on the output's device) without synchronizing, so a caller can queue many chunks and read them once."""
     tuned, alphas = as_terms(tuned, alpha)
@@ -269,13 +261,7 @@ def launch_graft(
     _launch(out, instruct, tuned, base, counts, alphas)
 
 
-def graft_triton(
-    out: torch.Tensor,
-    instruct: torch.Tensor,
-    tuned: torch.Tensor | Sequence[torch.Tensor],
-    base: torch.Tensor,
-    alpha: float | Sequence[float] = 1.0,
-) -> NonFinite:
+def graft_triton(out, instruct, tuned: Tensors, base, alpha: Alphas = 1.0) -> NonFinite:
     """Write `round(I + a1*(T1 - B) + a2*(T2 - B) + ...)` into `out`; return the NonFinite counts.
 
     Args:
