@@ -4,7 +4,7 @@ The inputs are opened as graftcore.json records them (hub inputs pinned to their
 at their recorded absolute paths); each must have its recorded fingerprint (headers) and, for a local input,
 each file the identity the merge saw. The plan is rebuilt from them and the recorded options (the same
 tensors, dtypes, shapes, shard for shard), and K random chunks plus the first and last chunk of every shard
-are read through the streaming pass (stream.run_pass, only those steps) and computed again on the CPU, compared
+are read through the streaming pass (stream/driver.run_pass, only those steps) and computed again on the CPU, compared
 bit for bit (LoRA blocks merged on a GPU: within one ulp, the GEMM's order being the device's). This module
 imports torch; analysis/verify.py loads it only for --recompute.
 

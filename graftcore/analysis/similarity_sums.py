@@ -1,6 +1,6 @@
 """Similarity's side of the one streaming pass: every measured tensor's float64 sums, chunk by chunk.
 
-The inputs are streamed as a merge streams them (stream.run_pass: the same readers, buffers and memory bound);
+The inputs are streamed as a merge streams them (stream/driver.run_pass: the same readers, buffers and memory bound);
 each step's chunk goes to one of a few compute threads (ComputePool) and its sums are added to its tensor's
 accumulator in step order, so the result does not depend on which thread computed what.
 
@@ -11,7 +11,7 @@ float64 sums per tensor (ChunkMath). A row whose float32 squares overflow or und
 An adapter's `T - B` is its low-rank update `s * (B @ A)`, computed for the rows each chunk covers
 (lowrank_into).
 
-This module imports torch; measure.py imports it only once the inputs are resolved and planned.
+This module imports torch; analysis/similarity.py imports it only once the inputs are resolved and planned.
 
 Example:
     >>> sums, reads, timings = measure(plan, checkpoints, ["instruct", "tuned"], MergeOptions())   # doctest: +SKIP
@@ -138,7 +138,8 @@ def rows_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lo: in
 
 
 def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[str], opts: MergeOptions):
-    """Stream every op of `plan` (stream.run_pass) into the compute threads; return (each tensor's float64 sums in
+    """Stream every op of `plan` (stream/driver.run_pass) into the compute threads; return (each tensor's float64
+    sums in
     plan order, in the order ChunkMath.sums gives them; bytes read per input; seconds)."""
     ops = [m.op for m in plan.measured]
     chunk = opts.chunk_size or CHUNK

@@ -17,7 +17,6 @@ from graftcore.codecs.registry import (
     codec_of,
     companion_suffixes,
     register,
-    stored_dtypes,
 )
 
 BUILTIN = ("fp8",)  # the codec modules of this package, each registering its codecs when imported
@@ -31,5 +30,4 @@ __all__ = [
     "codec_of",
     "companion_suffixes",
     "register",
-    "stored_dtypes",
 ]

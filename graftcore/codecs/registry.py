@@ -169,11 +169,6 @@ def codec_for_config(config: dict, where: str) -> Codec:
     raise CheckpointError(f"{where}: {method} format {config.get('format')!r}; graftcore reads {formats}")
 
 
-def stored_dtypes() -> set[str]:
-    """Every dtype some codec stores its weights in."""
-    return {d for c in REGISTRY.values() for d in c.stored_dtypes()}
-
-
 def companion_suffixes() -> tuple[str, ...]:
     """The name endings of every codec's companion tensors."""
     return tuple(sorted({s for c in REGISTRY.values() for s in c.companion_suffixes}))

@@ -12,7 +12,7 @@ import torch
 
 class CpuCompute:
     """Chunked float32 math on the CPU into pooled output buffers (no allocation per chunk). It runs on the
-    pass's thread, which keeps torch single-threaded (stream.run_pass)."""
+    pass's thread, which keeps torch single-threaded (stream/driver.run_pass)."""
 
     name = "cpu"
     pin_output = False

@@ -149,7 +149,7 @@ class StreamCompute:
         return slot.d2h_done
 
     def place(self, loaded):
-        """A LoRA term's factors (a lora.LoadedUpdate) copied to the device, once per tensor."""
+        """A LoRA term's factors (a lora/update.LoadedUpdate) copied to the device, once per tensor."""
         from dataclasses import replace
 
         up = self._on_device

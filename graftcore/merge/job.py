@@ -1,5 +1,5 @@
 """Run a Plan into an output folder, in one process: claim the folder (resume what an earlier run finished),
-schedule the inputs' downloads, stream the plan (engine.execute), then the index, Instruct's non-weight files and
+schedule the inputs' downloads, stream the plan (merge/engine.execute), then the index, Instruct's non-weight files and
 graftcore.json with what the run records (manifest). merge/distributed.py runs each rank's share with the same pieces.
 
 Example:

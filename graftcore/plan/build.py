@@ -71,7 +71,7 @@ def match_inputs(
     targets: str = "all",
 ) -> MatchedInputs:
     """Every input's tensors under Instruct's names (wrapper prefixes stripped), adapters turned into low-rank
-    updates (lora.adapter_terms); AdapterError / MismatchError for an adapter that does not fit. With `targets`
+    updates (lora/adapter.adapter_terms); AdapterError / MismatchError for an adapter that does not fit. With `targets`
     "projections", what that selects on Instruct's architecture is resolved too (plan/projections.py)."""
     from graftcore.lora.adapter import adapter_terms
     from graftcore.plan.projections import projection_tensors
@@ -241,7 +241,7 @@ def plan_tensor(
     if not opts.selects(name, projections):
         skipped = LORA_SKIPPED if any(u is not None for _, _, u in found) else ""
         return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected" + skipped)
-    if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not i.dtype.startswith("F8"):
+    if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not isinstance(i, Quantized):
         return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, not floating point")
     for d, t, _ in found:  # a full checkpoint has every tensor Base has and none Base lacks; an adapter's full
         if (t is None) != (b is None) and (d.adapter is None or t is not None):  # tensors need Base's too

@@ -37,7 +37,7 @@ class Action(str, Enum):
 @dataclass(frozen=True, slots=True)
 class Term:
     """One delta added to a tensor: `alpha * (T - B)` from the full tensor `tuned` of a fine-tuned checkpoint,
-    or from a LoRA adapter's `update` (a lora.LowRankUpdate: `alpha * s * (B @ A)`, DoRA from Base too)."""
+    or from a LoRA adapter's `update` (a lora/update.LowRankUpdate: `alpha * s * (B @ A)`, DoRA from Base too)."""
 
     role: str  # the tuned input it comes from: "tuned", then "tuned2", "tuned3", ...
     alpha: float
@@ -119,7 +119,7 @@ def tuned_role(k: int) -> str:
 
 @dataclass
 class DeltaInput:
-    """One tuned input as the planner sees it: a full checkpoint, or a PEFT adapter (`adapter`, a lora.Adapter,
+    """One tuned input as the planner sees it: a full checkpoint, or a PEFT adapter (`adapter`, a lora/adapter.Adapter,
     whose weights file is `checkpoint`)."""
 
     role: str

@@ -1,5 +1,5 @@
 """A Checkpoint: the safetensors files that make up one input and where each tensor lies in them, read from
-headers only, wherever the files are (a local folder or a hub repo: sources.py and hub.py build it).
+headers only, wherever the files are (a local folder or a hub repo: sources/local.py and sources/hub.py build it).
 Also the formats both read the same way: the index, the tensors' union across shards, which files are weights.
 """
 

@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from graftcore.codecs import codec_for_config, codec_of, stored_dtypes
+from graftcore.codecs import codec_for_config, codec_of
 from graftcore.errors import CheckpointError
 from graftcore.io.json_files import read_json_file
 from graftcore.io.safetensors_file import Quantized, TensorInfo
@@ -37,18 +37,18 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
     quantization. CheckpointError (naming the file and tensor) for quantized weights without a
     quantization_config or the reverse, and whatever the codec refuses (a missing, stray or misshapen companion,
     a dtype the config does not declare, a scale whose values the format forbids)."""
-    quantized = [n for n, i in ck.tensors.items() if i.dtype in stored_dtypes() or i.dtype.startswith("F8_")]
+    fp8 = [n for n, i in ck.tensors.items() if i.dtype.startswith("F8_")]  # never stored unquantized
     try:
         config = read_quantization_config(ck)
     except CheckpointError:
-        if quantized:
+        if fp8:
             raise
         return ck  # an unreadable config.json of an unquantized model is copied as it is (output_folder.py)
     if config is None:
-        if quantized:
-            info = ck.tensors[quantized[0]]
+        if fp8:
+            info = ck.tensors[fp8[0]]
             raise CheckpointError(
-                f"{ck.locate(info.file)}: tensor {quantized[0]!r} is {info.dtype}, but {ck.ref} has no "
+                f"{ck.locate(info.file)}: tensor {fp8[0]!r} is {info.dtype}, but {ck.ref} has no "
                 f"quantization_config in {CONFIG}, so its scales cannot be read (give the model's folder, with its "
                 f"{CONFIG})"
             )
@@ -56,7 +56,7 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
     where = str(ck.extra_file_path(CONFIG))
     codec = codec_for_config(config, where)
     fmt = codec.read_config(config, where)
-    if not quantized:
+    if not any(i.dtype in codec.stored_dtypes() for i in ck.tensors.values()):
         raise CheckpointError(
             f"{where}: quantization_config says {config.get('quant_method')}, but no tensor of {ck.ref} is "
             f"{' or '.join(codec.stored_dtypes())} (a dequantized copy with the quantized model's {CONFIG}?)"

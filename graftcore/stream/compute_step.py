@@ -35,9 +35,10 @@ def compute_step(
     """Compute one step into `out`; returns the event the writer waits on (GPU) or None. An op with quantized
     inputs decodes them (codec_steps.decode; `locate(role, file)` names a bad companion's file; `scratch`: reused
     buffers); one with a quantized output computes float32 rows and its codec's `encoder` encodes them (full
-    deltas alone: graft and encode fused by the encoder; with a LoRA term: the block into float32, then encoded).
+    deltas alone: graft and encode fused by the encoder where it has `graft_encode`; else, and with a LoRA term: the
+    step into float32, then encoded).
     NaN/Inf of a fused step are counted on `compute` (`count`)."""
-    if encoder is not None and not op.low_rank and step.grafted == step.hi:
+    if encoder is not None and hasattr(encoder, "graft_encode") and not op.low_rank and step.grafted == step.hi:
         compute.count(op.name, encode_full_deltas(op, step, held, out, encoder, locate))
         return None
     if op.quantized:

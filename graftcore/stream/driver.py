@@ -167,7 +167,7 @@ def run_pass(
         pin: pinned read buffers (CUDA copies). out_bytes: what the pass writes (with the reads: drop-behind).
         extra_depth: read buffers per input beyond the default (steps a consumer keeps in flight pin theirs).
         buffer_bytes: bytes per read buffer (default: --read-buffer's).
-        steps: which steps of each op to stream (default: all of them, steps.op_steps).
+        steps: which steps of each op to stream (default: all of them, stream/steps.op_steps).
         progress: called with a Progress after every step that adds bytes.
     """
     ops = [op for _, group in groups for op in group]
