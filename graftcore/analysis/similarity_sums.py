@@ -139,8 +139,7 @@ def rows_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lo: in
 
 def measure(plan: MeasurePlan, checkpoints: dict[str, Checkpoint], roles: list[str], opts: MergeOptions):
     """Stream every op of `plan` (stream/driver.run_pass) into the compute threads; return (each tensor's float64
-    sums in
-    plan order, in the order ChunkMath.sums gives them; bytes read per input; seconds)."""
+    sums in plan order, in the order ChunkMath.sums gives them; bytes read per input; seconds)."""
     ops = [m.op for m in plan.measured]
     chunk = opts.chunk_size or CHUNK
     total = input_bytes(ops)
