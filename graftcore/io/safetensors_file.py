@@ -31,14 +31,17 @@ SINGLE_NAME = "model.safetensors"  # an unsharded checkpoint's one file
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit
 WRITEBACK_EVERY = 32 << 20  # start writing dirty pages to disk after this many bytes, so fsync finds little left
 
-# safetensors dtype code -> bytes per element. This module imports no torch: inputs are resolved and planned
-# (and bad input refused) before torch loads
+# safetensors dtype code -> bytes per element: every dtype the reference library (0.8) writes whole bytes of. This
+# module imports no torch: inputs are resolved and planned (and bad input refused) before torch loads
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
     "U8": 1,
     "I8": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
     "I16": 2,
     "U16": 2,
     "F16": 2,
@@ -49,6 +52,15 @@ DTYPE_SIZES: dict[str, int] = {
     "I64": 8,
     "U64": 8,
     "F64": 8,
+    "C64": 8,
+}
+# bits per element of every dtype: the byte-sized ones, and those the reference library packs below a byte (F4: two
+# E2M1 values a byte; F6: four E2M3 / E3M2 values in three bytes), whose tensors are copied as bytes
+DTYPE_BITS: dict[str, int] = {
+    **{code: 8 * size for code, size in DTYPE_SIZES.items()},
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
 }
 # safetensors dtype code -> the torch dtype's attribute name (absent from older torch versions for some)
 _TORCH_NAMES = {
@@ -57,6 +69,9 @@ _TORCH_NAMES = {
     "I8": "int8",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
     "I16": "int16",
     "U16": "uint16",
     "F16": "float16",
@@ -67,14 +82,32 @@ _TORCH_NAMES = {
     "I64": "int64",
     "U64": "uint64",
     "F64": "float64",
+    "C64": "complex64",
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what the graft kernels read and write
-DTYPE_NAMES = {code: code for code in DTYPE_SIZES}
+# floating dtypes graftcore does no arithmetic on outside a codec: such a tensor is copied where Instruct alone has it
+# (or it is not selected), and refused where it would be grafted
+OPAQUE_FLOATS = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")
+DTYPE_NAMES = {code: code for code in DTYPE_BITS}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def itemsize(dtype: str) -> int:
+    """Bytes per element of a byte-sized dtype (KeyError for F4 and F6: see byte_view)."""
     return DTYPE_SIZES[dtype]
+
+
+def nbytes_of(dtype: str, shape) -> int:
+    """Bytes a tensor of `dtype` and `shape` takes (a sub-byte dtype's whole bytes)."""
+    return numel(shape) * DTYPE_BITS[dtype] // 8
+
+
+def byte_view(info: TensorInfo) -> TensorInfo:
+    """`info` as the U8 bytes it spans, for a dtype below a byte (F4, F6_*), which is copied as bytes; `info` itself
+    for every other."""
+    if info.dtype in DTYPE_SIZES:
+        return info
+    return TensorInfo(info.name, "U8", (info.end - info.start,), info.file, info.start, info.end)
 
 
 def torch_dtype_or_none(dtype: str):
@@ -255,8 +288,8 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
         if type(entry) is not dict:
             raise CheckpointError(f"{path}: tensor {tname!r}: entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
-        if size is None:
+        bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
+        if bits is None:
             raise CheckpointError(f"{path}: tensor {tname!r}: unknown dtype {dtype!r}")
         n = shape_numel(shape)
         if n is None:
@@ -275,9 +308,12 @@ def parse_header(raw: bytes, file_size: int | None, path: Path, file_name: str) 
                 f"{path}: tensor {tname!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end"
             )
         begin, end = offsets
-        if end - begin != n * size:
+        if n * bits % 8:
+            raise CheckpointError(f"{path}: tensor {tname!r}: {dtype}{shape} is not a whole number of bytes")
+        if end - begin != n * bits // 8:
             raise CheckpointError(
-                f"{path}: tensor {tname!r}: data_offsets span {end - begin} bytes but {dtype}{shape} needs {n * size}"
+                f"{path}: tensor {tname!r}: data_offsets span {end - begin} bytes but {dtype}{shape} needs "
+                f"{n * bits // 8}"
             )
         spans.append(
             (begin, end, tname, DTYPE_NAMES[dtype], tuple(shape))
@@ -367,7 +403,7 @@ def tensor_ends(header_size: int, entries) -> list[int]:
     """The file offset where each of `entries`' tensors ends, laid out back to back after the header."""
     ends, cursor = [], header_size
     for _, dtype, shape in entries:
-        cursor += numel(shape) * itemsize(dtype)
+        cursor += nbytes_of(dtype, shape)
         ends.append(cursor)
     return ends
 
@@ -383,7 +419,7 @@ def plan_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[
         doc["__metadata__"] = metadata
     cursor = 0
     for name, dtype, shape in entries:
-        n = numel(shape) * itemsize(dtype)
+        n = nbytes_of(dtype, shape)
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + n]}
         cursor += n
     raw = json.dumps(doc, separators=(",", ":")).encode()
@@ -529,4 +565,4 @@ def fsync_dir(path: Path) -> None:
 
 def planned_file_size(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
     """The size in bytes of the file ShardWriter writes for `entries`."""
-    return len(plan_header(entries, metadata)) + sum(numel(s) * itemsize(d) for _, d, s in entries)
+    return len(plan_header(entries, metadata)) + sum(nbytes_of(d, s) for _, d, s in entries)

@@ -11,7 +11,15 @@ import re
 from dataclasses import dataclass, field
 
 from graftcore.errors import MismatchError
-from graftcore.io.safetensors_file import FLOAT_DTYPES, SINGLE_NAME, Pieces, Quantized, TensorInfo, itemsize
+from graftcore.io.safetensors_file import (
+    DTYPE_BITS,
+    FLOAT_DTYPES,
+    OPAQUE_FLOATS,
+    SINGLE_NAME,
+    Pieces,
+    Quantized,
+    TensorInfo,
+)
 from graftcore.options import MergeOptions, parse_renames, parse_size
 from graftcore.plan.layouts import FUSED_EXPERTS, PER_EXPERT, expert_layouts, read_in_instructs_layout
 from graftcore.plan.names import align
@@ -241,6 +249,14 @@ def plan_tensor(
     if not opts.selects(name, projections):
         skipped = LORA_SKIPPED if any(u is not None for _, _, u in found) else ""
         return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected" + skipped)
+    if i.dtype in OPAQUE_FLOATS and not isinstance(i, Quantized):
+        has = next((d.role for d, t, u in found if t is not None or u is not None), None)
+        if has is not None:
+            raise MismatchError(
+                f"{locate('instruct', i)}: tensor {name!r} is {i.dtype}, which graftcore does no arithmetic on outside "
+                f"a quantized format, and {has} updates it (--exclude it to copy Instruct's)"
+            )
+        return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, copied as it is")
     if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not isinstance(i, Quantized):
         return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, not floating point")
     for d, t, _ in found:  # a full checkpoint has every tensor Base has and none Base lacks; an adapter's full
@@ -380,7 +396,7 @@ def layout_shards(instruct: Checkpoint, ops: dict[str, TensorOp], opts: MergeOpt
     """
 
     def ordered(names):
-        return sorted((ops[n] for n in names), key=lambda op: -itemsize(op.out_dtype))
+        return sorted((ops[n] for n in names), key=lambda op: -DTYPE_BITS[op.out_dtype])
 
     def meta(file):
         return {"format": "pt", **instruct.shard_metadata.get(file, {})}

@@ -16,8 +16,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, NamedTuple
 
 from graftcore.codecs import codec_of
-from graftcore.io.safetensors_file import Quantized, TensorInfo, itemsize
-from graftcore.shapes import numel
+from graftcore.io.safetensors_file import Quantized, TensorInfo, nbytes_of
 from graftcore.sources.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ class TensorOp:
 
     @property
     def out_nbytes(self) -> int:
-        return sum(numel(shape) * itemsize(dtype) for _, dtype, shape in self.entries)
+        return sum(nbytes_of(dtype, shape) for _, dtype, shape in self.entries)
 
     @property
     def quantized_out(self) -> bool:

@@ -17,6 +17,7 @@ from graftcore.io.safetensors_file import Quantized, TensorInfo
 from graftcore.sources.checkpoint import Checkpoint
 
 CONFIG = "config.json"
+FP8_WEIGHTS = ("F8_E4M3", "F8_E5M2")  # an FP8 weight says a checkpoint is quantized, config or not
 
 
 def read_quantization_config(ck: Checkpoint) -> dict | None:
@@ -37,7 +38,7 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
     quantization. CheckpointError (naming the file and tensor) for quantized weights without a
     quantization_config or the reverse, and whatever the codec refuses (a missing, stray or misshapen companion,
     a dtype the config does not declare, a scale whose values the format forbids)."""
-    fp8 = [n for n, i in ck.tensors.items() if i.dtype.startswith("F8_")]  # never stored unquantized
+    fp8 = [n for n, i in ck.tensors.items() if i.dtype in FP8_WEIGHTS]  # weights that need their scales
     try:
         config = read_quantization_config(ck)
     except CheckpointError:

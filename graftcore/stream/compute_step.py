@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from graftcore.codecs import codec_of
-from graftcore.io.safetensors_file import Quantized, itemsize
+from graftcore.io.safetensors_file import Quantized, itemsize, nbytes_of
 from graftcore.plan.ops import TensorOp
-from graftcore.shapes import numel
 from graftcore.sources.checkpoint import Checkpoint
 from graftcore.stream.codec_steps import decode, encode_full_deltas
 from graftcore.stream.readers import Held, read_elements
@@ -71,7 +70,7 @@ def largest_step_bytes(op: TensorOp, chunk: int) -> int:
     added entry, the new scales, is written by one step)."""
     if not op.quantized:
         return 0
-    added = [numel(shape) * itemsize(dtype) for _, dtype, shape in op.entries[1:]]
+    added = [nbytes_of(dtype, shape) for _, dtype, shape in op.entries[1:]]
     return max([step_elements(op, chunk) * itemsize(op.out_dtype), *added])
 
 

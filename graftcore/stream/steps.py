@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from graftcore.codecs import codec_of
-from graftcore.io.safetensors_file import Pieces, Quantized, TensorInfo, itemsize
+from graftcore.io.safetensors_file import Pieces, Quantized, TensorInfo, byte_view, itemsize
 from graftcore.lora.update import matrix_shape
 from graftcore.plan.ops import Action, TensorOp
 from graftcore.shapes import cdiv, numel
@@ -95,7 +95,8 @@ def op_steps(op: TensorOp, chunk: int, raw_bytes: int) -> Iterator[Step]:
 
 def raw_steps(info: TensorInfo, raw_bytes: int, part: int = 0) -> Iterator[Step]:
     """Instruct's tensor `info` copied as it is, `raw_bytes` at a time (`part` k > 0: a quantized weight's k-th
-    companion, which the merge checks on the way)."""
+    companion, which the merge checks on the way). A dtype below a byte (F4) is copied as its bytes."""
+    info = byte_view(info)
     per = max(1, raw_bytes // itemsize(info.dtype))
     for lo in range(0, info.numel, per):
         hi = min(info.numel, lo + per)
@@ -228,7 +229,7 @@ def op_inputs(op: TensorOp) -> Iterator[tuple[str, TensorInfo]]:
         if isinstance(info, Pieces):
             yield from ((role, part) for _, _, part in info.parts)
         else:
-            yield role, info
+            yield role, byte_view(info)
             if isinstance(info, Quantized):
                 yield from ((role, part) for part in codec_of(info).parts(info)[1:])
 
