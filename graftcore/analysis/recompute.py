@@ -23,7 +23,7 @@ import torch
 
 from graftcore.codecs import codec_of
 from graftcore.errors import GraftError, VerifyError
-from graftcore.io.safetensors_file import torch_dtype
+from graftcore.io.safetensors_file import byte_view, torch_dtype
 from graftcore.options import MergeOptions
 from graftcore.plan.build import build_plan
 from graftcore.plan.inputs import job_fingerprint, open_inputs
@@ -151,7 +151,7 @@ class RecomputeConsumer(StepConsumer):
 
     def compare(self, name: str, lo: int, hi: int, want: torch.Tensor, ulp: bool) -> None:
         """VerifyError unless elements [lo, hi) of the output tensor `name` are `want`'s bits (or within one ulp)."""
-        info = self.header.tensors[name]
+        info = byte_view(self.header.tensors[name])  # a dtype below a byte: its bytes, as the raw step copied them
         got = read_elements(self.folder / info.file, info, lo, hi)
         if not same(got, want, ulp):
             raise VerifyError(
