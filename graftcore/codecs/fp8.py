@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     import torch
 
 FP8_DTYPES = ("F8_E4M3",)  # the weights these codecs decode and encode
-SCALE_DTYPES = ("F32", "BF16", "F16")  # the dtypes of their scales
+FP8_KINDS = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")  # 8-bit float weights (only the first is read)
+SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # the dtypes of their scales (E8M0: a power of two, 2 ** (byte - 127))
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config.weight_block_size
 # scale_fmt values transformers' FineGrainedFP8Config accepts ("float" its default; DeepSeek-V3 writes none)
 SCALE_FORMATS = (None, "float", "ue8m0")
@@ -58,6 +59,7 @@ class ScaledFp8:
     methods: tuple[str, ...] = ()
     format: str | None = None  # the compressed-tensors `format` it reads (None: the method alone says it)
     suffix = ""  # the scale tensor's name ending, after the weight's name without "weight"
+    other_suffixes: tuple[str, ...] = ()  # further endings a scale may have (DeepSeek-V4's `.scale`), never strays
     config_keys = ("quantization_config",)
 
     def claims(self, config: dict) -> bool:
@@ -67,7 +69,7 @@ class ScaledFp8:
 
     @property
     def companion_suffixes(self) -> tuple[str, ...]:
-        return ("." + self.suffix,)
+        return tuple("." + s for s in (self.suffix, *self.other_suffixes))
 
     def stored_dtypes(self) -> tuple[str, ...]:
         return FP8_DTYPES
@@ -76,7 +78,7 @@ class ScaledFp8:
     def fold(self, tensors: dict[str, TensorInfo], fmt: QuantFormat, locate, ref: str) -> dict[str, Quantized]:
         folded: dict[str, Quantized] = {}
         for name, info in tensors.items():
-            if not info.dtype.startswith("F8_"):
+            if info.dtype not in FP8_KINDS:
                 continue
             at = locate(info.file)
             if info.dtype not in FP8_DTYPES:
@@ -86,7 +88,7 @@ class ScaledFp8:
                     f"{at}: tensor {name!r} is {info.dtype}{list(info.shape)}; graftcore reads FP8 only as 2-D "
                     f"`.weight` tensors with a scale"
                 )
-            scale_name = name[: -len("weight")] + self.suffix
+            scale_name = self.scale_name(name, tensors, at)
             scale = tensors.get(scale_name)
             if scale is None:
                 raise CheckpointError(f"{at}: tensor {name!r} is {info.dtype} but {scale_name!r} is missing in {ref}")
@@ -96,8 +98,9 @@ class ScaledFp8:
                     f"F16 scales"
                 )
             block = self.scale_block(info, scale, fmt, locate(scale.file))
+            power_of_two = fmt.power_of_two or scale.dtype == "F8_E8M0"  # an E8M0 scale is one
             folded[name] = Quantized(
-                name, info.dtype, info.shape, info.file, info.start, info.end, scale, block, self.name, fmt.power_of_two
+                name, info.dtype, info.shape, info.file, info.start, info.end, scale, block, self.name, power_of_two
             )
         scales = {q.scale.name for q in folded.values()}
         stray = [n for n in tensors if n.endswith("." + self.suffix) and n not in scales]
@@ -105,6 +108,15 @@ class ScaledFp8:
             info = tensors[stray[0]]
             raise CheckpointError(f"{locate(info.file)}: tensor {stray[0]!r} is a scale with no FP8 weight beside it")
         return folded
+
+    def scale_name(self, weight: str, tensors: dict, at: str) -> str:
+        """The name of `weight`'s scale: `NAME.<suffix>`, or one of the other endings the format allows (transformers
+        renames DeepSeek-V4's `.scale` to `.weight_scale_inv` on load); CheckpointError when it has two."""
+        stem = weight[: -len("weight")]
+        present = [stem + s for s in (self.suffix, *self.other_suffixes) if stem + s in tensors]
+        if len(present) > 1:
+            raise CheckpointError(f"{at}: tensor {weight!r} has two scales, {present[0]!r} and {present[1]!r}")
+        return present[0] if present else stem + self.suffix
 
     def parts(self, q: Quantized) -> tuple[TensorInfo, ...]:
         return (q, q.scale)
@@ -185,6 +197,7 @@ class BlockFp8(ScaledFp8):
     label = "(block FP8)"
     methods = ("fp8",)
     suffix = "weight_scale_inv"
+    other_suffixes = ("scale",)  # DeepSeek-V4 (transformers' FineGrainedFP8 quantizer: `^(.+)\.scale` renamed on load)
 
     def read_config(self, config: dict, where: str) -> QuantFormat:
         if str(config.get("fmt", "e4m3")).lower() != "e4m3":
@@ -327,9 +340,13 @@ def positive_pair(value) -> tuple[int, int] | None:
 
 
 def scale_values(data: bytes, dtype: str):
-    """numpy float32 values of a scale tensor's bytes (little-endian F32, F16 or BF16)."""
+    """numpy float32 values of a scale tensor's bytes (little-endian F32, F16 or BF16; E8M0 bytes as 2 ** (b - 127),
+    0xFF as NaN)."""
     import numpy as np
 
+    if dtype == "F8_E8M0":
+        b = np.frombuffer(data, np.uint8).astype(np.int32)
+        return np.where(b == 255, np.float32(np.nan), np.ldexp(np.float32(1.0), np.minimum(b, 254) - 127))
     if dtype == "BF16":
         return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
     return np.frombuffer(data, "<f4" if dtype == "F32" else "<f2").astype(np.float32)
