@@ -25,8 +25,8 @@ def test_the_registry_reads_each_format_by_its_config():
     assert codec_for_config({"quant_method": "compressed-tensors"}, "c.json").name == "float-quantized"
     with pytest.raises(CheckpointError, match=r"^c.json: quantization_config.quant_method is 'awq'; graftcore reads"):
         codec_for_config({"quant_method": "awq"}, "c.json")
-    with pytest.raises(CheckpointError, match=r"^c.json: compressed-tensors format 'pack-quantized'; .*float-quant"):
-        codec_for_config({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "c.json")
+    with pytest.raises(CheckpointError, match=r"^c.json: compressed-tensors format 'int-quantized'; .*float-quant"):
+        codec_for_config({"quant_method": "compressed-tensors", "format": "int-quantized"}, "c.json")
 
 
 class RowInt8:

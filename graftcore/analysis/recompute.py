@@ -29,6 +29,7 @@ from graftcore.plan.build import build_plan
 from graftcore.plan.inputs import job_fingerprint, open_inputs
 from graftcore.plan.ops import Plan, headers_entries, plan_entries
 from graftcore.plan.report import VerifyReport
+from graftcore.stream.codec_steps import out_elements
 from graftcore.stream.compute_step import compute_step, load_lora
 from graftcore.stream.driver import StepConsumer, read_buffer_bytes, run_pass
 from graftcore.stream.readers import raw_step_bytes, read_elements
@@ -128,16 +129,19 @@ class RecomputeConsumer(StepConsumer):
         self.encoder = codec_of(op.instruct).encoder(op.instruct, op.instruct.file) if op.quantized_out else None
 
     def step(self, op, step: Step, held: list) -> int:
-        name = step.reads[0].info.name if step.raw else op.name  # a raw step may copy a quantized weight's scales
+        # a raw step may copy a quantized weight's scales; a packed output's weight has its stored name
+        name = step.reads[0].info.name if step.raw else op.entries[0][0]
         try:
             if step.raw:
+                first, stop = step.lo, step.hi
                 want = held[0].tensor(step.reads[0].info)
             else:
-                want = torch.empty(step.hi - step.lo, dtype=torch_dtype(op.out_dtype))
+                first, stop = out_elements(op, step)
+                want = torch.empty(stop - first, dtype=torch_dtype(op.out_dtype))
                 compute_step(op, step, held, want, self.compute, self.loaded, self.encoder)
                 self.compute.nonfinite()  # a merge that kept NaN/Inf (--allow-nonfinite) recomputes them too
             ulp = op.low_rank and self.merged_on_gpu
-            self.compare(name, step.lo, step.hi, want, ulp)
+            self.compare(name, first, stop, want, ulp)
             if self.encoder is not None and not step.raw:  # the new scales of the block rows just encoded
                 cols = op.instruct.cols
                 for entry, first, stop, values in self.encoder.entries_for_rows(step.lo // cols, step.hi // cols):

@@ -7,7 +7,7 @@ Example:
     'float-quantized'
 """
 
-from graftcore.codecs import fp8  # noqa: F401  (registers the FP8 codecs)
+from graftcore.codecs import fp8, packed4  # noqa: F401  (register their codecs)
 from graftcore.codecs.registry import (
     Codec,
     Encoder,
@@ -19,7 +19,7 @@ from graftcore.codecs.registry import (
     register,
 )
 
-BUILTIN = ("fp8",)  # the codec modules of this package, each registering its codecs when imported
+BUILTIN = ("fp8", "packed4")  # the codec modules of this package, each registering its codecs when imported
 
 __all__ = [
     "Codec",

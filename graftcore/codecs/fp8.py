@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from graftcore.codecs.registry import QuantFormat, register
+from graftcore.codecs.values import group_weights, positive_pair, scale_values
 from graftcore.errors import CheckpointError, NonFiniteError
 from graftcore.io.safetensors_file import Quantized, TensorInfo, torch_dtype
 from graftcore.shapes import cdiv
@@ -199,7 +200,27 @@ class BlockFp8(ScaledFp8):
     suffix = "weight_scale_inv"
     other_suffixes = ("scale",)  # DeepSeek-V4 (transformers' FineGrainedFP8 quantizer: `^(.+)\.scale` renamed on load)
 
+    def fold(self, tensors: dict[str, TensorInfo], fmt: QuantFormat, locate, ref: str) -> dict[str, Quantized]:
+        """Block FP8 weights, and with `"expert_dtype": "fp4"` (DeepSeek-V4) the I8 FP4 experts beside them (their
+        codec: codecs/packed4.py's `fp4`)."""
+        fp4 = {}
+        if fmt.config.get("expert_dtype") == "fp4":
+            from graftcore.codecs.packed4 import FP4
+
+            for name, info in tensors.items():
+                scale = tensors.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
+                if info.dtype == "I8" and scale is not None:
+                    fp4[name] = FP4.fold_weight(name, info, scale, locate(info.file))
+        scales = {q.scale.name for q in fp4.values()}
+        rest = {n: i for n, i in tensors.items() if n not in fp4 and n not in scales}
+        return {**super().fold(rest, fmt, locate, ref), **fp4}
+
     def read_config(self, config: dict, where: str) -> QuantFormat:
+        if config.get("expert_dtype", "fp8") not in ("fp8", "fp4"):
+            raise CheckpointError(
+                f"{where}: quantization_config.expert_dtype is {config.get('expert_dtype')!r}; graftcore reads fp8 "
+                f"and fp4 (DeepSeek-V4) experts"
+            )
         if str(config.get("fmt", "e4m3")).lower() != "e4m3":
             raise CheckpointError(f"{where}: quantization_config.fmt is {config.get('fmt')!r}; graftcore reads e4m3")
         return super().read_config(config, where)
@@ -316,40 +337,6 @@ def fitted_block(weight: TensorInfo, scale: TensorInfo, block: tuple[int, int], 
         f"{where}: tensor {scale.name!r} is {list(scale.shape)}, but {weight.name!r} {list(weight.shape)} in "
         f"{block[0]}x{block[1]} blocks (quantization_config {key}) needs {list(want)}"
     )
-
-
-def group_weights(config: dict) -> list[tuple[str, dict]]:
-    """('config_groups.NAME', its `weights` scheme) for each compressed-tensors group that quantizes weights."""
-    groups = config.get("config_groups")
-    out = []
-    for name, group in groups.items() if isinstance(groups, dict) else ():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if isinstance(weights, dict):
-            out.append((f"config_groups.{name}", weights))
-    return out
-
-
-def positive_pair(value) -> tuple[int, int] | None:
-    """(a, b) from [a, b] or "AxB" with positive ints; None for anything else."""
-    if isinstance(value, str) and value.lower().count("x") == 1:
-        value = value.lower().split("x")
-        value = [int(v) if v.strip().isdigit() else None for v in value]
-    ok = isinstance(value, list) and len(value) == 2
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    return tuple(value) if ok else None
-
-
-def scale_values(data: bytes, dtype: str):
-    """numpy float32 values of a scale tensor's bytes (little-endian F32, F16 or BF16; E8M0 bytes as 2 ** (b - 127),
-    0xFF as NaN)."""
-    import numpy as np
-
-    if dtype == "F8_E8M0":
-        b = np.frombuffer(data, np.uint8).astype(np.int32)
-        return np.where(b == 255, np.float32(np.nan), np.ldexp(np.float32(1.0), np.minimum(b, 254) - 127))
-    if dtype == "BF16":
-        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
-    return np.frombuffer(data, "<f4" if dtype == "F32" else "<f2").astype(np.float32)
 
 
 def with_scale(parts: list) -> tuple:

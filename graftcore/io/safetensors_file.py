@@ -162,8 +162,10 @@ class Quantized(NamedTuple):
     """A quantized weight and its companions (scales) as one logical tensor of `shape`, folded by its codec
     (graftcore/codecs/, named by `codec`): the stored weight's bytes lie at [start, end) of `file` in `dtype`, like
     a TensorInfo's; `scale` is its scale tensor (possibly in another file), one multiplier per `block` = (rows,
-    cols) of weight elements; `power_of_two`: the format wants new scales that are powers of two. What the bytes
-    mean is the codec's alone."""
+    cols) of weight elements; `power_of_two`: the format wants new scales that are powers of two; `stored`: the
+    stored weight tensor where its name, dtype or shape differ from the logical one (packed 4-bit formats:
+    `NAME.weight_packed` U8 [rows, cols / 2] for a logical `NAME.weight` [rows, cols]); `extra`: further companions
+    (a global scale, a `weight_shape`). What the bytes mean is the codec's alone."""
 
     name: str
     dtype: str
@@ -175,6 +177,8 @@ class Quantized(NamedTuple):
     block: tuple[int, int]
     codec: str = "fp8"
     power_of_two: bool = False
+    stored: TensorInfo | None = None
+    extra: tuple[TensorInfo, ...] = ()
 
     numel = TensorInfo.numel
     nbytes = TensorInfo.nbytes

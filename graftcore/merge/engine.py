@@ -30,7 +30,7 @@ from graftcore.merge.writer import ChunkSink, WriterThread
 from graftcore.plan.ops import Plan, TensorOp
 from graftcore.plan.report import Progress, Report
 from graftcore.sources.checkpoint import Checkpoint
-from graftcore.stream.codec_steps import check_copied, encode_on_device, on_device
+from graftcore.stream.codec_steps import check_copied, encode_on_device, on_device, out_elements
 from graftcore.stream.compute_step import compute_step, largest_step_bytes, load_lora
 from graftcore.stream.driver import StepConsumer, run_pass
 from graftcore.stream.readers import Held
@@ -88,12 +88,13 @@ class MergeConsumer(StepConsumer):
             return self.sink.raw(held[0])
         if step.entry:
             return self.sink.chunk(step.hi - step.lo, op.entries[step.entry][1], self.write_entry(op, step))
+        first, stop = out_elements(op, step)
         if op.quantized and self.compute is not self.host and on_device(op, self.encoder):  # the codec's kernel
-            return self.sink.chunk(step.hi - step.lo, op.out_dtype, lambda out: self.on_device(op, step, held, out))
+            return self.sink.chunk(stop - first, op.out_dtype, lambda out: self.on_device(op, step, held, out))
         compute, loaded, encoder = self.host if op.quantized else self.compute, self.loaded, self.encoder
         try:
             return self.sink.chunk(
-                step.hi - step.lo,
+                stop - first,
                 op.out_dtype,
                 lambda out: compute_step(op, step, held, out, compute, loaded, encoder, self.locate, self.scratch),
             )

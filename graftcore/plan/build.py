@@ -283,12 +283,6 @@ def plan_tensor(
                 f"{locate(role, x)}: tensor {name!r} in {role} is {x.dtype}; grafting reads F16, BF16, F32 or FP8 "
                 f"with its scales (--exclude it to copy Instruct's)"
             )
-        if isinstance(x, Quantized) and isinstance(i, Quantized) and x.block != i.block:
-            raise MismatchError(
-                f"{locate(role, x.scale)}: tensor {name!r} is quantized in {x.block[0]}x{x.block[1]} blocks in {role} "
-                f"but {i.block[0]}x{i.block[1]} in Instruct ({locate('instruct', i.scale)}); graftcore reads FP8 "
-                f"inputs only in Instruct's block size"
-            )
     quantized = [role for role, x in roles if isinstance(x, Quantized)]
     if any(t.update is not None for t in terms) and any(isinstance(x, Pieces) for x in (b, *(t.tuned for t in terms))):
         raise MismatchError(

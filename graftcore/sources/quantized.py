@@ -63,8 +63,14 @@ def fold_quantized(ck: Checkpoint) -> Checkpoint:
             f"{' or '.join(codec.stored_dtypes())} (a dequantized copy with the quantized model's {CONFIG}?)"
         )
     folded = codec.fold(ck.tensors, fmt, ck.locate, ck.ref)
-    companions = {part.name for q in folded.values() for part in codec.parts(q)[1:]}
-    ck.tensors = {n: folded.get(n, info) for n, info in ck.tensors.items() if n not in companions}
+    companions = {part.name for q in folded.values() for part in codec_of(q).parts(q)[1:]}
+    by_stored = {(q.stored or q).name: q for q in folded.values()}  # NAME.weight_packed -> NAME.weight's
+    tensors = {}
+    for name, info in ck.tensors.items():
+        if name not in companions:
+            q = by_stored.get(name)
+            tensors[name if q is None else q.name] = info if q is None else q
+    ck.tensors = tensors
     ck.quant = fmt
     check_stored_values(ck, list(folded.values()))
     return ck

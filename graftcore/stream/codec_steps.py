@@ -58,12 +58,43 @@ def check_copied(op: TensorOp, step: Step, held: list[Held], locate) -> None:
         codec_of(op.instruct).check_read(op.instruct, read.part, held[0].tensor(read.info), where(read, locate))
 
 
+def one_format(op: TensorOp) -> bool:
+    """Whether every quantized input of `op` is stored as its output is (one codec, one block): what the encoders
+    that decode for themselves (the fused CPU graft, the device kernel) take. Other mixes decode each input by its
+    own codec, then graft and encode."""
+    i = op.instruct
+    inputs = [op.base] if op.reads_base else []
+    inputs += [t.tuned for t in op.terms if t.tuned is not None]
+    return all(not isinstance(x, Quantized) or (x.codec, x.block) == (i.codec, i.block) for x in inputs)
+
+
+def fused(op: TensorOp, encoder) -> bool:
+    """Whether the encoder grafts and encodes `op`'s steps itself on the CPU (full deltas, one format)."""
+    return hasattr(encoder, "graft_encode") and not op.low_rank and one_format(op)
+
+
 def on_device(op: TensorOp, encoder) -> bool:
     """Whether the codec's device kernel computes `op` on a GPU: an output its encoder can graft on the device
-    (`on_device`), from one full tuned input (LoRA terms and several deltas use the CPU twin)."""
+    (`on_device`), from one full tuned input in one format (LoRA terms, several deltas and mixed formats use the
+    CPU twin)."""
     return (
-        hasattr(encoder, "on_device") and op.quantized_out and not op.low_rank and len(op.terms) == 1 and op.reads_base
+        hasattr(encoder, "on_device")
+        and op.quantized_out
+        and not op.low_rank
+        and len(op.terms) == 1
+        and op.reads_base
+        and one_format(op)
     )
+
+
+def out_elements(op: TensorOp, step: Step) -> tuple[int, int]:
+    """[first, stop) of the elements of the output tensor op.entries[0] that a computed step writes: the step's
+    own range, or for an output in a packed format the stored elements of its rows."""
+    if not op.quantized_out:
+        return step.lo, step.hi
+    i = op.instruct
+    _, first, stop = codec_of(i).row_reads(i, step.lo // i.cols, step.hi // i.cols)[0]
+    return first, stop
 
 
 def encode_on_device(op: TensorOp, step: Step, held: list[Held], out: torch.Tensor, encoder, device, locate):

@@ -15,7 +15,7 @@ from graftcore.codecs import codec_of
 from graftcore.io.safetensors_file import Quantized, itemsize, nbytes_of
 from graftcore.plan.ops import TensorOp
 from graftcore.sources.checkpoint import Checkpoint
-from graftcore.stream.codec_steps import decode, encode_full_deltas
+from graftcore.stream.codec_steps import decode, encode_full_deltas, fused
 from graftcore.stream.readers import Held, read_elements
 from graftcore.stream.steps import Step, step_elements
 
@@ -37,7 +37,7 @@ def compute_step(
     deltas alone: graft and encode fused by the encoder where it has `graft_encode`; else, and with a LoRA term: the
     step into float32, then encoded).
     NaN/Inf of a fused step are counted on `compute` (`count`)."""
-    if encoder is not None and hasattr(encoder, "graft_encode") and not op.low_rank and step.grafted == step.hi:
+    if encoder is not None and step.grafted == step.hi and fused(op, encoder):
         compute.count(op.name, encode_full_deltas(op, step, held, out, encoder, locate))
         return None
     if op.quantized:

@@ -1,0 +1,224 @@
+"""4-bit formats: compressed-tensors' MXFP4, NVFP4 and INT4 (pack-quantized) and DeepSeek-V4's FP4 experts. Files
+are laid out as those libraries write them; decoding equals compressed-tensors' own decompression and transformers'
+Fp8Dequantize; encoding is the rule of kernels/graft/packed4.py written plainly here, group by group."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import write_checkpoint
+from safetensors.torch import load_file
+
+pytest.importorskip("compressed_tensors")
+
+from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor  # noqa: E402
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+# format -> (preset, compressor, group, grid)
+FORMATS = {
+    "mxfp4-pack-quantized": ("MXFP4", MXFP4PackedCompressor, 32, "e2m1"),
+    "nvfp4-pack-quantized": ("NVFP4", NVFP4PackedCompressor, 16, "e2m1"),
+    "pack-quantized": ("W4A16", PackedQuantizationCompressor, 128, "int4"),
+}
+SHAPES = {"model.layers.0.mlp.down_proj": (8, 256), "model.layers.0.self_attn.q_proj": (16, 128)}
+
+
+def value(code: int, grid: str) -> float:
+    return E2M1[code] if grid == "e2m1" else float(code - 8)
+
+
+def nearest_code(y: float, grid: str) -> int:
+    """The rule's rounding, plainly: the nearest grid value, ties to the even code, saturating; -0 keeps its sign."""
+    import math
+
+    if grid == "int4":
+        return int(min(7, max(-8, round(y)))) + 8  # Python's round is half to even
+    mag = min(abs(y), 6.0)
+    mags = E2M1[:8]
+    best = min(range(8), key=lambda k: (abs(mags[k] - mag), k % 2))  # on a tie the even code
+    return best | (8 if math.copysign(1.0, y) < 0 else 0)
+
+
+def pack(codes: torch.Tensor, dtype) -> torch.Tensor:
+    """codes [rows, cols] (0..15), two a byte low nibble first, rows padded to whole words of `dtype`."""
+    rows, cols = codes.shape
+    per = {torch.uint8: 2, torch.int32: 8}[dtype]
+    padded = torch.zeros(rows, -(-cols // per) * per, dtype=torch.uint8)
+    padded[:, :cols] = codes
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).contiguous().view(dtype)
+
+
+def make_weight(fmt: str, rows: int, cols: int, g: torch.Generator) -> dict:
+    """One module's tensors in `fmt`, random codes and scales (what compressed-tensors writes: names and dtypes)."""
+    _, _, group, grid = FORMATS[fmt]
+    codes = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+    groups = -(-cols // group)
+    if fmt == "mxfp4-pack-quantized":
+        return {
+            "weight_packed": pack(codes, torch.uint8),
+            "weight_scale": torch.randint(118, 124, (rows, groups), generator=g).to(torch.uint8),
+        }
+    if fmt == "nvfp4-pack-quantized":
+        scale = (torch.rand(rows, groups, generator=g) * 2 + 1).to(torch.float8_e4m3fn)
+        return {
+            "weight_packed": pack(codes, torch.uint8),
+            "weight_scale": scale,
+            "weight_global_scale": torch.tensor([2048.0]),
+        }
+    scale = (torch.rand(rows, groups, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    return {
+        "weight_packed": pack(codes, torch.int32),
+        "weight_scale": scale,
+        "weight_shape": torch.tensor([rows, cols]),
+    }
+
+
+def config(fmt: str) -> dict:
+    preset, _, group, grid = FORMATS[fmt]
+    weights = {"num_bits": 4, "type": "float" if grid == "e2m1" else "int", "symmetric": True, "group_size": group,
+               "strategy": "tensor_group" if fmt.startswith("nv") else "group"}  # fmt: skip
+    return {
+        "model_type": "llama",
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": fmt,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+            "ignore": ["lm_head"],
+        },
+    }
+
+
+def checkpoint(folder, fmt: str, seed: int, extra=None):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"model.norm.weight": torch.ones(16, dtype=torch.bfloat16), **(extra or {})}
+    for module, (rows, cols) in SHAPES.items():
+        for k, t in make_weight(fmt, rows, cols, g).items():
+            tensors[f"{module}.{k}"] = t
+    return write_checkpoint(folder, tensors, 1, config(fmt))
+
+
+def decompressed(folder, fmt: str, module: str) -> torch.Tensor:
+    """compressed-tensors' own decompression of `module`'s weight, float32."""
+    preset, compressor, _, _ = FORMATS[fmt]
+    sd = load_file(folder / "model.safetensors")
+    local = {k[len(module) + 1 :]: v for k, v in sd.items() if k.startswith(module + ".")}
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    return compressor.decompress(local, scheme)["weight"].float()
+
+
+def ours(folder, module: str, fmt: str) -> torch.Tensor:
+    """The rule's decode written plainly: value(code) * scale (/ global), element by element."""
+    _, _, group, grid = FORMATS[fmt]
+    sd = load_file(folder / "model.safetensors")
+    rows, cols = SHAPES[module]
+    packed = sd[f"{module}.weight_packed"].contiguous().view(torch.uint8).view(rows, -1)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(rows, -1)[:, :cols]
+    scale = sd[f"{module}.weight_scale"]
+    s = (
+        torch.ldexp(torch.ones(scale.shape), scale.to(torch.int32) - 127)
+        if scale.dtype == torch.uint8
+        else scale.float()
+    )
+    if f"{module}.weight_global_scale" in sd:
+        s = s / sd[f"{module}.weight_global_scale"].float()
+    table = torch.tensor([value(c, grid) for c in range(16)])
+    return table[codes.long()] * s.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def trio(tmp_path, fmt):
+    refs = {r: checkpoint(tmp_path / r, fmt, k) for k, r in enumerate(("base", "instruct"))}
+    base = {m: ours(refs["base"], m, fmt) for m in SHAPES}
+    g = torch.Generator().manual_seed(9)
+    tuned = {f"{m}.weight": (w + 0.002 * torch.randn(w.shape, generator=g)).to(torch.bfloat16) for m, w in base.items()}
+    tuned["model.norm.weight"] = torch.ones(16, dtype=torch.bfloat16)
+    refs["tuned"] = write_checkpoint(tmp_path / "tuned", tuned)
+    return refs, tuned
+
+
+def plus_zero(packed: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes with every -0 (code 8) as +0."""
+    low, high = packed & 0x0F, packed >> 4
+    low, high = torch.where(low == 8, 0, low), torch.where(high == 8, 0, high)
+    return (low | (high << 4)).to(torch.uint8)
+
+
+def merge_args(refs, out, *extra):
+    return ["merge", *[x for r in ("base", "tuned", "instruct") for x in (f"--{r}", refs[r])], "--output", out, *extra]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_decoding_equals_compressed_tensors(fmt, tmp_path, cli):
+    refs, _ = trio(tmp_path, fmt)
+    code, _, err = cli(*merge_args(refs, tmp_path / "out", "--alpha", "0", "--dtype", "float32"))
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    for module in SHAPES:
+        mine = got[f"{module}.weight"]
+        assert torch.equal(mine, ours(refs["instruct"], module, fmt)), module
+        theirs = decompressed(refs["instruct"], fmt, module)
+        # compressed-tensors decodes in the scale's dtype (bf16 for INT4 and MXFP4): ours, rounded once to it
+        assert torch.equal(
+            mine.to(theirs.dtype if theirs.dtype != torch.float32 else torch.float32), theirs
+        ) or torch.equal(mine.to(torch.bfloat16).float(), theirs), module
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_alpha_zero_gives_back_instruct(fmt, tmp_path, cli):
+    refs, _ = trio(tmp_path, fmt)
+    code, _, err = cli(*merge_args(refs, tmp_path / "out", "--alpha", "0"))
+    assert code == 0, err
+    got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(refs["instruct"] / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        a, b = got[name].contiguous().view(torch.uint8), t.contiguous().view(torch.uint8)
+        if name.endswith("weight_packed") and fmt != "pack-quantized":  # E2M1's -0 may come back as +0 (code 8
+            a, b = plus_zero(a), plus_zero(b)  # as 0), as the FP8 contract allows; INT4 has one zero
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_merge_is_the_rule(fmt, tmp_path, cli):
+    _, _, group, grid = FORMATS[fmt]
+    refs, tuned = trio(tmp_path, fmt)
+    code, _, err = cli(*merge_args(refs, tmp_path / "out"))
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    inst = load_file(refs["instruct"] / "model.safetensors")
+    keep, top, neg_keep, neg_top = (7.0, 6.0, 7.0, 6.0) if grid == "e2m1" else (7.5, 7.0, 8.5, 8.0)
+    rescaled = 0
+    for module, (rows, cols) in SHAPES.items():
+        x = ours(refs["instruct"], module, fmt) + (tuned[f"{module}.weight"].float() - ours(refs["base"], module, fmt))
+        out_codes = got[f"{module}.weight_packed"].contiguous().view(torch.uint8).view(rows, -1)
+        out_codes = torch.stack((out_codes & 0xF, out_codes >> 4), dim=-1).view(rows, -1)[:, :cols]
+        scale_in, scale_out = inst[f"{module}.weight_scale"], got[f"{module}.weight_scale"]
+        g = inst.get(f"{module}.weight_global_scale")
+        for r in range(rows):
+            for k in range(-(-cols // group)):
+                blk = x[r, k * group : (k + 1) * group]
+
+                def eff(s):  # noqa: E306
+                    v = 2.0 ** (int(s) - 127) if s.dtype == torch.uint8 else float(s.float())
+                    return v / float(g) if g is not None else v
+
+                s_in, s_out = eff(scale_in[r, k]), eff(scale_out[r, k])
+                high, low = max(0.0, float(blk.max())), max(0.0, -float(blk.min()))
+                if high / s_in <= keep and low / s_in <= neg_keep:
+                    assert s_out == s_in, (module, r, k)
+                else:
+                    rescaled += 1
+                    assert high / s_out <= top and low / s_out <= neg_top, (module, r, k)
+                    if fmt == "mxfp4-pack-quantized":  # the smallest power of two that fits
+                        assert high / (s_out / 2) > top or low / (s_out / 2) > neg_top, (module, r, k)
+                want = [nearest_code(float(v) / s_out, grid) for v in blk]
+                assert out_codes[r, k * group : (k + 1) * group].tolist() == want, (module, r, k)
+    assert rescaled > 0
+    manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
+    assert 0 < manifest["fp8"]["update_error"]
+    code, _, err = cli("verify", tmp_path / "out", "--recompute", 40)
+    assert code == 0, err
