@@ -150,3 +150,95 @@ def test_an_e8m0_nan_scale_is_refused(tmp_path, cli):
     code, _, err = cli(*args(refs, tmp_path / "out"))
     assert code == 2 and "'layers.0.attn.wkv.scale'" in err and str(path) in err and "NaN" in err, err
     assert not (tmp_path / "out" / "graftcore.json").exists()
+
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+EXPERTS = {
+    f"layers.1.ffn.experts.{e}.{w}.weight": (64, 96) if w != "w2" else (96, 64)
+    for e in range(2)
+    for w in ("w1", "w2", "w3")
+}
+
+
+def fp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I8 [out, in / 2] two E2M1 codes a byte low nibble first, E8M0 [out, in / 32]) of a weight, as DeepSeek-V4
+    stores its routed experts: s = 2 ** ceil(log2(amax / 6)) per 32 inputs, codes the nearest value (ties even)."""
+    rows, cols = w.shape
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scale = torch.empty(rows, cols // 32)
+    mags = torch.tensor(E2M1[:8])
+    for r in range(rows):
+        for k in range(cols // 32):
+            x = w[r, k * 32 : (k + 1) * 32].float()
+            amax = float(x.abs().max())
+            s = 2.0 ** math.ceil(math.log2(amax / 6)) if amax > 0 else 1.0
+            scale[r, k] = s
+            for j, v in enumerate((x / s).tolist()):
+                d = (mags - min(abs(v), 6.0)).abs()
+                best = min(range(8), key=lambda c: (float(d[c]), c % 2))
+                codes[r, k * 32 + j] = best | (8 if v < 0 else 0)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed.view(torch.int8), scale.to(torch.float8_e8m0fnu)
+
+
+def fp4_decoded(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    u8 = packed.view(torch.uint8)
+    codes = torch.stack((u8 & 0xF, u8 >> 4), dim=-1).view(u8.shape[0], -1).long()
+    return torch.tensor(E2M1)[codes] * scale.float().repeat_interleave(32, dim=1)
+
+
+def test_fp8_base_experts_beside_fp4_instruct_experts(tmp_path, cli):
+    """The DeepSeek-V4 pair: V4-Flash-Base stores routed experts in block FP8 (`expert_dtype: fp8`), V4-Flash in
+    FP4 (`expert_dtype: fp4`); tuned bf16. Each input decodes in its own format; the output's experts are FP4 by
+    the rule; Instruct's FP4 decodes as transformers' Fp8Dequantize decodes it."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    g = torch.Generator().manual_seed(3)
+    base_w = {n: torch.randn(s, generator=g) * 0.05 for n, s in {**DENSE, **EXPERTS}.items()}
+    inst_w = {n: w + torch.randn(w.shape, generator=g) * 0.01 for n, w in base_w.items()}
+    tuned = {n: (w + torch.randn(w.shape, generator=g) * 0.02).to(torch.bfloat16) for n, w in base_w.items()}
+    base_t, inst_t = {}, {}
+    for n, w in base_w.items():
+        base_t[n], base_t[n[: -len("weight")] + "scale"] = e8m0_block_quantize(w)
+    for n, w in inst_w.items():
+        quantize = fp4_quantize if n in EXPERTS else e8m0_block_quantize
+        inst_t[n], inst_t[n[: -len("weight")] + "scale"] = quantize(w)
+    v4 = {"model_type": "deepseek_v4"}
+    refs = {
+        "base": write_checkpoint(tmp_path / "base", base_t, 1, {**v4, "quantization_config": CONFIG}),
+        "tuned": write_checkpoint(tmp_path / "tuned", tuned),
+        "instruct": write_checkpoint(
+            tmp_path / "instruct", inst_t, 1, {**v4, "quantization_config": {**CONFIG, "expert_dtype": "fp4"}}
+        ),
+    }
+    code, _, err = cli(*args(refs, tmp_path / "deq", "--alpha", "0", "--dtype", "float32"))
+    assert code == 0, err
+    deq = load_file(tmp_path / "deq" / "model.safetensors")
+    for n in EXPERTS:
+        q, s = inst_t[n], inst_t[n[: -len("weight")] + "scale"]
+        assert torch.equal(deq[n], fp4_decoded(q, s)), n
+        assert torch.equal(deq[n], Fp8Dequantize(None)._dequantize_one(q, s, torch.float32)), n
+
+    code, _, err = cli(*args(refs, tmp_path / "out"))
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    for n in EXPERTS:
+        scale_name = n[: -len("weight")] + "scale"
+        x = fp4_decoded(inst_t[n], inst_t[scale_name]) + (tuned[n].float() - decoded(base_t[n], base_t[scale_name]))
+        assert got[n].dtype == torch.int8 and got[scale_name].dtype == torch.float8_e8m0fnu
+        out = fp4_decoded(got[n], got[scale_name])
+        s = got[scale_name].float().repeat_interleave(32, dim=1)
+        kept = inst_t[scale_name].float().repeat_interleave(32, dim=1)
+        amax_ratio = (x.abs() / kept).view(x.shape[0], -1, 32).amax(dim=2).repeat_interleave(32, dim=1)
+        assert torch.equal(s == kept, amax_ratio <= 7), n  # Instruct's scale kept exactly where it holds
+        # every code the nearest grid value of x / s (ties even): |out - x| / s at most half a grid step
+        step = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0])[
+            (out.abs() / s * 2).clamp(max=7).long().clamp(max=7)
+        ]
+        assert bool(((out - x).abs() / s <= step / 2 + 1e-6).all() | ((x / s).abs() > 6).any()), n
+    for n in DENSE:
+        assert got[n].dtype == torch.float8_e4m3fn, n
+    manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
+    assert set(EXPERTS) <= set(manifest["fp8"]["tensors"])
+    code, _, err = cli("verify", tmp_path / "out", "--recompute", 40)
+    assert code == 0, err

@@ -222,3 +222,70 @@ def test_the_merge_is_the_rule(fmt, tmp_path, cli):
     assert 0 < manifest["fp8"]["update_error"]
     code, _, err = cli("verify", tmp_path / "out", "--recompute", 40)
     assert code == 0, err
+
+
+def edited(folder, fmt, change):
+    """`folder`'s model.safetensors with `change(tensors)` applied (a hostile edit), saved in place."""
+    from safetensors.torch import save_file
+
+    sd = load_file(folder / "model.safetensors")
+    change(sd)
+    save_file(sd, folder / "model.safetensors")
+
+
+M = "model.layers.0.self_attn.q_proj"
+HOSTILE = {
+    "missing scale": ("mxfp4-pack-quantized", lambda sd: sd.pop(f"{M}.weight_scale"), f"{M}.weight_packed"),
+    "misshapen scale": ("mxfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_scale": sd[f"{M}.weight_scale"][:, :2].contiguous()}), f"{M}.weight_scale"),
+    "missing global scale": ("nvfp4-pack-quantized", lambda sd: sd.pop(f"{M}.weight_global_scale"), f"{M}.weight_packed"),
+    "zero global scale": ("nvfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_global_scale": torch.tensor([0.0])}), f"{M}.weight_global_scale"),
+    "zero e4m3 scale": ("nvfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(torch.uint8).view(-1).__setitem__(3, 0), f"{M}.weight_scale"),
+    "nan e4m3 scale": ("nvfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(torch.uint8).view(-1).__setitem__(3, 0x7F), f"{M}.weight_scale"),
+    "e8m0 nan scale": ("mxfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(-1).__setitem__(0, 0xFF), f"{M}.weight_scale"),
+    "weight_shape disagrees": ("pack-quantized", lambda sd: sd.update({f"{M}.weight_shape": torch.tensor([16, 120])}), f"{M}.weight_shape"),
+    "scale in another dtype": ("nvfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_scale": sd[f"{M}.weight_scale"].view(torch.uint8)}), f"{M}.weight_scale"),
+    "stray scale": ("mxfp4-pack-quantized", lambda sd: sd.update({"model.extra.weight_scale": torch.ones(2, 1, dtype=torch.uint8)}), "model.extra.weight_scale"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_packed_input(case, tmp_path, cli):
+    fmt, change, named = HOSTILE[case]
+    refs, _ = trio(tmp_path, fmt)
+    edited(refs["instruct"], fmt, change)
+    code, _, err = cli(*merge_args(refs, tmp_path / "out"))
+    assert code == 2 and repr(named) in err and str(refs["instruct"]) in err, (case, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "graftcore.json").exists()
+
+
+def test_a_packed_module_the_config_ignores_is_refused(tmp_path, cli):
+    fmt = "mxfp4-pack-quantized"
+    refs, _ = trio(tmp_path, fmt)
+    path = refs["instruct"] / "config.json"
+    doc = json.loads(path.read_text())
+    doc["quantization_config"]["ignore"] = ["lm_head", "re:.*q_proj$"]
+    path.write_text(json.dumps(doc))
+    code, _, err = cli(*merge_args(refs, tmp_path / "out"))
+    assert code == 2 and f"'{M}.weight_packed'" in err and "ignore" in err, err
+
+
+def test_verify_finds_a_flipped_byte_in_a_packed_weight_and_in_a_scale(tmp_path, cli):
+    fmt = "nvfp4-pack-quantized"
+    refs, _ = trio(tmp_path, fmt)
+    code, _, err = cli(*merge_args(refs, tmp_path / "out"))
+    assert code == 0, err
+    shard = tmp_path / "out" / "model.safetensors"
+    from graftcore.io.safetensors_file import read_header
+
+    for tensor in (f"{M}.weight_packed", f"{M}.weight_scale"):
+        info = read_header(shard).tensors[tensor]
+        raw = bytearray(shard.read_bytes())
+        raw[info.start + 1] ^= 0x10
+        shard.write_bytes(bytes(raw))
+        code, _, err = cli("verify", tmp_path / "out")
+        assert code == 2 and repr(tensor) in err, err
+        raw[info.start + 1] ^= 0x10
+        shard.write_bytes(bytes(raw))
+    code, _, err = cli("verify", tmp_path / "out", "--recompute", 100)
+    assert code == 0, err

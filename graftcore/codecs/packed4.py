@@ -96,6 +96,14 @@ class Packed4:
     def check_values(self, q: Quantized, part: TensorInfo, data: bytes, where: str) -> None:
         import numpy as np
 
+        if part.name.endswith(".weight_shape"):
+            values = np.frombuffer(data, "<i8" if part.dtype == "I64" else "<i4").tolist()
+            if tuple(values) != tuple(q.shape):
+                raise CheckpointError(
+                    f"{where}: tensor {part.name!r} says {values}, but {(q.stored or q).name!r} "
+                    f"{list((q.stored or q).shape)} with its scale holds {list(q.shape)}"
+                )
+            return
         if part.name != q.scale.name and part not in self.decode_extras(q):
             return
         if part.dtype == "U8" and self.scale_bytes_are_e8m0:
@@ -192,6 +200,11 @@ class CompressedPacked4(Packed4):
                     raise CheckpointError(f"{at}: tensor {packed_name!r} has no {stem[:-7] + suffix!r} in {ref}")
                 extra.append(e)
             name = stem[:-1]  # "NAME.weight"
+            if ignored(name[: -len(".weight")], fmt.config.get("ignore") or []):
+                raise CheckpointError(
+                    f"{at}: tensor {packed_name!r} is packed, but quantization_config.ignore names its module "
+                    f"{name[: -len('.weight')]!r} as left unquantized"
+                )
             if name in tensors:
                 raise CheckpointError(f"{at}: tensor {name!r} stands beside {packed_name!r}: one weight stored twice")
             q = self.fold_one(name, packed, scale, extra, fmt, at)
@@ -246,6 +259,21 @@ class Int4(CompressedPacked4):
         group = self.config_group(fmt.config) if groups > 1 else None
         cols = 8 * words if group is None else min(8 * words, groups * group)  # checked against weight_shape
         return self.logical(name, packed, scale, cols, group or cols, extra, where=at)
+
+
+def ignored(module: str, ignore: list) -> bool:
+    """Whether compressed-tensors' `ignore` list names `module`: by its whole name, or a "re:" pattern matched from
+    its start (compressed-tensors utils/match.py: `re.match` for "re:" targets, else equality)."""
+    import re
+
+    for entry in ignore if isinstance(ignore, list) else ():
+        if not isinstance(entry, str):
+            continue
+        if entry.startswith("re:") and re.match(entry[3:], module):
+            return True
+        if entry == module:
+            return True
+    return False
 
 
 @dataclass
