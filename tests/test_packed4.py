@@ -182,30 +182,28 @@ def test_alpha_zero_gives_back_instruct(fmt, tmp_path, cli):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_the_merge_is_the_rule(fmt, tmp_path, cli):
+def assert_rule(out_folder, inst_folder, xs: dict, fmt: str) -> int:
+    """Every group of the output against the rule written plainly, for float32 x per module; returns how many
+    groups took a new scale."""
     _, _, group, grid = FORMATS[fmt]
-    refs, tuned = trio(tmp_path, fmt)
-    code, _, err = cli(*merge_args(refs, tmp_path / "out"))
-    assert code == 0, err
-    got = load_file(tmp_path / "out" / "model.safetensors")
-    inst = load_file(refs["instruct"] / "model.safetensors")
+    got = load_file(out_folder / "model.safetensors")
+    inst = load_file(inst_folder / "model.safetensors")
     keep, top, neg_keep, neg_top = (7.0, 6.0, 7.0, 6.0) if grid == "e2m1" else (7.5, 7.0, 8.5, 8.0)
     rescaled = 0
-    for module, (rows, cols) in SHAPES.items():
-        x = ours(refs["instruct"], module, fmt) + (tuned[f"{module}.weight"].float() - ours(refs["base"], module, fmt))
+    for module, x in xs.items():
+        rows, cols = SHAPES[module]
         out_codes = got[f"{module}.weight_packed"].contiguous().view(torch.uint8).view(rows, -1)
         out_codes = torch.stack((out_codes & 0xF, out_codes >> 4), dim=-1).view(rows, -1)[:, :cols]
         scale_in, scale_out = inst[f"{module}.weight_scale"], got[f"{module}.weight_scale"]
         g = inst.get(f"{module}.weight_global_scale")
+
+        def eff(s):
+            v = 2.0 ** (int(s) - 127) if s.dtype == torch.uint8 else float(s.float())
+            return v / float(g) if g is not None else v
+
         for r in range(rows):
             for k in range(-(-cols // group)):
                 blk = x[r, k * group : (k + 1) * group]
-
-                def eff(s):  # noqa: E306
-                    v = 2.0 ** (int(s) - 127) if s.dtype == torch.uint8 else float(s.float())
-                    return v / float(g) if g is not None else v
-
                 s_in, s_out = eff(scale_in[r, k]), eff(scale_out[r, k])
                 high, low = max(0.0, float(blk.max())), max(0.0, -float(blk.min()))
                 if high / s_in <= keep and low / s_in <= neg_keep:
@@ -217,11 +215,83 @@ def test_the_merge_is_the_rule(fmt, tmp_path, cli):
                         assert high / (s_out / 2) > top or low / (s_out / 2) > neg_top, (module, r, k)
                 want = [nearest_code(float(v) / s_out, grid) for v in blk]
                 assert out_codes[r, k * group : (k + 1) * group].tolist() == want, (module, r, k)
-    assert rescaled > 0
+    return rescaled
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_merge_is_the_rule(fmt, tmp_path, cli):
+    refs, tuned = trio(tmp_path, fmt)
+    code, _, err = cli(*merge_args(refs, tmp_path / "out"))
+    assert code == 0, err
+    xs = {
+        m: ours(refs["instruct"], m, fmt) + (tuned[f"{m}.weight"].float() - ours(refs["base"], m, fmt)) for m in SHAPES
+    }
+    assert assert_rule(tmp_path / "out", refs["instruct"], xs, fmt) > 0
     manifest = json.loads((tmp_path / "out" / "graftcore.json").read_text())
     assert 0 < manifest["fp8"]["update_error"]
     code, _, err = cli("verify", tmp_path / "out", "--recompute", 40)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_two_deltas_onto_a_packed_instruct(fmt, tmp_path, cli):
+    refs, tuned = trio(tmp_path, fmt)
+    g = torch.Generator().manual_seed(11)
+    tuned2 = {n: (t.float() + 0.003 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in tuned.items()}
+    write_checkpoint(tmp_path / "tuned2", tuned2)
+    code, _, err = cli(
+        *merge_args(refs, tmp_path / "out", "--tuned", tmp_path / "tuned2", "--alpha", "0.5", "--alpha", "1.5")
+    )
+    assert code == 0, err
+    xs = {}
+    for m in SHAPES:
+        b = ours(refs["base"], m, fmt)
+        d1 = (tuned[f"{m}.weight"].float() - b) * 0.5
+        d2 = (tuned2[f"{m}.weight"].float() - b) * 1.5
+        xs[m] = ours(refs["instruct"], m, fmt) + d1 + d2  # added left to right, in float32
+    assert_rule(tmp_path / "out", refs["instruct"], xs, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4-pack-quantized", "pack-quantized"])
+def test_a_lora_adapter_onto_a_packed_instruct(fmt, tmp_path, cli):
+    """A PEFT LoRA adapter (as PEFT saves one: adapter_config.json, base_model.model.<module>.lora_A/B.weight) onto
+    a 4-bit Instruct: x = deq(I) + (lora_alpha / r) * B @ A, float32, then the rule."""
+    from safetensors.torch import save_file
+
+    refs, _ = trio(tmp_path, fmt)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    r, alpha = 4, 8
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "down_proj"],
+           "base_model_name_or_path": str(refs["base"]), "task_type": "CAUSAL_LM"}  # fmt: skip
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(5)
+    factors = {}
+    for m, (rows, cols) in SHAPES.items():
+        factors[m] = (torch.randn(r, cols, generator=g) * 0.05, torch.randn(rows, r, generator=g) * 0.05)
+    save_file(
+        {f"base_model.model.{m}.lora_{k}.weight": t for m, (a, b) in factors.items() for k, t in (("A", a), ("B", b))},
+        adapter / "adapter_model.safetensors",
+    )
+    code, _, err = cli("merge", "--tuned", adapter, "--instruct", refs["instruct"], "--output", tmp_path / "out")
+    assert code == 0, err
+    xs = {m: ours(refs["instruct"], m, fmt) + (alpha / r) * (b @ a) for m, (a, b) in factors.items()}
+    assert assert_rule(tmp_path / "out", refs["instruct"], xs, fmt) >= 0
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_similarity_measures_decoded_weights(fmt, tmp_path):
+    import graftcore
+
+    refs, tuned = trio(tmp_path, fmt)
+    report = graftcore.similarity(base=str(refs["base"]), instruct=str(refs["instruct"]), tuned=str(refs["tuned"]),
+                                  quiet=True)  # fmt: skip
+    for m in SHAPES:
+        row = next(t for t in report.tensors if t.name == f"{m}.weight")
+        i, b = ours(refs["instruct"], m, fmt).double(), ours(refs["base"], m, fmt).double()
+        t = tuned[f"{m}.weight"].double()
+        assert row.metrics("instruct")["rel_l2"] == pytest.approx(float((i - b).norm() / b.norm()), rel=1e-6)
+        assert row.metrics("tuned")["rel_l2"] == pytest.approx(float((t - b).norm() / b.norm()), rel=1e-6)
 
 
 def edited(folder, fmt, change):
@@ -236,15 +306,15 @@ def edited(folder, fmt, change):
 M = "model.layers.0.self_attn.q_proj"
 HOSTILE = {
     "missing scale": ("mxfp4-pack-quantized", lambda sd: sd.pop(f"{M}.weight_scale"), f"{M}.weight_packed"),
-    "misshapen scale": ("mxfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_scale": sd[f"{M}.weight_scale"][:, :2].contiguous()}), f"{M}.weight_scale"),
-    "missing global scale": ("nvfp4-pack-quantized", lambda sd: sd.pop(f"{M}.weight_global_scale"), f"{M}.weight_packed"),
-    "zero global scale": ("nvfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_global_scale": torch.tensor([0.0])}), f"{M}.weight_global_scale"),
-    "zero e4m3 scale": ("nvfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(torch.uint8).view(-1).__setitem__(3, 0), f"{M}.weight_scale"),
-    "nan e4m3 scale": ("nvfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(torch.uint8).view(-1).__setitem__(3, 0x7F), f"{M}.weight_scale"),
-    "e8m0 nan scale": ("mxfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(-1).__setitem__(0, 0xFF), f"{M}.weight_scale"),
-    "weight_shape disagrees": ("pack-quantized", lambda sd: sd.update({f"{M}.weight_shape": torch.tensor([16, 120])}), f"{M}.weight_shape"),
-    "scale in another dtype": ("nvfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_scale": sd[f"{M}.weight_scale"].view(torch.uint8)}), f"{M}.weight_scale"),
-    "stray scale": ("mxfp4-pack-quantized", lambda sd: sd.update({"model.extra.weight_scale": torch.ones(2, 1, dtype=torch.uint8)}), "model.extra.weight_scale"),
+    "misshapen scale": ("mxfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_scale": sd[f"{M}.weight_scale"][:, :2].contiguous()}), f"{M}.weight_scale"),  # noqa: E501
+    "missing global scale": ("nvfp4-pack-quantized", lambda sd: sd.pop(f"{M}.weight_global_scale"), f"{M}.weight_packed"),  # noqa: E501
+    "zero global scale": ("nvfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_global_scale": torch.tensor([0.0])}), f"{M}.weight_global_scale"),  # noqa: E501
+    "zero e4m3 scale": ("nvfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(torch.uint8).view(-1).__setitem__(3, 0), f"{M}.weight_scale"),  # noqa: E501
+    "nan e4m3 scale": ("nvfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(torch.uint8).view(-1).__setitem__(3, 0x7F), f"{M}.weight_scale"),  # noqa: E501
+    "e8m0 nan scale": ("mxfp4-pack-quantized", lambda sd: sd[f"{M}.weight_scale"].view(-1).__setitem__(0, 0xFF), f"{M}.weight_scale"),  # noqa: E501
+    "weight_shape disagrees": ("pack-quantized", lambda sd: sd.update({f"{M}.weight_shape": torch.tensor([16, 120])}), f"{M}.weight_shape"),  # noqa: E501
+    "scale in another dtype": ("nvfp4-pack-quantized", lambda sd: sd.update({f"{M}.weight_scale": sd[f"{M}.weight_scale"].view(torch.uint8)}), f"{M}.weight_scale"),  # noqa: E501
+    "stray scale": ("mxfp4-pack-quantized", lambda sd: sd.update({"model.extra.weight_scale": torch.ones(2, 1, dtype=torch.uint8)}), "model.extra.weight_scale"),  # noqa: E501
 }  # fmt: skip
 
 
