@@ -359,3 +359,24 @@ def test_verify_finds_a_flipped_byte_in_a_packed_weight_and_in_a_scale(tmp_path,
         shard.write_bytes(bytes(raw))
     code, _, err = cli("verify", tmp_path / "out", "--recompute", 100)
     assert code == 0, err
+
+
+def test_a_gpu_merge_says_which_formats_ran_on_the_cpu_twin(tmp_path, monkeypatch):
+    """No device kernel encodes a 4-bit format: a merge on another compute (here a CpuCompute under another name,
+    as the GPU path's routing sees it) computes those tensors on the CPU twin, gives the same bits, and says so."""
+    import graftcore
+    import graftcore.api as api
+    from graftcore.compute.cpu import CpuCompute
+
+    class Elsewhere(CpuCompute):
+        name = "elsewhere"
+
+    fmt = "nvfp4-pack-quantized"
+    refs, _ = trio(tmp_path, fmt)
+    kw = {r: str(p) for r, p in refs.items()}
+    graftcore.graft(**kw, output=str(tmp_path / "cpu"), quiet=True)
+    monkeypatch.setattr(api, "select_compute", lambda device, chunk, log: Elsewhere(1 << 12))
+    report = graftcore.graft(**kw, output=str(tmp_path / "gpu"), quiet=True)
+    assert any(f"({fmt}) computed on the CPU twin, not on elsewhere" in n for n in report.notes), report.notes
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "gpu"))
+    assert all(torch.equal(a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)) for k in a)

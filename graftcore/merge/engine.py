@@ -56,6 +56,7 @@ class MergeConsumer(StepConsumer):
             self.pool.put(torch.empty(self.capacity, dtype=torch.uint8, pin_memory=compute.pin_output))
         self.clock = {"compute": 0.0, "wait_input": 0.0, "wait_writer": 0.0, "write": 0.0, "fsync": 0.0}
         self.notes: list[str] = []
+        self.on_host: dict[str, int] = {}  # format -> quantized tensors a GPU merge computed on the CPU twin
         self.shard = self.writer = self.sink = self.loaded = self.encoder = None
         self.host = compute if compute.name == "cpu" else CpuCompute(compute.chunk)  # quantized ops: the CPU twin
         self.encoded: dict[str, dict] = {}  # quantized output tensor -> its encoder's record (graftcore.json "fp8")
@@ -81,6 +82,8 @@ class MergeConsumer(StepConsumer):
         if op.quantized_out:
             where = self.checkpoints["instruct"].locate(op.instruct.file)
             self.encoder = codec_of(op.instruct).encoder(op.instruct, where, self.encode_threads)
+        if op.quantized and op.grafted_numel and self.compute is not self.host and not on_device(op, self.encoder):
+            self.on_host[op_format(op)] = self.on_host.get(op_format(op), 0) + 1
 
     def step(self, op: TensorOp, step: Step, held: list[Held]) -> int:
         if step.raw:
@@ -150,10 +153,24 @@ class MergeConsumer(StepConsumer):
             self.writer = None
 
     def close(self) -> None:
+        for fmt, n in self.on_host.items():
+            self.notes.append(
+                f"{n} quantized tensor(s) ({fmt}) computed on the CPU twin, not on {self.compute.name}: no device "
+                f"kernel for that format or input mix (same bits)"
+            )
         self.writer_thread.close()
         if self.encode_threads is not None:
             self.encode_threads.close()
         self.clock["write"] = self.writer_thread.busy
+
+
+def op_format(op: TensorOp) -> str:
+    """The formats an op reads and writes, for a note: "fp4 from fp8" or the one codec's name."""
+    from graftcore.io.safetensors_file import Quantized
+
+    inputs = sorted({x.codec for x in (op.base, *(t.tuned for t in op.terms)) if isinstance(x, Quantized)})
+    out = op.instruct.codec if isinstance(op.instruct, Quantized) else op.out_dtype
+    return out if inputs in ([], [out]) else f"{out} from {', '.join(inputs)}"
 
 
 def execute(
