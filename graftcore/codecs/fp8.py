@@ -483,6 +483,8 @@ class ScaleGridEncoder:
     def record(self) -> dict:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  JSON has no NaN: "not measured"
         return {
+            "kind": "FP8",
+            "precision": "3 mantissa bits",
             "update_error": finite(self.relative_error()),
             "rescaled_blocks": self.rescaled,
             "blocks": self.blocks,

@@ -359,6 +359,8 @@ class Packed4Encoder:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
         error = (self.error_sq / self.update_sq) ** 0.5 if self.update_sq else 0.0
         return {
+            "kind": self.codec.kind,
+            "precision": "1 mantissa bit" if self.codec.grid == "e2m1" else "16 levels per group",
             "update_error": finite(error),
             "rescaled_blocks": self.rescaled,
             "blocks": self.scale.numel(),

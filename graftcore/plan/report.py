@@ -84,6 +84,16 @@ def fp8_summary(per_tensor: dict[str, dict]) -> dict:
     error = sum(r["error_norm_sq"] for r in measured.values())
     update = sum(r["update_norm_sq"] for r in measured.values())
     worst = max(measured, key=lambda n: measured[n]["update_error"], default=None)
+    by_kind: dict[str, dict] = {}  # "FP8", "FP4", "INT4": the same figure over that format's tensors
+    for n, r in per_tensor.items():
+        k = by_kind.setdefault(r.get("kind", "FP8"), {"tensors": 0, "error_norm_sq": 0.0, "update_norm_sq": 0.0})
+        k["tensors"] += 1
+        k["precision"] = r.get("precision", "3 mantissa bits")
+        if n in measured:
+            k["error_norm_sq"] += r["error_norm_sq"]
+            k["update_norm_sq"] += r["update_norm_sq"]
+    for k in by_kind.values():
+        k["update_error"] = (k["error_norm_sq"] / k["update_norm_sq"]) ** 0.5 if k["update_norm_sq"] else 0.0
     return {
         "update_error": ((error / update) ** 0.5 if update else 0.0) if measured else None,
         "worst_tensor": worst,
@@ -92,28 +102,39 @@ def fp8_summary(per_tensor: dict[str, dict]) -> dict:
         "rescaled_blocks": sum(r["rescaled_blocks"] for r in per_tensor.values()),
         "blocks": sum(r["blocks"] for r in per_tensor.values()),
         "tensors": {n: {k: r[k] for k in ("update_error", "rescaled_blocks", "blocks")} for n, r in per_tensor.items()},
+        "formats": {
+            kind: {"tensors": k["tensors"], "update_error": k["update_error"], "precision": k["precision"]}
+            for kind, k in sorted(by_kind.items())
+        },  # fmt: skip
     }
 
 
 def fp8_line(fp8: dict) -> str:
-    """The summary's line on an FP8 output (and its warning when much of the update was rounded away)."""
+    """The summary's line on a quantized output (FP8, FP4, INT4: per format where there are several) and its
+    warning when much of the update was rounded away."""
+    formats = fp8.get("formats") or {"FP8": {"update_error": fp8["update_error"], "precision": "3 mantissa bits"}}
+    label = "+".join(formats)
     blocks = f"{fp8['rescaled_blocks']} of {fp8['blocks']} blocks took a new scale"
     unmeasured = fp8.get("unmeasured_tensors", 0)
     if fp8["update_error"] is None:
-        return f"FP8 output: what requantizing kept of the update was not measured (NaN/Inf kept); {blocks}"
+        return f"{label} output: what requantizing kept of the update was not measured (NaN/Inf kept); {blocks}"
+    each = (
+        "" if len(formats) == 1 else " (" + ", ".join(f"{k}: {v['update_error']:.1%}" for k, v in formats.items()) + ")"
+    )
     line = (
-        f"FP8 output: the requantized update is off by {fp8['update_error']:.1%} of its norm (relative error of "
-        f"deq(out) - deq(Instruct) against the float32 update; worst tensor {fp8['worst_tensor']}: "
+        f"{label} output: the requantized update is off by {fp8['update_error']:.1%} of its norm{each} (relative "
+        f"error of deq(out) - deq(Instruct) against the float32 update; worst tensor {fp8['worst_tensor']}: "
         f"{fp8['worst_update_error']:.1%}); {blocks}"
     )
     if unmeasured:
         line += f"; {unmeasured} tensor(s) not measured (NaN/Inf kept)"
     if fp8["update_error"] > FP8_WARN:
+        bits = " and ".join(f"{k}'s {v['precision']}" for k, v in formats.items())
+        size = "2x the FP8 bytes, 5 more mantissa bits" if list(formats) == ["FP8"] else "2x to 4x the bytes"
         line += (
-            f"\nnote: FP8's 3 mantissa bits add rounding noise of {fp8['update_error']:.0%} of the update's size "
+            f"\nnote: {bits} add rounding noise of {fp8['update_error']:.0%} of the update's size "
             "(0% keeps it exactly, 100% is noise as large as the update); where the fine-tune's effect matters more "
-            "than the output's size, --dtype bfloat16 writes a dequantized model (2x the FP8 bytes, 5 more mantissa "
-            "bits)"
+            f"than the output's size, --dtype bfloat16 writes a dequantized model ({size})"
         )
     return line
 

@@ -36,7 +36,6 @@ TABLES = {"e2m1": E2M1, "int4": INT4}
 MAX = {"e2m1": 6.0, "int4": 7.0}  # the largest magnitude of the grid (INT4 also holds -8)
 KEEP = {"e2m1": 7.0, "int4": 7.5}
 NEGATIVE = {"e2m1": (6.0, 7.0), "int4": (8.0, 8.5)}  # below zero: the largest magnitude, and its keep bound
-E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # between consecutive magnitudes
 
 
 def codes_of(packed: torch.Tensor, cols: int) -> torch.Tensor:
@@ -52,11 +51,25 @@ def effective_scale(scale: torch.Tensor, global_scale: torch.Tensor | None) -> t
     return s if global_scale is None else s / global_scale.to(torch.float32).reshape(())
 
 
+def byte_table(grid: str) -> torch.Tensor:
+    """float32 [256, 2]: the two values of every byte (low nibble first), so a row decodes by one lookup."""
+    codes = torch.arange(256)
+    return torch.stack((TABLES[grid][codes & 0xF], TABLES[grid][codes >> 4]), dim=1)
+
+
+PAIRS = {grid: byte_table(grid) for grid in TABLES}
+
+
 def decode_rows(packed, scale, cols: int, group: int, grid: str, global_scale=None) -> torch.Tensor:
     """float32 [rows, cols] of packed rows (uint8 [rows, row_bytes]) with their scale rows [rows, groups]."""
-    values = TABLES[grid][codes_of(packed, cols)]
-    s = effective_scale(scale, global_scale).reshape(values.shape[0], -1)
-    return values * s.repeat_interleave(group, dim=1)[:, :cols]
+    u8 = packed.view(torch.uint8)
+    rows, row_bytes = u8.shape
+    values = torch.index_select(PAIRS[grid], 0, u8.reshape(-1).to(torch.int32)).view(rows, 2 * row_bytes)
+    s = effective_scale(scale, global_scale).reshape(rows, -1)
+    groups = s.shape[1]
+    if 2 * row_bytes == cols == groups * group:  # whole groups: scale by broadcasting, no per-element copy
+        return values.view(rows, groups, group).mul_(s.unsqueeze(2)).view(rows, cols)
+    return values[:, :cols] * s.repeat_interleave(group, dim=1)[:, :cols]
 
 
 class Encoded4(NamedTuple):
@@ -76,13 +89,14 @@ def grid_codes(y: torch.Tensor, grid: str) -> torch.Tensor:
     saturating; NaN as 0."""
     if grid == "int4":
         return (torch.round(torch.nan_to_num(y, nan=0.0)).clamp(-8, 7) + 8).long()
-    mag = torch.nan_to_num(y.abs(), nan=0.0, posinf=6.0)
-    code = torch.bucketize(mag, E2M1_MIDPOINTS)  # above a midpoint: the upper value; on one: the lower
-    tie = torch.isin(mag, E2M1_MIDPOINTS)
-    code = torch.where(tie & (code % 2 == 1), code + 1, code)  # on a midpoint: the even of the two
-    code = code.clamp(max=7)
+    # E2M1's magnitudes are steps of 0.5 below 2, of 1 up to 4, then 4 and 6: round half to even within each
+    # stretch gives the nearest value with ties to the even code (0.75 -> 1.0, code 2; 2.5 -> 2.0, code 4)
+    mag = torch.nan_to_num(y.abs(), nan=0.0, posinf=6.0).clamp_(max=6.0)
+    code = torch.where(
+        mag < 2.0, torch.round(mag * 2.0), torch.where(mag < 4.0, torch.round(mag) + 2.0, torch.round(mag / 2.0) + 4.0)
+    ).long()
     negative = torch.signbit(y) & ~torch.isnan(y)
-    return torch.where(negative, code | 8, code)
+    return code | (negative.long() << 3)
 
 
 def pack_codes(codes: torch.Tensor, row_bytes: int) -> torch.Tensor:
@@ -132,9 +146,12 @@ def encode_rows(
     rows = x.shape[0]
     groups = cdiv(cols, group)
     pad = groups * group - cols
-    xg = torch.nn.functional.pad(x, (0, pad)).view(rows, groups, group)
-    finite = torch.where(torch.isfinite(xg), xg, 0.0)
-    high, low = finite.clamp(min=0).amax(dim=2), (-finite).clamp(min=0).amax(dim=2)  # the largest above, below 0
+    xg = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(rows, groups, group)
+    high, low = xg.amax(dim=2).clamp_(min=0), xg.amin(dim=2).neg_().clamp_(min=0)  # the largest above, below 0
+    all_finite = bool(torch.isfinite(high).all() and torch.isfinite(low).all())
+    if not all_finite:  # NaN and Inf do not count toward a group's scale
+        finite = torch.where(torch.isfinite(xg), xg, 0.0)
+        high, low = finite.clamp(min=0).amax(dim=2), (-finite).clamp(min=0).amax(dim=2)
     kept32 = kept.reshape(rows, groups).to(torch.float32)
     eff = effective_scale(kept32, global_scale)
     neg_max, neg_keep = NEGATIVE[grid]
@@ -147,10 +164,13 @@ def encode_rows(
         eff = effective_scale(stored, global_scale)
     e = eff.repeat_interleave(group, dim=1)[:, :cols]
     codes = grid_codes(x / e, grid)
-    back = TABLES[grid][codes] * e - x
-    back = torch.where(torch.isfinite(x), back, 0.0)
+    back = TABLES[grid][codes].mul_(e).sub_(x)
+    if not all_finite:
+        back = torch.where(torch.isfinite(x), back, 0.0)
     update = 0.0
     if instruct is not None:
         d = x - instruct
-        update = sq_norm64(torch.where(torch.isfinite(d), d, 0.0))
+        update = sq_norm64(
+            d if all_finite and bool(torch.isfinite(d).all()) else torch.where(torch.isfinite(d), d, 0.0)
+        )
     return Encoded4(pack_codes(codes, row_bytes), stored, int(rescale.sum()), sq_norm64(back), update)
