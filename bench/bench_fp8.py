@@ -186,6 +186,30 @@ def user_flow(trio: dict, work: Path) -> list[list[str]]:
     return rows
 
 
+COLD_COLUMNS = ["method", "wall s min", "wall s median", "x overlapped floor", "x sequential floor", "peak RssAnon"]
+
+
+def cold_lines(rows: list[Row], results: dict, checks: dict) -> list[list[str]]:
+    """The table's rows: floor_rows' three first, then the sequential floor (read, then write), then the merges
+    with their ratios to the overlapped and the sequential floor of this run (median + the output's fsync)."""
+    read, write, overlapped = (results[r.name] for r in rows[:3])
+    sequential = read.median + write.median_to_disk
+    lines = []
+    for r in rows:
+        s = results[r.name]
+        if not s.runs:
+            lines.append([r.name, "failed", "", "", "", "", ""])
+            continue
+        vs = "" if r.floor else f"{s.median_to_disk / overlapped.median:.2f}"
+        vs_seq = "" if r.floor else f"{s.median_to_disk / sequential:.2f}"
+        lines.append([r.name, f"{s.min:.2f}", f"{s.median:.2f}", vs, vs_seq, gb(s.peak_anon), checks.get(r.name, "")])
+        if r is rows[1]:
+            lines.append(["**I/O floor, sequential: read, then write**", "", f"{sequential:.2f}", "", "1.00", "", ""])
+        if r is rows[2]:
+            lines[-1][3] = "1.00"
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="dsv3-26gb", choices=PRESETS)
@@ -231,38 +255,13 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     results = run_interleaved(rows, args.reps, "cold", lambda row, series: run_row(row, True, inputs, series, checks))
-    read, write, overlapped = (results[r.name] for r in rows[:3])
-    sequential = read.median + write.median_to_disk
-    lines = []
-    for r in rows:
-        s = results[r.name]
-        if not s.runs:
-            lines.append([r.name, "failed", "", "", "", "", ""])
-            continue
-        vs = "" if r.floor else f"{s.median_to_disk / overlapped.median:.2f}"
-        vs_seq = "" if r.floor else f"{s.median_to_disk / sequential:.2f}"
-        lines.append([r.name, f"{s.min:.2f}", f"{s.median:.2f}", vs, vs_seq, gb(s.peak_anon), checks.get(r.name, "")])
-        if r is rows[1]:
-            lines.append(["**I/O floor, sequential: read, then write**", "", f"{sequential:.2f}", "", "1.00", "", ""])
-        if r is rows[2]:
-            lines[-1][3] = "1.00"
+    lines = cold_lines(rows, results, checks)
     body = (
         f"Trio `{args.preset}` (DeepSeek-V3 shapes, {PRESETS[args.preset]}): Base {gb(trio['base']['bytes'])} FP8, "
         f"tuned {gb(trio['tuned']['bytes'])} bf16, Instruct {gb(trio['instruct']['bytes'])} FP8; output FP8. "
         f"Cold, {args.reps} reps per row, order rotated every rep. Ratios divide the median wall time (+ the "
         "output's fsync after exit) by the overlapped floor and by the sequential one, both from this run.\n\n"
-        + table(
-            [
-                "method",
-                "wall s min",
-                "wall s median",
-                "x overlapped floor",
-                "x sequential floor",
-                "peak RssAnon",
-                "bit-identical to the plain reference",
-            ],
-            lines,
-        )
+        + table(COLD_COLUMNS + ["bit-identical to the plain reference"], lines)
     )
     if not args.no_user_flow:
         flow = user_flow(trio, work)

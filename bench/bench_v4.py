@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fp8 import ROLES, files_of, floor_rows  # noqa: E402
+from bench_fp8 import COLD_COLUMNS, ROLES, cold_lines, files_of, floor_rows  # noqa: E402
 from bench_merge import Row, graftcore_cmd, run_row  # noqa: E402
 from common import DATA, append_results, gb, log, run_interleaved, table  # noqa: E402
 from make_v4_checkpoints import E2M1_MID, PRESETS, fp4_decode, fp8_decode, make_trio  # noqa: E402
@@ -105,14 +105,7 @@ def main() -> None:
     log(f"{args.preset}: " + ", ".join(f"{r} {gb(trio[r]['bytes'])}" for r in ROLES) + f"; {args.reps} reps, cold")
     t0 = time.perf_counter()
     results = run_interleaved(rows, args.reps, "cold", lambda row, series: run_row(row, True, inputs, series, checks))
-    read, write, overlapped = (results[r.name] for r in rows[:3])
-    sequential = read.median + write.median_to_disk
-    lines = []
-    for r in rows:
-        s = results[r.name]
-        vs = "1.00" if r is rows[2] else "" if r.floor else f"{s.median_to_disk / overlapped.median:.2f}"
-        vs_seq = "" if r.floor else f"{s.median_to_disk / sequential:.2f}"
-        lines.append([r.name, f"{s.min:.2f}", f"{s.median:.2f}", vs, vs_seq, gb(s.peak_anon), checks.get(r.name, "")])
+    lines = cold_lines(rows, results, checks)
     formats = FORMATS
     spec = PRESETS[args.preset]
     body = (
@@ -120,18 +113,7 @@ def main() -> None:
         f"{gb(trio['base']['bytes'])} (FP8 experts), tuned {gb(trio['tuned']['bytes'])} bf16, Instruct "
         f"{gb(trio['instruct']['bytes'])} (FP4 experts); output in Instruct's formats. Cold, {args.reps} reps per "
         "row, order rotated every rep; ratios of the median (+ fsync) to the floors of this run.\n\n"
-        + table(
-            [
-                "method",
-                "wall s min",
-                "wall s median",
-                "x overlapped floor",
-                "x sequential floor",
-                "peak RssAnon",
-                "bit-identical to the plain rules",
-            ],
-            lines,
-        )  # fmt: skip
+        + table(COLD_COLUMNS + ["bit-identical to the plain rules"], lines)
         + "\n\nWhat re-encoding kept of the update (graftcore.json `fp8.formats`; a synthetic update of 5% of a "
         "weight's size: noise of 0.001 on weights of 0.02):\n\n"
         + table(

@@ -511,3 +511,31 @@ def run_interleaved(rows: list, reps: int, mode: str, run) -> dict:
             if not run(row, results[row.name]):
                 failed.add(row.name)
     return results
+
+
+def cached_trio(folder: Path, spec: dict) -> dict | None:
+    """{role: {"dir", "bytes"}} of the trio a generator wrote under `folder` for `spec` (a dict), else None (the
+    folder is then cleared and the role folders made)."""
+    import shutil
+
+    stamp = folder / "trio.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("spec") == spec:
+        return json.loads(stamp.read_text())["roles"]
+    shutil.rmtree(folder, ignore_errors=True)
+    for role in ("base", "tuned", "instruct"):
+        (folder / role).mkdir(parents=True)
+    return None
+
+
+def finish_trio(folder: Path, maps: dict, configs: dict, spec: dict, label: str) -> dict:
+    """Each role's index (`maps`: role -> tensor -> shard) and config.json (`configs`), the stamp cached_trio reads;
+    returns {role: {"dir", "bytes"}}."""
+    out = {}
+    for role, weight_map in maps.items():
+        d = folder / role
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (d / "config.json").write_text(json.dumps(configs[role], indent=2))
+        out[role] = {"dir": str(d), "bytes": sum(p.stat().st_size for p in d.glob("*.safetensors"))}
+    (folder / "trio.json").write_text(json.dumps({"spec": spec, "roles": out}))
+    log(f"{label}: " + ", ".join(f"{r} {gb(v['bytes'])}" for r, v in out.items()))
+    return out

@@ -15,8 +15,6 @@ weight_quant). Embeddings, lm_head, norms and the router stay bf16, e_score_corr
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, gb, log  # noqa: E402
+from common import DATA, cached_trio, finish_trio, log  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from graftcore.io.safetensors_file import ShardWriter  # noqa: E402
@@ -156,10 +154,9 @@ def make_trio(folder: Path, preset: str) -> dict:
     """Write the trio under `folder` (base, instruct: FP8; tuned: bf16), one shard per layer plus one for the
     embeddings and head; returns {role: {"dir", "bytes"}}. Skipped when `folder` already holds this preset."""
     spec = PRESETS[preset]
-    stamp = folder / "trio.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("spec") == asdict(spec):
-        return json.loads(stamp.read_text())["roles"]
-    shutil.rmtree(folder, ignore_errors=True)
+    cached = cached_trio(folder, asdict(spec))
+    if cached is not None:
+        return cached
     roles = {r: folder / r for r in ("base", "tuned", "instruct")}
     groups = [
         [
@@ -170,8 +167,6 @@ def make_trio(folder: Path, preset: str) -> dict:
     ]
     groups += [layer_tensors(spec, k) for k in range(spec.layers)]
     maps = {r: {} for r in roles}
-    for d in roles.values():
-        d.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     for j, group in enumerate(groups):
         fname = f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -205,14 +200,8 @@ def make_trio(folder: Path, preset: str) -> dict:
             writer.finish()
             maps[r].update({n: fname for n in ts})
         log(f"{preset}: shard {j + 1}/{len(groups)} written")
-    out = {}
-    for r, d in roles.items():
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": maps[r]}))
-        (d / "config.json").write_text(json.dumps(config(spec, r != "tuned"), indent=2))
-        out[r] = {"dir": str(d), "bytes": sum(p.stat().st_size for p in d.glob("*.safetensors"))}
-    stamp.write_text(json.dumps({"spec": asdict(spec), "roles": out}))
-    log(f"{preset}: " + ", ".join(f"{r} {gb(v['bytes'])}" for r, v in out.items()))
-    return out
+    configs = {r: config(spec, r != "tuned") for r in roles}
+    return finish_trio(folder, maps, configs, asdict(spec), preset)
 
 
 def main() -> None:

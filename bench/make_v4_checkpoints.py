@@ -13,8 +13,6 @@ with F8_E8M0 [out, in / 32] scales (`expert_dtype: fp4`). Embeddings, head, norm
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from graftcore.io.safetensors_file import ShardWriter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gb, log  # noqa: E402
+from common import cached_trio, finish_trio, log  # noqa: E402
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 E2M1_MID = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
@@ -157,13 +155,10 @@ def make_trio(folder: Path, preset: str) -> dict:
     """Write the trio (one shard per layer plus one for embeddings and head); {role: {"dir", "bytes"}}. Skipped
     when `folder` already holds this preset."""
     spec = PRESETS[preset]
-    stamp = folder / "trio.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("spec") == asdict(spec):
-        return json.loads(stamp.read_text())["roles"]
-    shutil.rmtree(folder, ignore_errors=True)
+    cached = cached_trio(folder, asdict(spec))
+    if cached is not None:
+        return cached
     roles = {r: folder / r for r in ("base", "tuned", "instruct")}
-    for d in roles.values():
-        d.mkdir(parents=True)
     groups = [[("embed.weight", (spec.vocab, spec.hidden), "bf16"), ("norm.weight", (spec.hidden,), "bf16"),
                ("head.weight", (spec.vocab, spec.hidden), "bf16")]]  # fmt: skip
     groups += [layer_tensors(spec, k) for k in range(spec.layers)]
@@ -197,15 +192,8 @@ def make_trio(folder: Path, preset: str) -> dict:
             writers[r].finish()
             maps[r].update({n: fname for n, _ in ts})
         log(f"{preset}: shard {j + 1}/{len(groups)} written")
-    out = {}
-    for r, d in roles.items():
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": maps[r]}))
-        expert_dtype = {"base": "fp8", "instruct": "fp4", "tuned": None}[r]
-        (d / "config.json").write_text(json.dumps(config(spec, expert_dtype), indent=2))
-        out[r] = {"dir": str(d), "bytes": sum(p.stat().st_size for p in d.glob("*.safetensors"))}
-    stamp.write_text(json.dumps({"spec": asdict(spec), "roles": out}))
-    log(f"{preset}: " + ", ".join(f"{r} {gb(v['bytes'])}" for r, v in out.items()))
-    return out
+    configs = {r: config(spec, {"base": "fp8", "instruct": "fp4", "tuned": None}[r]) for r in roles}
+    return finish_trio(folder, maps, configs, asdict(spec), preset)
 
 
 def main() -> None:
