@@ -8,15 +8,12 @@ import json
 
 import pytest
 import torch
+from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import preset_name_to_scheme
 from helpers import write_checkpoint
 from safetensors.torch import load_file
-
-pytest.importorskip("compressed_tensors")
-
-from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor  # noqa: E402
-from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 # format -> (preset, compressor, group, grid)
