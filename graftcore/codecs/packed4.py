@@ -118,10 +118,12 @@ class Packed4:
             raise CheckpointError(f"{where}: tensor {part.name!r} {BAD_SCALE}")
 
     def decode(self, q: Quantized, parts: list, row0: int, scratch=None, buffer: str = "decoded"):
+        import torch
+
         from graftcore.kernels.packed4 import decode_rows
 
         rows = parts[1].numel() // q.scale.shape[-1]
-        packed = parts[0].view(-1).view(__import__("torch").uint8).view(rows, -1)
+        packed = parts[0].view(-1).view(torch.uint8).view(rows, -1)
         scale = self.scale_float(parts[1], q.scale.dtype).view(rows, -1)
         global_scale = parts[2] if len(parts) > 2 else None
         return decode_rows(packed, scale, q.cols, self.group(q), self.grid, global_scale)
@@ -145,9 +147,19 @@ class Packed4:
                 f"{list(packed.shape)} ({cols} columns in groups of {group}) needs {list(want)}"
             )
         return Quantized(
-            name, packed.dtype, (rows, cols), packed.file, packed.start, packed.end, scale, (1, group), self.name,
-            kw.get("power_of_two", False), packed, tuple(extra),
-        )  # fmt: skip
+            name,
+            packed.dtype,
+            (rows, cols),
+            packed.file,
+            packed.start,
+            packed.end,
+            scale,
+            (1, group),
+            self.name,
+            kw.get("power_of_two", False),
+            packed,
+            tuple(extra),
+        )
 
 
 class CompressedPacked4(Packed4):
@@ -170,8 +182,10 @@ class CompressedPacked4(Packed4):
                     f"{self.format!r} format stores 4-bit {'float' if self.grid == 'e2m1' else 'int'} weights"
                 )
             if weights.get("symmetric", True) is not True:
-                raise CheckpointError(f"{where}: quantization_config {key}.weights is asymmetric; graftcore reads "
-                                      f"symmetric {self.format} weights")  # fmt: skip
+                raise CheckpointError(
+                    f"{where}: quantization_config {key}.weights is asymmetric; graftcore reads "
+                    f"symmetric {self.format} weights"
+                )
         return QuantFormat(self.name, config, None, self.scale_bytes_are_e8m0)
 
     def config_group(self, config: dict) -> int:
@@ -220,8 +234,9 @@ class CompressedPacked4(Packed4):
         if packed.dtype != "U8":
             raise CheckpointError(f"{at}: tensor {packed.name!r} is {packed.dtype}; {self.format} packs into U8")
         group = self.config_group(fmt.config)
-        return self.logical(name, packed, scale, 2 * packed.shape[-1], group, extra, where=at,
-                            power_of_two=self.scale_bytes_are_e8m0)  # fmt: skip
+        return self.logical(
+            name, packed, scale, 2 * packed.shape[-1], group, extra, where=at, power_of_two=self.scale_bytes_are_e8m0
+        )
 
 
 class Mxfp4(CompressedPacked4):
@@ -309,8 +324,18 @@ class Packed4Encoder:
         packed = q.stored or q
         row_bytes = packed.nbytes // packed.shape[0]
         rounding = torch.float32 if q.power_of_two else torch_dtype(q.scale.dtype)
-        enc = encode_rows(x.view(rows, q.cols), kept, q.cols, codec.group(q), codec.grid, row_bytes, rounding,
-                          q.power_of_two, global_scale, decoded.view(rows, q.cols))  # fmt: skip
+        enc = encode_rows(
+            x.view(rows, q.cols),
+            kept,
+            q.cols,
+            codec.group(q),
+            codec.grid,
+            row_bytes,
+            rounding,
+            q.power_of_two,
+            global_scale,
+            decoded.view(rows, q.cols),
+        )
         self.check(enc.scale)
         out.view(torch.uint8).view(rows, row_bytes).copy_(enc.packed)
         self.scale[row0 : row0 + rows] = enc.scale

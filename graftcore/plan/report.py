@@ -105,7 +105,7 @@ def fp8_summary(per_tensor: dict[str, dict]) -> dict:
         "formats": {
             kind: {"tensors": k["tensors"], "update_error": k["update_error"], "precision": k["precision"]}
             for kind, k in sorted(by_kind.items())
-        },  # fmt: skip
+        },
     }
 
 

@@ -366,9 +366,18 @@ def graft_encode(
         return (t, None if s is None else s.reshape(-1, blocks).to(torch.float32))
 
     job = TileJob(
-        out, grid(instruct), grid(base), [grid(t) for t in tuned], alphas, row0, rows, cols, block, scale_dtype,
+        out,
+        grid(instruct),
+        grid(base),
+        [grid(t) for t in tuned],
+        alphas,
+        row0,
+        rows,
+        cols,
+        block,
+        scale_dtype,
         power_of_two,
-    )  # fmt: skip
+    )
     done = threads.map(lambda span, sc: encode_tile(job, span, sc), spans)
     scale = torch.cat([enc.scale for enc, _ in done], dim=1)
     counts = NonFinite()
