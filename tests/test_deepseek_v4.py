@@ -242,3 +242,43 @@ def test_fp8_base_experts_beside_fp4_instruct_experts(tmp_path, cli):
     assert set(EXPERTS) <= set(manifest["fp8"]["tensors"])
     code, _, err = cli("verify", tmp_path / "out", "--recompute", 40)
     assert code == 0, err
+
+
+def test_fp4_experts_the_config_does_not_declare_are_refused(tmp_path, cli):
+    """I8 expert weights with `.scale` beside them, but a config without `expert_dtype: fp4` (or an expert that lost
+    its scale): exit 2 naming the tensor, never a copy of Instruct's experts with the update dropped."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 96, generator=g) * 0.05
+    q, s = fp4_quantize(w)
+    name = "layers.1.ffn.experts.0.w1.weight"
+    base = v4_checkpoint(tmp_path / "base", {n: torch.randn(sh, generator=g) * 0.05 for n, sh in DENSE.items()})
+    dq, ds = e8m0_block_quantize(torch.randn(64, 48, generator=g) * 0.05)
+    dense = {"layers.0.attn.wq_a.weight": dq, "layers.0.attn.wq_a.scale": ds}
+    for case, tensors, cfg in (
+        ("undeclared", {**dense, name: q, name[: -len("weight")] + "scale": s}, CONFIG),
+        ("no scale", {**dense, name: q}, {**CONFIG, "expert_dtype": "fp4"}),
+    ):
+        inst = write_checkpoint(tmp_path / case, tensors, 1, {"model_type": "deepseek_v4", "quantization_config": cfg})
+        tuned = write_checkpoint(tmp_path / f"tuned-{case}", {name: w.bfloat16()})
+        code, _, err = cli("merge", "--base", base, "--tuned", tuned, "--instruct", inst, "--output", tmp_path / "o")
+        assert code == 2 and repr(name) in err and str(inst) in err, (case, err)
+
+
+def test_an_integer_instruct_tensor_with_a_float_counterpart_is_refused(tmp_path, cli):
+    w = torch.randn(4, 8)
+    norm = {"n.weight": torch.ones(4, dtype=torch.bfloat16)}
+    base = write_checkpoint(tmp_path / "base", {"a.weight": w.bfloat16(), **norm})
+    tuned = write_checkpoint(tmp_path / "tuned", {"a.weight": (w + 0.1).bfloat16(), **norm})
+    inst = write_checkpoint(tmp_path / "inst", {"a.weight": torch.zeros(4, 4, dtype=torch.int8), **norm})
+    code, _, err = cli("merge", "--base", base, "--tuned", tuned, "--instruct", inst, "--output", tmp_path / "o")
+    assert code == 2 and "'a.weight'" in err and "I8[4, 4]" in err and "BF16[4, 8]" in err, err
+
+
+def test_an_odd_dtype_in_base_and_instruct_only_is_refused(tmp_path, cli):
+    odd = {"extra.e8m0": torch.tensor([0.5, 1.0]).to(torch.float8_e8m0fnu)}
+    norm = {"n.weight": torch.ones(4, dtype=torch.bfloat16)}
+    base = write_checkpoint(tmp_path / "base", {**norm, **odd})
+    tuned = write_checkpoint(tmp_path / "tuned", norm)
+    inst = write_checkpoint(tmp_path / "inst", {**norm, **odd})
+    code, _, err = cli("merge", "--base", base, "--tuned", tuned, "--instruct", inst, "--output", tmp_path / "o")
+    assert code == 2 and "'extra.e8m0'" in err and "base" in err, err

@@ -370,7 +370,7 @@ def plan_similarity(checkpoints: dict[str, Checkpoint], deltas: list[DeltaInput]
             skipped.append((name, "not selected"))
             continue
         if not readable(i):
-            skipped.append((name, f"{i.dtype} in Instruct; measured: F16, BF16, F32, FP8 with its scales"))
+            skipped.append((name, f"{i.dtype} in Instruct; measured: F16, BF16, F32, quantized formats decoded"))
             continue
         if b is None:
             skipped.append((name, "in Instruct, not in base"))

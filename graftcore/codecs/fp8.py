@@ -204,13 +204,27 @@ class BlockFp8(ScaledFp8):
         """Block FP8 weights, and with `"expert_dtype": "fp4"` (DeepSeek-V4) the I8 FP4 experts beside them (their
         codec: codecs/packed4.py's `fp4`)."""
         fp4 = {}
-        if fmt.config.get("expert_dtype") == "fp4":
+        packed = fmt.config.get("expert_dtype") == "fp4"
+        for name, info in tensors.items():
+            if info.dtype not in ("I8", "U8") or not name.endswith(".weight") or len(info.shape) != 2:
+                continue
+            scale = tensors.get(name[: -len("weight")] + "scale")
+            if scale is None and not packed:
+                continue
+            at = locate(info.file)
+            if not packed:
+                raise CheckpointError(
+                    f"{at}: tensor {name!r} is {info.dtype} with a scale {scale.name!r}, but quantization_config's "
+                    f"expert_dtype is {fmt.config.get('expert_dtype', 'fp8')!r}: FP4 experts need 'fp4'"
+                )
+            if scale is None or info.dtype != "I8":
+                raise CheckpointError(
+                    f"{at}: tensor {name!r} is {info.dtype}{list(info.shape)} in a checkpoint of FP4 experts, but "
+                    + (f"{name[: -len('weight')] + 'scale'!r} is missing" if scale is None else "FP4 experts are I8")
+                )
             from graftcore.codecs.packed4 import FP4
 
-            for name, info in tensors.items():
-                scale = tensors.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
-                if info.dtype == "I8" and scale is not None:
-                    fp4[name] = FP4.fold_weight(name, info, scale, locate(info.file))
+            fp4[name] = FP4.fold_weight(name, info, scale, at)
         scales = {q.scale.name for q in fp4.values()}
         rest = {n: i for n, i in tensors.items() if n not in fp4 and n not in scales}
         return {**super().fold(rest, fmt, locate, ref), **fp4}

@@ -250,7 +250,7 @@ def plan_tensor(
         skipped = LORA_SKIPPED if any(u is not None for _, _, u in found) else ""
         return TensorOp(name, Action.COPY, out_dtype, i, reason="not selected" + skipped)
     if i.dtype in OPAQUE_FLOATS and not isinstance(i, Quantized):
-        has = next((d.role for d, t, u in found if t is not None or u is not None), None)
+        has = "base" if b is not None else next((d.role for d, t, u in found if t is not None or u is not None), None)
         if has is not None:
             raise MismatchError(
                 f"{locate('instruct', i)}: tensor {name!r} is {i.dtype}, which graftcore does no arithmetic on outside "
@@ -258,6 +258,14 @@ def plan_tensor(
             )
         return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, copied as it is")
     if i.dtype not in FLOAT_DTYPES and i.dtype != "F64" and not isinstance(i, Quantized):
+        other = next(((r, x) for r, x in [("base", b), *((d.role, t) for d, t, _ in found)] if x is not None), None)
+        if other is not None and (other[1].dtype != i.dtype or tuple(other[1].shape) != tuple(i.shape)):
+            role, x = other
+            raise MismatchError(
+                f"{locate('instruct', i)}: tensor {name!r} is {i.dtype}{list(i.shape)} in Instruct but "
+                f"{x.dtype}{list(x.shape)} in {role} ({locate(role, x)}): not the same tensor (a quantized weight "
+                f"whose quantization_config does not say its format?)"
+            )
         return TensorOp(name, Action.COPY, out_dtype, i, reason=f"{i.dtype} tensor, not floating point")
     for d, t, _ in found:  # a full checkpoint has every tensor Base has and none Base lacks; an adapter's full
         if (t is None) != (b is None) and (d.adapter is None or t is not None):  # tensors need Base's too
@@ -305,7 +313,8 @@ def plan_tensor(
     )
     if quantized and not whole:
         raise MismatchError(
-            f"{locate('instruct', i)}: tensor {name!r}: {extra.split(';')[0]}, and {quantized[0]}'s is FP8: grafting "
+            f"{locate('instruct', i)}: tensor {name!r}: {extra.split(';')[0]}, and {quantized[0]}'s "
+            f"is quantized: grafting "
             f"the shared rows of quantized tensors is not supported"
         )
     if any(t.update is not None for t in terms):
