@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from graftcore.codecs.registry import QuantFormat, register
-from graftcore.codecs.values import group_weights, positive_pair, scale_values
+from graftcore.codecs.values import encoding_record, group_weights, positive_pair, scale_values
 from graftcore.errors import CheckpointError, NonFiniteError
 from graftcore.io.safetensors_file import Quantized, TensorInfo, torch_dtype
 from graftcore.shapes import cdiv
@@ -490,21 +490,8 @@ class ScaleGridEncoder:
         first, stop = scale_range(self.q, row0, row1)
         return [(self.q.scale.name, first, stop, self.scale[first:stop].to(torch_dtype(self.q.scale.dtype)))]
 
-    def relative_error(self) -> float:
-        """||deq(out) - deq(I) - update|| / ||update|| (0 for a tensor the update leaves unchanged)."""
-        return (self.error_sq / self.update_sq) ** 0.5 if self.update_sq else 0.0
-
     def record(self) -> dict:
-        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  JSON has no NaN: "not measured"
-        return {
-            "kind": "FP8",
-            "precision": "3 mantissa bits",
-            "update_error": finite(self.relative_error()),
-            "rescaled_blocks": self.rescaled,
-            "blocks": self.blocks,
-            "update_norm_sq": finite(self.update_sq),
-            "error_norm_sq": finite(self.error_sq),
-        }
+        return encoding_record("FP8", "3 mantissa bits", self.error_sq, self.update_sq, self.rescaled, self.blocks)
 
 
 BLOCK_FP8 = register(BlockFp8())

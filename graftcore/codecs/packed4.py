@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from graftcore.codecs.registry import QuantFormat, register
-from graftcore.codecs.values import group_weights, scale_values
+from graftcore.codecs.values import encoding_record, group_weights, scale_values
 from graftcore.errors import CheckpointError, NonFiniteError
 from graftcore.io.safetensors_file import Quantized, TensorInfo, torch_dtype
 from graftcore.shapes import cdiv
@@ -381,17 +381,10 @@ class Packed4Encoder:
         return [(self.q.scale.name, row0 * groups, row1 * groups, values)]
 
     def record(self) -> dict:
-        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
-        error = (self.error_sq / self.update_sq) ** 0.5 if self.update_sq else 0.0
-        return {
-            "kind": self.codec.kind,
-            "precision": "1 mantissa bit" if self.codec.grid == "e2m1" else "16 levels per group",
-            "update_error": finite(error),
-            "rescaled_blocks": self.rescaled,
-            "blocks": self.scale.numel(),
-            "update_norm_sq": finite(self.update_sq),
-            "error_norm_sq": finite(self.error_sq),
-        }
+        precision = "1 mantissa bit" if self.codec.grid == "e2m1" else "16 levels per group"
+        return encoding_record(
+            self.codec.kind, precision, self.error_sq, self.update_sq, self.rescaled, self.scale.numel()
+        )
 
 
 class DeepSeekFp4(Packed4):

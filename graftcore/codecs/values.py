@@ -41,3 +41,22 @@ def scale_values(data: bytes, dtype: str):
     if dtype == "BF16":
         return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
     return np.frombuffer(data, "<f4" if dtype == "F32" else "<f2").astype(np.float32)
+
+
+def encoding_record(kind: str, precision: str, error_sq: float, update_sq: float, rescaled: int, blocks: int) -> dict:
+    """graftcore.json's record of one re-encoded tensor: its format, the relative error of the applied update
+    ||deq(out) - deq(I) - update|| / ||update|| (0 for an update of zero) and its squared norms (None where not
+    finite: JSON has no NaN, "not measured"), the blocks or groups that took a new scale."""
+    import math
+
+    finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
+    error = (error_sq / update_sq) ** 0.5 if update_sq else 0.0
+    return {
+        "kind": kind,
+        "precision": precision,
+        "update_error": finite(error),
+        "rescaled_blocks": rescaled,
+        "blocks": blocks,
+        "update_norm_sq": finite(update_sq),
+        "error_norm_sq": finite(error_sq),
+    }
